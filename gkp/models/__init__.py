@@ -1,0 +1,19 @@
+"""Model registry: ``register_model`` / ``list_models`` / ``get_model``.
+
+Every builder takes ``num_classes`` and ``in_channels`` so any model runs on any dataset.
+Adding a model is one decorated function in one module of this package.
+"""
+
+from gkp.models._registry import (
+    ModelInfo,
+    get_model,
+    get_model_info,
+    list_models,
+    register_model,
+    target_layers,
+)
+from gkp.models import cifar_resnet, cifar_vgg, torchvision  # noqa: E402,F401  (registers)
+
+__all__ = [
+    "ModelInfo", "get_model", "get_model_info", "list_models", "register_model", "target_layers"
+]

@@ -1,0 +1,59 @@
+"""The model registry and the per-family choice of layers that grouped-kernel methods prune."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from gkp.api import UnknownNameError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model: its builder and which convs are pruning targets.
+
+    ``targets(model, all_bottleneck_convs)`` returns the names of the target convs, as
+    METHODS.md defines them for the family (never the stem, shortcuts, BN or classifier).
+    """
+
+    name: str
+    family: str
+    builder: Callable[..., nn.Module]
+    targets: Callable[[nn.Module, bool], list[str]]
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, family: str, targets: Callable[[nn.Module, bool], list[str]]):
+    """Decorator registering a builder ``fn(num_classes, in_channels) -> nn.Module``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = ModelInfo(name, family, fn, targets)
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    if name not in _MODELS:
+        raise UnknownNameError("model", name, sorted(_MODELS))
+    return _MODELS[name]
+
+
+def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """A freshly initialised ``name`` for ``num_classes`` classes and ``in_channels`` inputs."""
+    return get_model_info(name).builder(num_classes=num_classes, in_channels=in_channels)
+
+
+def target_layers(model_name: str, model: nn.Module, all_bottleneck_convs: bool = False) -> list[str]:
+    """Names of the convs a grouped-kernel method prunes in ``model`` (a ``model_name``)."""
+    return get_model_info(model_name).targets(model, all_bottleneck_convs)

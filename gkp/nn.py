@@ -1,0 +1,241 @@
+"""The shared deploy form of every grouped-kernel method: one dense grouped convolution.
+
+A layer whose ``C_out`` filters are split into ``G`` equal groups, each keeping the same number
+``n_keep`` of input channels (sets may differ and overlap between groups), is computed exactly by
+
+1. gathering the input channels ``concat_g(sorted K_g)`` (a channel may repeat across groups),
+2. ``Conv2d(G*n_keep, C_out, groups=G)`` whose block ``g`` is ``W[filters of g][:, K_g]``,
+3. putting the outputs back into the original filter order.
+
+Gather and un-permute cost no MACs (memory traffic only). Both index vectors are buffers, so the
+module survives ``state_dict``, ``torch.save``, ``deepcopy``, ``.to()`` and ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One layer's decision: which filters form each group and which input channels each keeps.
+
+    ``groups[g]`` lists the filter indices of group ``g`` (all groups the same size);
+    ``kept[g]`` lists, sorted and without repeats, the input channels group ``g`` keeps
+    (all groups the same count ``n_keep``).
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    kept: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_lists(cls, groups: Sequence[Sequence[int]], kept: Sequence[Sequence[int]]) -> GroupPlan:
+        return cls(
+            tuple(tuple(int(i) for i in g) for g in groups),
+            tuple(tuple(sorted(int(c) for c in k)) for k in kept),
+        )
+
+    @classmethod
+    def from_labels(cls, labels: Sequence[int], kept: Sequence[Sequence[int]]) -> GroupPlan:
+        """Build from a per-filter group label (``labels[o]`` = group of filter ``o``)."""
+        labels = [int(v) for v in labels]
+        groups = [[o for o, g in enumerate(labels) if g == gi] for gi in range(len(kept))]
+        return cls.from_lists(groups, kept)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def n_keep(self) -> int:
+        return len(self.kept[0]) if self.kept else 0
+
+    def validate(self, out_channels: int, in_channels: int, layer: str = "layer") -> None:
+        """Raise ValueError, naming the layer, unless the plan fits a (C_out, C_in) conv."""
+        g = self.n_groups
+        if g < 1 or len(self.kept) != g:
+            raise ValueError(f"{layer}: plan has {g} groups but {len(self.kept)} kept sets")
+        if out_channels % g:
+            raise ValueError(
+                f"{layer}: {g} groups do not divide its {out_channels} filters; "
+                f"choose --groups among the divisors of {out_channels}"
+            )
+        flat = sorted(o for grp in self.groups for o in grp)
+        if flat != list(range(out_channels)) or any(len(grp) != out_channels // g for grp in self.groups):
+            raise ValueError(f"{layer}: groups must split its {out_channels} filters into {g} equal parts")
+        sizes = {len(k) for k in self.kept}
+        if len(sizes) != 1 or self.n_keep < 1:
+            raise ValueError(f"{layer}: every group must keep the same number (>= 1) of channels")
+        for k in self.kept:
+            if len(set(k)) != len(k) or min(k) < 0 or max(k) >= in_channels:
+                raise ValueError(f"{layer}: kept channels {k} are not distinct indices < {in_channels}")
+
+    def mask(self, out_channels: int, in_channels: int) -> Tensor:
+        """Bool (C_out, C_in): True where filter ``o`` still reads input channel ``c``."""
+        m = torch.zeros(out_channels, in_channels, dtype=torch.bool)
+        for grp, k in zip(self.groups, self.kept):
+            m[torch.tensor(grp).unsqueeze(1), torch.tensor(k).unsqueeze(0)] = True
+        return m
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": [list(g) for g in self.groups], "kept": [list(k) for k in self.kept]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GroupPlan:
+        return cls.from_lists(d["groups"], d["kept"])
+
+
+class GroupedKernelConv2d(nn.Module):
+    """gather → grouped conv → un-permute; equal to the masked dense conv it came from."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        n_groups: int,
+        n_keep: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.n_groups = n_groups
+        self.n_keep = n_keep
+        self.conv = nn.Conv2d(
+            n_groups * n_keep, out_channels, kernel_size, stride, padding, dilation,
+            groups=n_groups, bias=bias,
+        )
+        self.register_buffer("gather_index", torch.zeros(n_groups * n_keep, dtype=torch.long))
+        self.register_buffer("output_index", torch.arange(out_channels, dtype=torch.long))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, plan: GroupPlan, layer: str = "layer") -> GroupedKernelConv2d:
+        """Build the deploy form of ``conv`` under ``plan`` (weights copied, not shared)."""
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"{layer}: only ungrouped convs with numeric zero padding can be grouped")
+        plan.validate(conv.out_channels, conv.in_channels, layer)
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, plan.n_groups, plan.n_keep,
+            conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None,
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        order = torch.tensor([o for grp in plan.groups for o in grp], device=conv.weight.device)
+        gather = torch.tensor([c for k in plan.kept for c in k], device=conv.weight.device)
+        d = conv.out_channels // plan.n_groups
+        with torch.no_grad():
+            w = conv.weight[order]  # filters in group order
+            blocks = [w[g * d:(g + 1) * d][:, torch.tensor(k)] for g, k in enumerate(plan.kept)]
+            new.conv.weight.copy_(torch.cat(blocks, 0))
+            if conv.bias is not None:
+                new.conv.bias.copy_(conv.bias[order])
+        new.gather_index.copy_(gather)
+        new.output_index.copy_(torch.argsort(order))
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x.index_select(1, self.gather_index))
+        return y.index_select(1, self.output_index)
+
+    def plan(self) -> GroupPlan:
+        """Recover the GroupPlan this module implements."""
+        order = torch.argsort(self.output_index).tolist()
+        d = self.out_channels // self.n_groups
+        gather = self.gather_index.tolist()
+        groups = [order[g * d:(g + 1) * d] for g in range(self.n_groups)]
+        kept = [gather[g * self.n_keep:(g + 1) * self.n_keep] for g in range(self.n_groups)]
+        return GroupPlan.from_lists(groups, kept)
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent masked dense ``Conv2d`` (zeros where a group dropped a channel)."""
+        c = self.conv
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
+            bias=c.bias is not None,
+        ).to(device=c.weight.device, dtype=c.weight.dtype)
+        order = torch.argsort(self.output_index)
+        d = self.out_channels // self.n_groups
+        with torch.no_grad():
+            dense.weight.zero_()
+            for g in range(self.n_groups):
+                rows = order[g * d:(g + 1) * d]
+                cols = self.gather_index[g * self.n_keep:(g + 1) * self.n_keep]
+                dense.weight[rows.unsqueeze(1), cols.unsqueeze(0)] = c.weight[g * d:(g + 1) * d]
+            if c.bias is not None:
+                dense.bias.copy_(c.bias[self.output_index])
+        return dense
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_channels}, out={self.out_channels}, groups={self.n_groups}, "
+            f"n_keep={self.n_keep}"
+        )
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _conv(model: nn.Module, name: str) -> nn.Conv2d:
+    try:
+        conv = model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"plan names layer {name!r}, which the model does not have") from err
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"plan names {name!r}, a {type(conv).__name__}, not an nn.Conv2d")
+    return conv
+
+
+def apply_plans(model: nn.Module, plans: Mapping[str, GroupPlan]) -> nn.Module:
+    """A copy of ``model`` with every planned conv replaced by its ``GroupedKernelConv2d``."""
+    out = copy.deepcopy(model)
+    for name, plan in plans.items():
+        _set_module(out, name, GroupedKernelConv2d.from_conv(_conv(out, name), plan, name))
+    return out
+
+
+def masked_reference(model: nn.Module, plans: Mapping[str, GroupPlan]) -> nn.Module:
+    """A copy of ``model`` whose planned convs are zeroed outside their kept kernels.
+
+    Built directly from the plans, independently of ``GroupedKernelConv2d``, so comparing the
+    two checks the deploy form.
+    """
+    out = copy.deepcopy(model)
+    for name, plan in plans.items():
+        conv = _conv(out, name)
+        plan.validate(conv.out_channels, conv.in_channels, name)
+        mask = plan.mask(conv.out_channels, conv.in_channels).to(conv.weight.device)
+        with torch.no_grad():
+            conv.weight.mul_(mask[:, :, None, None].to(conv.weight.dtype))
+    return out
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``GroupedKernelConv2d`` replaced by ``to_dense()``."""
+    out = copy.deepcopy(model)
+    for name, mod in list(out.named_modules()):
+        if isinstance(mod, GroupedKernelConv2d):
+            _set_module(out, name, mod.to_dense())
+    return out
+
+
+def grouped_plans(model: nn.Module) -> dict[str, GroupPlan]:
+    """The plans of every ``GroupedKernelConv2d`` in ``model`` (to save and rebuild it)."""
+    return {n: m.plan() for n, m in model.named_modules() if isinstance(m, GroupedKernelConv2d)}
+
+
+def masked_conv(x: Tensor, conv: nn.Conv2d, mask: Tensor) -> Tensor:
+    """Reference output of ``conv`` with kernels outside ``mask`` (C_out, C_in) zeroed."""
+    w = conv.weight * mask[:, :, None, None].to(conv.weight.dtype)
+    return F.conv2d(x, w, conv.bias, conv.stride, conv.padding, conv.dilation)

@@ -1,0 +1,91 @@
+"""Metric values derived by hand on tiny layers."""
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from gkp.metrics import (
+    bn_elements,
+    compare_latency,
+    macs,
+    macs_bn,
+    macs_by_hooks,
+    macs_nonzero,
+    params,
+    params_nonzero,
+    topk_correct,
+)
+from gkp.nn import GroupedKernelConv2d, GroupPlan
+
+
+@pytest.mark.parametrize(
+    "conv,want",
+    [
+        (nn.Conv2d(3, 8, 3, 1, 1), 8 * 3 * 9 * 8 * 8),  # 8x8 output
+        (nn.Conv2d(3, 8, 3, 2, 1), 8 * 3 * 9 * 4 * 4),  # strided: 4x4 output
+        (nn.Conv2d(4, 8, 3, 1, 1, groups=2), 8 * 2 * 9 * 8 * 8),  # each filter reads 2 channels
+        (nn.Conv2d(3, 8, 1, 1, 0), 8 * 3 * 8 * 8),
+    ],
+)
+def test_conv_macs(conv, want):
+    x = torch.zeros(1, conv.in_channels, 8, 8)
+    assert macs(conv, x) == want
+    assert macs_by_hooks(conv, x) == want
+    assert macs(conv, torch.zeros(3, conv.in_channels, 8, 8)) == 3 * want
+
+
+def test_linear_and_params():
+    lin = nn.Linear(10, 5)
+    assert macs(lin, torch.zeros(2, 10)) == 2 * 50
+    assert params(lin) == 55
+    bn = nn.BatchNorm2d(4)
+    assert params(bn) == 8  # BN affine counts, running stats do not
+
+
+def test_grouped_kernel_conv_counts_kept_fraction_and_no_gather():
+    conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
+    rng = random.Random(0)
+    plan = GroupPlan.from_lists([list(range(2 * g, 2 * g + 2)) for g in range(8)],
+                                [rng.sample(range(16), 9) for _ in range(8)])
+    mod = GroupedKernelConv2d.from_conv(conv, plan)
+    x = torch.zeros(1, 16, 8, 8)
+    assert macs(mod, x) == 16 * 9 * 9 * 64  # n_keep/C_in = 9/16 of the dense 16*16*9*64
+    assert params(mod) == 16 * 9 * 9
+
+
+def test_macs_bn_adds_two_per_bn_output():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    x = torch.zeros(2, 3, 5, 5)
+    assert bn_elements(model, x) == 2 * 4 * 25
+    assert macs_bn(model, x) == 2 * 4 * 3 * 9 * 25 + 2 * (2 * 4 * 25)
+
+
+def test_nonzero_counts():
+    conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1] = 1.0
+        conv.weight[1, 1] = 2.0  # 9 non-zeros
+    x = torch.zeros(1, 2, 4, 4)
+    assert params_nonzero(conv) == 10
+    assert macs_nonzero(conv, x) == 10 * 16
+    assert macs(conv, x) == 2 * 2 * 9 * 16
+
+
+def test_topk():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    targets = torch.tensor([1, 1, 0])
+    assert topk_correct(logits, targets, (1, 2)) == {1: 1, 2: 2}
+    assert topk_correct(logits, targets, (1, 5)) == {1: 1, 5: 3}  # k clipped to 3 classes
+
+
+def test_compare_latency_protocol_fields():
+    models = {"a": nn.Conv2d(3, 4, 3), "b": nn.Conv2d(3, 2, 3)}
+    stats = compare_latency(models, (2, 3, 8, 8), rounds=5, warmup=1, threads=1)
+    assert set(stats) == {"a", "b"}
+    for s in stats.values():
+        assert s.rounds == 5 and s.batch == 2 and s.threads == 1 and s.device == "cpu"
+        assert s.median_ms > 0 and s.iqr_ms >= 0
+    assert torch.get_num_threads() >= 1
