@@ -37,16 +37,16 @@ def test_cifar_resnets_pinned(name, n, macs_m, params_m):
     assert params(model) == cifar_resnet_params(n)
     assert round(cifar_resnet_macs(n) / 1e6, 2) == macs_m
     assert round(cifar_resnet_params(n) / 1e6, 4) == params_m
-    assert len(target_layers(name, model)) == 6 * n
+    assert len(target_layers(model)) == 6 * n
 
 
 def test_resnet50_imagenet():
     model = get_model("resnet50", num_classes=1000)
     assert params(model) == 25_557_032
     assert abs(macs(model, torch.zeros(1, 3, 224, 224)) / 1e9 - 4.09) < 0.005
-    assert len(target_layers("resnet50", model)) == 16
-    assert len(target_layers("resnet50", model, all_bottleneck_convs=True)) == 48
-    assert not any("downsample" in t for t in target_layers("resnet50", model, True))
+    assert len(target_layers(model)) == 16
+    assert len(target_layers(model, all_bottleneck_convs=True)) == 48
+    assert not any("downsample" in t for t in target_layers(model, True))
 
 
 def test_vgg16_bn_macs():
@@ -64,7 +64,7 @@ def test_adapters(name):
     size = 64 if name in {"resnet18", "resnet34", "resnet50"} else 28
     assert model(torch.zeros(2, 1, size, size)).shape == (2, 7)
     assert all(isinstance(model.get_submodule(t), torch.nn.Conv2d)
-               for t in target_layers(name, model))
+               for t in target_layers(model))
 
 
 def test_unknown_model_lists_known():

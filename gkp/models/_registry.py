@@ -22,18 +22,28 @@ class ModelInfo:
     family: str
     builder: Callable[..., nn.Module]
     targets: Callable[[nn.Module, bool], list[str]]
+    model_type: type[nn.Module]
 
 
 _MODELS: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, family: str, targets: Callable[[nn.Module, bool], list[str]]):
-    """Decorator registering a builder ``fn(num_classes, in_channels) -> nn.Module``."""
+def register_model(
+    name: str,
+    family: str,
+    targets: Callable[[nn.Module, bool], list[str]],
+    model_type: type[nn.Module],
+):
+    """Decorator registering a builder ``fn(num_classes, in_channels) -> nn.Module``.
+
+    ``model_type`` is the class the builder returns; it lets ``target_layers`` find the
+    family's target rule from a model instance alone.
+    """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelInfo(name, family, fn, targets)
+        _MODELS[name] = ModelInfo(name, family, fn, targets, model_type)
         return fn
 
     return deco
@@ -54,6 +64,12 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Modu
     return get_model_info(name).builder(num_classes=num_classes, in_channels=in_channels)
 
 
-def target_layers(model_name: str, model: nn.Module, all_bottleneck_convs: bool = False) -> list[str]:
-    """Names of the convs a grouped-kernel method prunes in ``model`` (a ``model_name``)."""
-    return get_model_info(model_name).targets(model, all_bottleneck_convs)
+def target_layers(model: nn.Module, all_bottleneck_convs: bool = False) -> list[str]:
+    """Names of the convs a grouped-kernel method prunes in ``model``, by its family's rule."""
+    for info in _MODELS.values():
+        if isinstance(model, info.model_type):
+            return info.targets(model, all_bottleneck_convs)
+    raise ValueError(
+        f"no target-layer rule for a {type(model).__name__}; register its model with "
+        "register_model(..., targets=...) or pass the layer names explicitly (native knob 'layers')"
+    )

@@ -77,7 +77,7 @@ def block_convs(model: nn.Module, _all: bool = False) -> list[str]:
 
 
 def _register(depth: int) -> None:
-    @register_model(f"resnet{depth}", "cifar_resnet", block_convs)
+    @register_model(f"resnet{depth}", "cifar_resnet", block_convs, CifarResNet)
     def build(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
         return CifarResNet(depth, num_classes, in_channels)
 

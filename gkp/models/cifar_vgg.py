@@ -38,6 +38,6 @@ def vgg_targets(model: nn.Module, _all: bool = False) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
 
 
-@register_model("vgg16_bn", "cifar_vgg", vgg_targets)
+@register_model("vgg16_bn", "cifar_vgg", vgg_targets, CifarVGG)
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return CifarVGG(num_classes, in_channels)

@@ -33,7 +33,7 @@ def resnet_targets(model: nn.Module, all_bottleneck_convs: bool = False) -> list
 
 
 def _register(name: str, fn: Callable[..., tvm.ResNet]) -> None:
-    @register_model(name, "torchvision_resnet", resnet_targets)
+    @register_model(name, "torchvision_resnet", resnet_targets, tvm.ResNet)
     def build(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
         return _adapt(fn(weights=None, num_classes=num_classes), in_channels)
 
