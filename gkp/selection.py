@@ -1,0 +1,299 @@
+"""Per-group selection of grouped kernels (TMI-GKP step D, SR-GKP beam search, L2 baseline).
+
+A group's grouped kernels are the rows of ``V`` (one per input channel); each selector picks the
+``n_keep`` rows the group keeps. float64 numpy, vectorised over start kernels for speed.
+
+Decisions where METHODS.md is silent (beam search: see :func:`beam_select`): ``e = n_keep // 5``;
+a numeric ``cost_balancer`` must be finite and >= 0 and is ignored when ``e == 0`` (lambda recorded
+as 0.0); final costs come from the *sorted* kept set (bit-identical whichever chain reached it).
+"""
+
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+from scipy.spatial.distance import cdist
+from scipy.stats import rankdata
+
+
+def grouped_kernels(W: np.ndarray, filters: np.ndarray) -> np.ndarray:
+    """Stack one group's grouped kernels: ``V[c] = W[filters, c].ravel()``, shape ``(C_in, d*k*k)``.
+
+    Row ``c`` is everything the group's filters read from input channel ``c``: the unit GKP removes.
+    """
+    W = np.asarray(W, dtype=np.float64)
+    if W.ndim != 4:
+        raise ValueError(f"W must be (C_out, C_in, k, k), got shape {W.shape}")
+    block = W[np.asarray(filters, dtype=np.intp).reshape(-1)]  # (d, C_in, k, k)
+    return np.ascontiguousarray(block.transpose(1, 0, 2, 3).reshape(W.shape[1], -1))
+
+
+def similarity(V: np.ndarray) -> np.ndarray:
+    """``S = 1 - euclidean_distance(V, V)``: larger means more redundant (diagonal is exactly 1)."""
+    V = np.asarray(V, dtype=np.float64)
+    return 1.0 - cdist(V, V, metric="euclidean")
+
+
+def auto_lambda(n_in: int, n_keep: int, e: int) -> float:
+    """TMI-GKP's automatic balancer ``C(n_keep, 2) / ((n_in - n_keep) * e)``.
+
+    It puts the inner (``C(n_keep, 2)`` pairs) and outer (``(n_in - n_keep) * e`` terms) sums on
+    the same scale. Returns 0.0 when there is no outer term (``e == 0`` or ``n_keep == n_in``).
+    """
+    if e == 0 or n_keep == n_in:
+        return 0.0
+    return comb(n_keep, 2) / ((n_in - n_keep) * e)
+
+
+def chain_costs(S: np.ndarray, sets: np.ndarray, e: int, lam: float) -> np.ndarray:
+    """Batched :func:`chain_cost` for ``sets`` of shape ``(B, m)`` (each row distinct indices).
+
+    Rows are sorted and every sum runs left to right, so a set's cost is bit-identical whatever
+    order it was grown in and however many sets are scored together.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    sets = np.sort(np.asarray(sets, dtype=np.intp), axis=1)
+    n_sets, m = sets.shape
+    iu, ju = np.triu_indices(m, k=1)
+    inner = _seq_sum(S[sets[:, iu], sets[:, ju]])
+    if e == 0 or m == S.shape[0]:
+        return inner
+    cols = S[:, sets].transpose(1, 0, 2)  # (B, n_in, m): S[u, i] for i in K
+    e_used = min(e, m)
+    top = _seq_sum(np.sort(cols, axis=2)[:, :, m - e_used :])
+    outside = np.ones((n_sets, S.shape[0]), dtype=bool)
+    outside[np.arange(n_sets)[:, None], sets] = False
+    return inner - lam * _seq_sum(np.where(outside, top, 0.0))
+
+
+def chain_cost(S: np.ndarray, kept: np.ndarray, e: int, lam: float) -> float:
+    """``sum_{i<j in K} S[i,j] - lam * sum_{u not in K} (sum of the e largest S[u,i], i in K)``.
+
+    Low inner similarity means a diverse kept set; a high outer term means every pruned kernel still
+    has close kept representatives. ``e == 0`` drops the outer term. ``kept``: indices or bool mask.
+    """
+    kept = np.asarray(kept)
+    kept = np.flatnonzero(kept) if kept.dtype == bool else kept
+    if e < 0:
+        raise ValueError(f"e must be >= 0, got {e}")
+    return float(chain_costs(S, kept.reshape(1, -1), e, lam)[0])
+
+
+def greedy_chains(S: np.ndarray, n_keep: int) -> np.ndarray:
+    """Greedy chains from every start, shape ``(n_in, n_keep)``; row ``s`` starts at kernel ``s``.
+
+    Each step adds the unkept kernel with the smallest summed similarity to the kept set (lowest
+    index on ties, which is what ``argmin`` returns). All starts advance together.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    n_in = S.shape[0]
+    _check_n_keep(n_in, n_keep)
+    rows = np.arange(n_in)
+    chains = np.empty((n_in, n_keep), dtype=np.intp)
+    chains[:, 0] = rows
+    masked = S.copy()  # row s: summed similarity of every kernel to chain s, inf once kept
+    masked[rows, rows] = np.inf
+    for t in range(1, n_keep):
+        nxt = masked.argmin(axis=1)
+        chains[:, t] = nxt
+        masked += S[nxt]
+        masked[rows, nxt] = np.inf
+    return chains
+
+
+def greedy_select(
+    V: np.ndarray, n_keep: int, cost_balancer: float | str = "auto"
+) -> tuple[np.ndarray, dict]:
+    """TMI-GKP step D: keep the lowest-cost greedy chain (lowest start index on exact ties).
+
+    ``e = n_keep // 5``; ``lambda = auto_lambda(...)`` or the given number. When ``e == 0`` the
+    outer term is dropped (lambda 0, ``outer_term_dropped=True``), as the original does.
+    Returns the sorted kept indices and ``{"e", "lambda", "cost", "start", "outer_term_dropped"}``.
+    """
+    S = similarity(V)
+    n_in = S.shape[0]
+    _check_n_keep(n_in, n_keep)
+    e = n_keep // 5
+    lam = _balancer(cost_balancer, n_in, n_keep, e)
+    chains = greedy_chains(S, n_keep)
+    costs = chain_costs(S, chains, e, lam)
+    start = int(np.argmin(costs))
+    info = {"e": e, "lambda": lam, "cost": float(costs[start]), "start": start}
+    info["outer_term_dropped"] = e == 0
+    return np.sort(chains[start]), info
+
+
+def beam_select(
+    V: np.ndarray,
+    n_keep: int,
+    roughness: np.ndarray,
+    *,
+    width: int = 2,
+    rerank_every: int = 3,
+    cost_balancer: float | str = "auto",
+) -> tuple[np.ndarray, dict]:
+    """SR-GKP selection: beam search per start kernel, minimum-cost final candidate kept.
+
+    Every start ``s`` begins with the beam ``[{s}]``. An expansion replaces each entry by its
+    children: the set plus one of its ``width`` unkept kernels with the smallest summed similarity
+    (lowest index on ties). The beam grows between re-ranks; after expansion ``t`` with
+    ``t % rerank_every == 0``, and always after the last one (so also when ``n_keep`` is reached
+    between re-ranks), it is re-ranked by ``0.9*rank(cost) + 0.1*rank(roughness)`` and cut to
+    ``width``. Decisions where METHODS.md is silent:
+
+    * identical sets in one start's beam are merged before re-ranking (they would expand
+      identically and waste slots); different starts never merge;
+    * re-rank cost: ``e = 1``, lambda = the number given or ``auto_lambda(n_in, m, 1)`` for the
+      current size ``m``; it is accumulated incrementally (fast), so sets whose costs tie exactly
+      in real arithmetic may be ordered by float rounding;
+    * ranks are within one start's beam (``rankdata``, ties averaged); the cut keeps the lowest
+      score, then lowest cost, then lowest roughness, then the earlier entry;
+    * the pool is every start's final beam, scored by :func:`chain_costs` at size ``n_keep``;
+      ties go to the smoother set, then the lower start index.
+
+    Returns sorted kept indices and ``{"e", "lambda", "cost", "start", "roughness", "pool_size",
+    "width", "rerank_every", "outer_term_dropped"}``.
+    """
+    S = similarity(V)
+    n_in = S.shape[0]
+    _check_n_keep(n_in, n_keep)
+    rough = np.asarray(roughness, dtype=np.float64).reshape(-1)
+    if rough.shape != (n_in,):
+        raise ValueError(f"roughness must have {n_in} entries, got {rough.shape}")
+    if width < 1 or rerank_every < 1:
+        raise ValueError(f"width and rerank_every must be >= 1, got {width}, {rerank_every}")
+    beam = _initial_beam(S, rough)
+    for t in range(1, n_keep):
+        beam = _expand(beam, S, rough, width)
+        if t % rerank_every == 0 or t == n_keep - 1:
+            beam = _rerank(beam, width, _balancer(cost_balancer, n_in, t + 1, 1))
+    lam = _balancer(cost_balancer, n_in, n_keep, 1)
+    costs = chain_costs(S, beam["members"], 1, lam)
+    set_rough = rough[np.sort(beam["members"], axis=1)].sum(axis=1)  # order-independent sum
+    best = np.lexsort((beam["start"], set_rough, costs))[0]
+    info = {"e": 1, "lambda": lam, "cost": float(costs[best]), "start": int(beam["start"][best])}
+    info.update(roughness=float(set_rough[best]), pool_size=int(costs.size), width=width)
+    info.update(rerank_every=rerank_every, outer_term_dropped=False)
+    return np.sort(beam["members"][best]), info
+
+
+def l2_select(V: np.ndarray, n_keep: int) -> np.ndarray:
+    """Sorted indices of the ``n_keep`` rows of ``V`` with the largest L2 norm (ties: lowest index).
+
+    The magnitude baseline (KPGP reconstruction) the similarity-based selections are compared to.
+    """
+    V = np.asarray(V, dtype=np.float64)
+    _check_n_keep(V.shape[0], n_keep)
+    norms = np.linalg.norm(V.reshape(V.shape[0], -1), axis=1)
+    return np.sort(np.argsort(-norms, kind="stable")[:n_keep])
+
+
+def _check_n_keep(n_in: int, n_keep: int) -> None:
+    """Reject a keep count outside ``1..n_in`` early, with the numbers in the message."""
+    if not 1 <= n_keep <= n_in:
+        raise ValueError(f"n_keep must be in 1..{n_in}, got {n_keep}")
+
+
+def _balancer(cost_balancer: float | str, n_in: int, n_keep: int, e: int) -> float:
+    """Resolve ``"auto"`` or a number to the lambda actually used (0.0 when ``e == 0``)."""
+    if e == 0:
+        return 0.0
+    if isinstance(cost_balancer, str):
+        if cost_balancer != "auto":
+            raise ValueError(f"cost_balancer must be 'auto' or a number, got {cost_balancer!r}")
+        return auto_lambda(n_in, n_keep, e)
+    lam = float(cost_balancer)
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"cost_balancer must be finite and >= 0, got {cost_balancer}")
+    return lam
+
+
+def _initial_beam(S: np.ndarray, rough: np.ndarray) -> dict[str, np.ndarray]:
+    """One entry ``{s}`` per start; ``acc`` = summed and ``mx`` = max similarity to the set."""
+    n_in = S.shape[0]
+    rows = np.arange(n_in)
+    beam = {"start": rows, "members": rows[:, None].copy(), "kept": np.eye(n_in, dtype=bool)}
+    beam.update(acc=S.copy(), mx=S.copy(), inner=np.zeros(n_in), rough=rough.copy())
+    return beam
+
+
+def _expand(beam: dict, S: np.ndarray, rough: np.ndarray, width: int) -> dict:
+    """Replace each entry by its children: add each of its ``width`` least-similar unkept kernels.
+
+    The sums are updated incrementally (inner sum, summed and max similarity), so an expansion costs
+    ``O(entries * n_in)``.
+    """
+    n_rows, m = beam["members"].shape
+    masked = np.where(beam["kept"], np.inf, beam["acc"])
+    rows = np.arange(n_rows)
+    picks = []
+    for _ in range(min(width, S.shape[0] - m)):
+        j = masked.argmin(axis=1)
+        picks.append(j)
+        masked[rows, j] = np.inf
+    new = np.stack(picks, axis=1).reshape(-1)
+    parent = np.repeat(rows, len(picks))
+    kept = beam["kept"][parent]
+    kept[np.arange(new.size), new] = True
+    return {
+        "start": beam["start"][parent],
+        "members": np.column_stack([beam["members"][parent], new]),
+        "kept": kept,
+        "acc": beam["acc"][parent] + S[new],
+        "mx": np.maximum(beam["mx"][parent], S[new]),
+        "inner": beam["inner"][parent] + beam["acc"][parent, new],
+        "rough": beam["rough"][parent] + rough[new],
+    }
+
+
+def _rerank(beam: dict, width: int, lam: float) -> dict:
+    """Merge duplicate sets per start, rank by ``0.9*rank(cost)+0.1*rank(rough)``, cut to width."""
+    first = _first_unique(beam["start"], beam["kept"])
+    beam = {name: arr[first] for name, arr in beam.items()}
+    start, rough = beam["start"], beam["rough"]
+    cost = beam["inner"] - lam * np.where(beam["kept"], 0.0, beam["mx"]).sum(axis=1)
+    score = 0.9 * _grouped_rank(cost, start) + 0.1 * _grouped_rank(rough, start)
+    order = np.lexsort((np.arange(start.size), rough, cost, score, start))
+    sorted_start = start[order]
+    pos = np.arange(order.size) - np.searchsorted(sorted_start, sorted_start, side="left")
+    keep = np.sort(order[pos < width])
+    return {name: arr[keep] for name, arr in beam.items()}
+
+
+def _first_unique(start: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Sorted row indices of the first occurrence of every distinct (start, kept set) pair.
+
+    The kept masks are bit-packed into 64-bit words so a stable lexsort finds duplicates exactly.
+    """
+    packed = np.packbits(kept, axis=1)
+    packed = np.pad(packed, ((0, 0), (0, -packed.shape[1] % 8)))
+    keys = np.column_stack([start.astype(np.uint64), packed.view(np.uint64)])
+    order = np.lexsort(keys.T[::-1])
+    sorted_keys = keys[order]
+    new = np.ones(order.size, dtype=bool)
+    new[1:] = np.any(sorted_keys[1:] != sorted_keys[:-1], axis=1)
+    return np.sort(order[new])
+
+
+def _grouped_rank(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``scipy.stats.rankdata`` (average ties, 1-based) applied separately within each group."""
+    if np.unique(groups).size == 1:
+        return rankdata(values)
+    order = np.lexsort((values, groups))
+    v, g = values[order], groups[order]
+    idx = np.arange(order.size)
+    group_first = np.searchsorted(g, g, side="left")
+    new_run = np.ones(order.size, dtype=bool)
+    new_run[1:] = (g[1:] != g[:-1]) | (v[1:] != v[:-1])
+    run = np.cumsum(new_run) - 1
+    pos = (idx - group_first).astype(np.float64)
+    mean_pos = np.bincount(run, weights=pos) / np.bincount(run)
+    ranks = np.empty(order.size)
+    ranks[order] = mean_pos[run] + 1.0
+    return ranks
+
+
+def _seq_sum(x: np.ndarray) -> np.ndarray:
+    """Left-to-right sum over the last axis (numpy's pairwise ``sum`` depends on memory layout)."""
+    return np.cumsum(x, axis=-1)[..., -1] if x.shape[-1] else np.zeros(x.shape[:-1])
