@@ -68,17 +68,27 @@ SCHEMA: tuple[Column, ...] = (
     _s("date", "when the row was produced, e.g. 2025-01-31T12:00:00Z", "ISO-8601 UTC"),
     _s("source", "measured here, or reported by a paper", choices=("measured", "reported")),
     _s("method", "registered method name (or the paper's name for reported rows)"),
-    _s("granularity", "what the method removes",
-       choices=("weight", "kernel", "grouped_kernel", "filter", "channel")),
-    _s("faithfulness", "how closely the code follows its paper; baseline = dense reference",
-       choices=("faithful", "reconstructed", "variant", "baseline")),
+    _s(
+        "granularity",
+        "what the method removes",
+        choices=("weight", "kernel", "grouped_kernel", "filter", "channel"),
+    ),
+    _s(
+        "faithfulness",
+        "how closely the code follows its paper; baseline = dense reference",
+        choices=("faithful", "reconstructed", "variant", "baseline"),
+    ),
     _s("options", 'native knobs and named deviations, e.g. `{"groups":8,"rate":0.4375}`', "JSON"),
     _s("model", "model name"),
     _s("dataset", "dataset name"),
     _s("recipe", "training / fine-tuning recipe name"),
     _i("seed", "", "random seed of pruning and fine-tuning", lo=None),
-    _f("target", "fraction", "PruneTarget: fraction of target-layer MACs to remove; empty if "
-       "native knobs given", hi=1),
+    _f(
+        "target",
+        "fraction",
+        "PruneTarget: fraction of target-layer MACs to remove; empty if native knobs given",
+        hi=1,
+    ),
     _i("finetune_epochs", "epochs", "fine-tuning epochs after pruning"),
     _s("snapshot_window", "training snapshots used, e.g. '2-4 of 15'; empty if unused", "epochs"),
     _i("macs_dense", "MACs", f"dense model: {_MACS}"),
@@ -90,10 +100,16 @@ SCHEMA: tuple[Column, ...] = (
     _i("params_dense", "params", f"dense model: {_PARAMS}"),
     _i("params", "params", f"pruned deploy form: {_PARAMS}"),
     _f("params_reduction_pct", "%", f"params {_RED}", lo=None, hi=100),
-    _i("macs_nonzero", "MACs", "MACs of non-zero weights (masked methods); "
-       "equals macs if deployed dense"),
-    _i("params_nonzero", "params", "non-zero params (masked methods); "
-       "equals params if deployed dense"),
+    _i(
+        "macs_nonzero",
+        "MACs",
+        "MACs of non-zero weights (masked methods); equals macs if deployed dense",
+    ),
+    _i(
+        "params_nonzero",
+        "params",
+        "non-zero params (masked methods); equals params if deployed dense",
+    ),
     _f("top1_dense", "%", "top-1 accuracy of the dense model", hi=100),
     _f("top1_pruned_before_ft", "%", "top-1 right after pruning, before fine-tuning", hi=100),
     _f("top1", "%", "top-1 after the final fine-tuning epoch", hi=100),
@@ -127,15 +143,31 @@ REQUIRED_MEASURED = ("recipe", "seed", "macs", "params", "top1")
 REQUIRED_REPORTED = ("reference",)
 PCT_TOLERANCE = 0.05  # percentage points allowed between a stored reduction and its recomputation
 SPEEDUP_RTOL = 0.02  # relative tolerance between a stored speed-up and dense / pruned latency
-_DERIVED = (("macs_reduction_pct", "macs_dense", "macs"),
-            ("macs_bn_reduction_pct", "macs_bn_dense", "macs_bn"),
-            ("params_reduction_pct", "params_dense", "params"))
-_SPEEDUPS = (("speedup_b1", "latency_b1_dense_ms", "latency_b1_ms"),
-             ("speedup_bN", "latency_bN_dense_ms", "latency_bN_ms"))
+_DERIVED = (
+    ("macs_reduction_pct", "macs_dense", "macs"),
+    ("macs_bn_reduction_pct", "macs_bn_dense", "macs_bn"),
+    ("params_reduction_pct", "params_dense", "params"),
+)
+_SPEEDUPS = (
+    ("speedup_b1", "latency_b1_dense_ms", "latency_b1_ms"),
+    ("speedup_bN", "latency_bN_dense_ms", "latency_bN_ms"),
+)
 
 LITERATURE_SCHEMA: tuple[Column, ...] = (
-    *(_BY_NAME[n] for n in ("model", "dataset", "method", "granularity", "top1_dense", "top1",
-                            "macs_reduction_pct", "params_reduction_pct", "reference")),
+    *(
+        _BY_NAME[n]
+        for n in (
+            "model",
+            "dataset",
+            "method",
+            "granularity",
+            "top1_dense",
+            "top1",
+            "macs_reduction_pct",
+            "params_reduction_pct",
+            "reference",
+        )
+    ),
     _s("where_read", "where in the source the numbers were read, and how they were counted"),
 )
 LITERATURE_REQUIRED = ("model", "dataset", "method", "granularity", "top1", "reference")
@@ -161,8 +193,11 @@ def empty_row() -> dict[str, None]:
 def _is_empty(value: object) -> bool:
     if value is None or value is pd.NA or (isinstance(value, str) and not value.strip()):
         return True
-    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and (
-        math.isnan(value))
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, numbers.Integral)
+        and (math.isnan(value))
+    )
 
 
 def _to_int(value: object) -> int:
@@ -259,8 +294,10 @@ def _typed(row: Mapping[str, object], schema: tuple[Column, ...]) -> tuple[dict,
     if unknown:
         problems.append(f"unknown columns {unknown} (rename or drop them; see the schema)")
     if missing:
-        problems.append(f"missing columns {missing} (every row carries every column; "
-                        "use None or '' where a value does not apply)")
+        problems.append(
+            f"missing columns {missing} (every row carries every column; "
+            "use None or '' where a value does not apply)"
+        )
     clean = {}
     for col in schema:
         if col.name in row:
@@ -327,9 +364,15 @@ def _header_problems(header: list[str], schema: tuple[Column, ...]) -> list[str]
     unknown = [h for h in header if h not in names]
     missing = [n for n in names if n not in header]
     repeated = sorted({h for h in header if header.count(h) > 1})
-    found = [f"{label} {cols}" for label, cols in
-             (("unknown columns", unknown), ("missing columns", missing), ("repeated", repeated))
-             if cols] or ["the schema's columns in a different order"]
+    found = [
+        f"{label} {cols}"
+        for label, cols in (
+            ("unknown columns", unknown),
+            ("missing columns", missing),
+            ("repeated", repeated),
+        )
+        if cols
+    ] or ["the schema's columns in a different order"]
     return [f"header has {', '.join(found)}; {_FIX_HEADER}"]
 
 
@@ -367,8 +410,9 @@ def _read_text(path: Path, data: bytes | None = None) -> str:
 
 
 def _raise_problems(path: Path, problems: list[str], outcome: str = "") -> None:
-    shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10
-                                        else "")
+    shown = "; ".join(problems[:10]) + (
+        f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+    )
     raise LeaderboardError(f"{path}: {len(problems)} problem(s){outcome}: {shown}")
 
 
@@ -490,7 +534,8 @@ def schema_markdown() -> str:
     """The column table (name, type, unit, meaning) that results/README.md embeds."""
     lines = ["| column | type | unit | meaning |", "|---|---|---|---|"]
     for col in SCHEMA:
-        doc = col.doc + (f". One of: {', '.join(f'`{c}`' for c in col.choices)}."
-                         if col.choices else "")
+        doc = col.doc + (
+            f". One of: {', '.join(f'`{c}`' for c in col.choices)}." if col.choices else ""
+        )
         lines.append(f"| `{col.name}` | {col.dtype} | {col.unit} | {doc.replace('|', '/')} |")
     return "\n".join(lines) + "\n"

@@ -39,8 +39,13 @@ def latency_columns(
     """Median/IQR latency of pruned and dense at batch 1 and ``batch``, timed in one run."""
     cols: dict[str, float | int | str] = {"device": device.type, "bench_batch": batch}
     for tag, b in (("b1", 1), ("bN", batch)):
-        stats = metrics.compare_latency({"dense": dense, "pruned": pruned}, (b, *sample_shape),
-                                        rounds=rounds, device=device, threads=threads)
+        stats = metrics.compare_latency(
+            {"dense": dense, "pruned": pruned},
+            (b, *sample_shape),
+            rounds=rounds,
+            device=device,
+            threads=threads,
+        )
         cols["threads"] = stats["pruned"].threads
         cols[f"latency_{tag}_ms"] = stats["pruned"].median_ms
         cols[f"latency_{tag}_iqr_ms"] = stats["pruned"].iqr_ms

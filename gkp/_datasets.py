@@ -29,8 +29,13 @@ FASHION_FILES = {
 }
 # name -> (extracted folder, train files, test file, labels key, torchvision class)
 CIFAR_LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
-                "test_batch", "labels", "CIFAR10"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "labels",
+        "CIFAR10",
+    ),
     "cifar100": ("cifar-100-python", ("train",), "test", "fine_labels", "CIFAR100"),
 }
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/{}.tar.gz"
@@ -62,7 +67,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def locate(
-    title: str, searched: Sequence[Path], find: Callable[[Path], T | None], fixes: Sequence[str],
+    title: str,
+    searched: Sequence[Path],
+    find: Callable[[Path], T | None],
+    fixes: Sequence[str],
     download: tuple[str, Path, Path] | None = None,
 ) -> T:
     """``find`` on each folder in turn; failing that, download and look again, else raise.
@@ -294,7 +302,10 @@ class EpochDataLoader:
         self.num_samples = len(dataset)
         self.batch_size = batch_size
         self._loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
             generator=self._generator,
         )
 

@@ -97,7 +97,9 @@ class MethodInfo:
 
     def __post_init__(self) -> None:
         if self.faithfulness not in FAITHFULNESS:
-            raise ValueError(f"faithfulness must be one of {FAITHFULNESS}, got {self.faithfulness!r}")
+            raise ValueError(
+                f"faithfulness must be one of {FAITHFULNESS}, got {self.faithfulness!r}"
+            )
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"unknown needs {sorted(unknown)}; known: {NEEDS}")

@@ -39,9 +39,19 @@ from gkp._datasets import (
 )
 
 __all__ = [
-    "DataBundle", "DatasetNotFoundError", "DatasetSpec", "Loader", "LoadOptions", "TensorLoader",
-    "example_input", "get_dataset_spec", "list_datasets", "load_data", "random_crop_flip",
-    "register_dataset", "stratified_subset",
+    "DataBundle",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "Loader",
+    "LoadOptions",
+    "TensorLoader",
+    "example_input",
+    "get_dataset_spec",
+    "list_datasets",
+    "load_data",
+    "random_crop_flip",
+    "register_dataset",
+    "stratified_subset",
 ]
 
 
@@ -106,8 +116,13 @@ def _canonical(name: str) -> str:
 
 
 def register_dataset(
-    name: str, *, num_classes: int, in_channels: int, image_size: int,
-    mean: Sequence[float], std: Sequence[float],
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> Callable[[Builder], Builder]:
     """Register ``builder(spec, opts) -> (train_loader, test_loader)`` under ``name``.
 
@@ -178,13 +193,23 @@ class TensorLoader:
     """
 
     def __init__(
-        self, images: Tensor, labels: Tensor, *, batch_size: int, mean: Sequence[float],
-        std: Sequence[float], shuffle: bool = False, augment: bool = False, seed: int = 0,
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int = 0,
         pad: int = 4,
     ) -> None:
         if images.ndim != 4 or len(images) != len(labels):
-            raise ValueError(f"need N x C x H x W images and N labels, got {tuple(images.shape)}"
-                             f" and {tuple(labels.shape)}")
+            raise ValueError(
+                f"need N x C x H x W images and N labels, got {tuple(images.shape)}"
+                f" and {tuple(labels.shape)}"
+            )
         self.images, self.labels = images, labels.long()
         self.batch_size, self.shuffle, self.augment, self.pad = batch_size, shuffle, augment, pad
         self.seed, self._epoch = seed, 0
@@ -257,8 +282,14 @@ def _tensor_loaders(
     test = _take(test, opts.test_subset, opts.seed + 1)
     norm = {"mean": spec.mean, "std": spec.std}
     return (
-        TensorLoader(*train, batch_size=opts.batch_size, shuffle=True, augment=opts.augment,
-                     seed=opts.seed, **norm),
+        TensorLoader(
+            *train,
+            batch_size=opts.batch_size,
+            shuffle=True,
+            augment=opts.augment,
+            seed=opts.seed,
+            **norm,
+        ),
         TensorLoader(*test, batch_size=opts.eval_batch_size, **norm),
     )
 
@@ -266,34 +297,59 @@ def _tensor_loaders(
 # ---------------------------------------------------------------- the datasets
 
 
-@register_dataset("cifar100", num_classes=100, in_channels=3, image_size=32,
-                  mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
-@register_dataset("cifar10", num_classes=10, in_channels=3, image_size=32,
-                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+@register_dataset(
+    "cifar100",
+    num_classes=100,
+    in_channels=3,
+    image_size=32,
+    mean=(0.5071, 0.4865, 0.4409),
+    std=(0.2673, 0.2564, 0.2762),
+)
+@register_dataset(
+    "cifar10",
+    num_classes=10,
+    in_channels=3,
+    image_size=32,
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+)
 def _cifar(spec: DatasetSpec, opts: LoadOptions) -> tuple[Loader, Loader]:
     """CIFAR from its python batches in data_dir (default ./data), downloaded if asked."""
     folder = find_cifar(spec.name, opts.data_dir, opts.download)
     return _tensor_loaders(spec, opts, *read_cifar(spec.name, folder))
 
 
-@register_dataset("fashion-mnist", num_classes=10, in_channels=1, image_size=28,
-                  mean=(0.2860,), std=(0.3530,))
+@register_dataset(
+    "fashion-mnist", num_classes=10, in_channels=1, image_size=28, mean=(0.2860,), std=(0.3530,)
+)
 def _fashion_mnist(spec: DatasetSpec, opts: LoadOptions) -> tuple[Loader, Loader]:
     """Fashion-MNIST idx files: data_dir, else Debian's package path, else ./data."""
     files = find_fashion_mnist(opts.data_dir, opts.download)
     return _tensor_loaders(spec, opts, *read_fashion_mnist(files))
 
 
-@register_dataset("imagenet", num_classes=1000, in_channels=3, image_size=224,
-                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+@register_dataset(
+    "imagenet",
+    num_classes=1000,
+    in_channels=3,
+    image_size=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
 def _imagenet(spec: DatasetSpec, opts: LoadOptions) -> tuple[Loader, Loader]:
     """ImageFolder train/ and val/ under data_dir; standard ResNet transforms."""
     folder = find_imagenet(opts.data_dir, opts.download)
     return imagenet_loaders(folder, spec.mean, spec.std, opts)
 
 
-@register_dataset("synthetic", num_classes=10, in_channels=3, image_size=32,
-                  mean=(0.510, 0.493, 0.501), std=(0.213, 0.212, 0.215))
+@register_dataset(
+    "synthetic",
+    num_classes=10,
+    in_channels=3,
+    image_size=32,
+    mean=(0.510, 0.493, 0.501),
+    std=(0.213, 0.212, 0.215),
+)
 def _synthetic(spec: DatasetSpec, opts: LoadOptions) -> tuple[Loader, Loader]:
     """Fixed learnable images (no files): subset / test_subset set the sizes (512 / 256)."""
     train = synthetic_split(opts.subset or 512, split=0)
@@ -322,10 +378,23 @@ def load_data(
     the folders searched and how to get the data. ``num_workers`` only matters for ImageNet.
     """
     spec, build = _entry(name)
-    for arg, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                       ("subset", subset), ("test_subset", test_subset)):
+    for arg, value in (
+        ("batch_size", batch_size),
+        ("eval_batch_size", eval_batch_size),
+        ("subset", subset),
+        ("test_subset", test_subset),
+    ):
         if value is not None and value < 1:
             raise ValueError(f"{arg} must be positive, got {value}")
-    opts = LoadOptions(None if data_dir is None else Path(data_dir), download, subset,
-                       test_subset, batch_size, eval_batch_size, seed, augment, num_workers)
+    opts = LoadOptions(
+        None if data_dir is None else Path(data_dir),
+        download,
+        subset,
+        test_subset,
+        batch_size,
+        eval_batch_size,
+        seed,
+        augment,
+        num_workers,
+    )
     return DataBundle(*build(spec, opts), spec)

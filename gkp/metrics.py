@@ -50,8 +50,9 @@ def macs(model: nn.Module, example_inputs: Tensor) -> int:
     return int(sum(v for k, v in by_op.items() if k in _MAC_OPS))
 
 
-def _hook_count(model: nn.Module, x: Tensor, kinds: tuple[type, ...],
-                count: Callable[[nn.Module, Tensor], int]) -> int:
+def _hook_count(
+    model: nn.Module, x: Tensor, kinds: tuple[type, ...], count: Callable[[nn.Module, Tensor], int]
+) -> int:
     total = 0
 
     def hook(mod: nn.Module, _inp: tuple, out: Tensor) -> None:
@@ -110,7 +111,7 @@ def params_nonzero(model: nn.Module) -> int:
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """How many samples have their label among the top-k logits, for each k (k clipped to classes)."""
+    """How many samples have their label among the top-k logits, per k (k clipped to #classes)."""
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices
     hits = top.eq(targets.view(-1, 1))
@@ -147,8 +148,9 @@ def _time_once(model: nn.Module, x: Tensor) -> float:
 
 def _stats(times: list[float], batch: int, threads: int, device: torch.device) -> LatencyStats:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return LatencyStats(statistics.median(times), q[2] - q[0], len(times), batch, threads,
-                        str(device))
+    return LatencyStats(
+        statistics.median(times), q[2] - q[0], len(times), batch, threads, str(device)
+    )
 
 
 def compare_latency(

@@ -36,7 +36,9 @@ class GroupPlan:
     kept: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def from_lists(cls, groups: Sequence[Sequence[int]], kept: Sequence[Sequence[int]]) -> GroupPlan:
+    def from_lists(
+        cls, groups: Sequence[Sequence[int]], kept: Sequence[Sequence[int]]
+    ) -> GroupPlan:
         return cls(
             tuple(tuple(int(i) for i in g) for g in groups),
             tuple(tuple(sorted(int(c) for c in k)) for k in kept),
@@ -68,19 +70,25 @@ class GroupPlan:
                 f"choose --groups among the divisors of {out_channels}"
             )
         flat = sorted(o for grp in self.groups for o in grp)
-        if flat != list(range(out_channels)) or any(len(grp) != out_channels // g for grp in self.groups):
-            raise ValueError(f"{layer}: groups must split its {out_channels} filters into {g} equal parts")
+        if flat != list(range(out_channels)) or any(
+            len(grp) != out_channels // g for grp in self.groups
+        ):
+            raise ValueError(
+                f"{layer}: groups must split its {out_channels} filters into {g} equal parts"
+            )
         sizes = {len(k) for k in self.kept}
         if len(sizes) != 1 or self.n_keep < 1:
             raise ValueError(f"{layer}: every group must keep the same number (>= 1) of channels")
         for k in self.kept:
             if len(set(k)) != len(k) or min(k) < 0 or max(k) >= in_channels:
-                raise ValueError(f"{layer}: kept channels {k} are not distinct indices < {in_channels}")
+                raise ValueError(
+                    f"{layer}: kept channels {k} are not distinct indices < {in_channels}"
+                )
 
     def mask(self, out_channels: int, in_channels: int) -> Tensor:
         """Bool (C_out, C_in): True where filter ``o`` still reads input channel ``c``."""
         m = torch.zeros(out_channels, in_channels, dtype=torch.bool)
-        for grp, k in zip(self.groups, self.kept):
+        for grp, k in zip(self.groups, self.kept, strict=True):
             m[torch.tensor(grp).unsqueeze(1), torch.tensor(k).unsqueeze(0)] = True
         return m
 
@@ -113,28 +121,45 @@ class GroupedKernelConv2d(nn.Module):
         self.n_groups = n_groups
         self.n_keep = n_keep
         self.conv = nn.Conv2d(
-            n_groups * n_keep, out_channels, kernel_size, stride, padding, dilation,
-            groups=n_groups, bias=bias,
+            n_groups * n_keep,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups=n_groups,
+            bias=bias,
         )
         self.register_buffer("gather_index", torch.zeros(n_groups * n_keep, dtype=torch.long))
         self.register_buffer("output_index", torch.arange(out_channels, dtype=torch.long))
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, plan: GroupPlan, layer: str = "layer") -> GroupedKernelConv2d:
+    def from_conv(
+        cls, conv: nn.Conv2d, plan: GroupPlan, layer: str = "layer"
+    ) -> GroupedKernelConv2d:
         """Build the deploy form of ``conv`` under ``plan`` (weights copied, not shared)."""
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"{layer}: only ungrouped convs with numeric zero padding can be grouped")
+            raise ValueError(
+                f"{layer}: only ungrouped convs with numeric zero padding can be grouped"
+            )
         plan.validate(conv.out_channels, conv.in_channels, layer)
         new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, plan.n_groups, plan.n_keep,
-            conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            plan.n_groups,
+            plan.n_keep,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            bias=conv.bias is not None,
         ).to(device=conv.weight.device, dtype=conv.weight.dtype)
         order = torch.tensor([o for grp in plan.groups for o in grp], device=conv.weight.device)
         gather = torch.tensor([c for k in plan.kept for c in k], device=conv.weight.device)
         d = conv.out_channels // plan.n_groups
         with torch.no_grad():
             w = conv.weight[order]  # filters in group order
-            blocks = [w[g * d:(g + 1) * d][:, torch.tensor(k)] for g, k in enumerate(plan.kept)]
+            blocks = [w[g * d : (g + 1) * d][:, torch.tensor(k)] for g, k in enumerate(plan.kept)]
             new.conv.weight.copy_(torch.cat(blocks, 0))
             if conv.bias is not None:
                 new.conv.bias.copy_(conv.bias[order])
@@ -151,15 +176,20 @@ class GroupedKernelConv2d(nn.Module):
         order = torch.argsort(self.output_index).tolist()
         d = self.out_channels // self.n_groups
         gather = self.gather_index.tolist()
-        groups = [order[g * d:(g + 1) * d] for g in range(self.n_groups)]
-        kept = [gather[g * self.n_keep:(g + 1) * self.n_keep] for g in range(self.n_groups)]
+        groups = [order[g * d : (g + 1) * d] for g in range(self.n_groups)]
+        kept = [gather[g * self.n_keep : (g + 1) * self.n_keep] for g in range(self.n_groups)]
         return GroupPlan.from_lists(groups, kept)
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent masked dense ``Conv2d`` (zeros where a group dropped a channel)."""
         c = self.conv
         dense = nn.Conv2d(
-            self.in_channels, self.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
+            self.in_channels,
+            self.out_channels,
+            c.kernel_size,
+            c.stride,
+            c.padding,
+            c.dilation,
             bias=c.bias is not None,
         ).to(device=c.weight.device, dtype=c.weight.dtype)
         order = torch.argsort(self.output_index)
@@ -167,9 +197,9 @@ class GroupedKernelConv2d(nn.Module):
         with torch.no_grad():
             dense.weight.zero_()
             for g in range(self.n_groups):
-                rows = order[g * d:(g + 1) * d]
-                cols = self.gather_index[g * self.n_keep:(g + 1) * self.n_keep]
-                dense.weight[rows.unsqueeze(1), cols.unsqueeze(0)] = c.weight[g * d:(g + 1) * d]
+                rows = order[g * d : (g + 1) * d]
+                cols = self.gather_index[g * self.n_keep : (g + 1) * self.n_keep]
+                dense.weight[rows.unsqueeze(1), cols.unsqueeze(0)] = c.weight[g * d : (g + 1) * d]
             if c.bias is not None:
                 dense.bias.copy_(c.bias[self.output_index])
         return dense

@@ -47,7 +47,7 @@ def rate_for_target(layers: Sequence[tuple[int, int]], target: float) -> float:
     grid = np.round(np.linspace(0.0005, 0.9995, 1999), 4)
     errors = [abs(achieved_reduction(layers, float(r)) - target) for r in grid]
     best = min(errors)
-    candidates = [float(r) for r, e in zip(grid, errors) if e <= best + 1e-12]
+    candidates = [float(r) for r, e in zip(grid, errors, strict=True) if e <= best + 1e-12]
     return min(candidates, key=lambda r: abs(r - target))
 
 
@@ -55,13 +55,17 @@ def resolve_knobs(target: PruneTarget, defaults: Mapping[str, Any]) -> dict[str,
     """Defaults overridden by the native knobs; unknown knobs and conflicts raise ValueError."""
     unknown = set(target.native) - set(defaults) - {"layers"}
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; this method accepts {sorted(defaults)}")
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)}; this method accepts {sorted(defaults)}"
+        )
     if target.macs is not None and "rate" in target.native:
         raise ValueError("give either a MACs target (--target) or a native rate (--rate), not both")
     knobs = {**defaults, **target.native}
     rate = float(knobs["rate"])
     if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate {rate} is outside (0, 1): it is the fraction of grouped kernels pruned")
+        raise ValueError(
+            f"rate {rate} is outside (0, 1): it is the fraction of grouped kernels pruned"
+        )
     if int(knobs["groups"]) < 1:
         raise ValueError(f"groups must be a positive integer, got {knobs['groups']}")
     return knobs
@@ -130,7 +134,9 @@ def prune_grouped(
     sizes = layer_macs(model, names, ctx.example_inputs)
     convs = {n: model.get_submodule(n) for n in names}
     if target.macs is not None:
-        knobs["rate"] = rate_for_target([(convs[n].in_channels, sizes[n]) for n in names], target.macs)
+        knobs["rate"] = rate_for_target(
+            [(convs[n].in_channels, sizes[n]) for n in names], target.macs
+        )
     t0 = time.perf_counter()
     history = load_history(ctx.snapshots, names) if with_history else {}
     plans: dict[str, GroupPlan] = {}
@@ -146,8 +152,12 @@ def prune_grouped(
         weight = conv.weight.detach().double().cpu().numpy()
         job = LayerJob(name, weight, n_groups, n_keep, ctx.seed + i, knobs, history.get(name, ()))
         plans[name], extra = plan_layer(job)
-        layers[name] = {"c_in": conv.in_channels, "c_out": conv.out_channels, "n_keep": n_keep,
-                        **extra}
+        layers[name] = {
+            "c_in": conv.in_channels,
+            "c_out": conv.out_channels,
+            "n_keep": n_keep,
+            **extra,
+        }
     seconds = time.perf_counter() - t0
     info = {
         "options": {k: v for k, v in knobs.items() if k != "layers"},

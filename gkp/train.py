@@ -97,8 +97,13 @@ def lr_factor(recipe: Recipe, step: int, total: int) -> float:
 
 
 def _optimizer(model: nn.Module, lr: float, recipe: Recipe, total_steps: int):
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay, nesterov=False)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        nesterov=False,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(recipe, s, total_steps))
     return opt, sched
 
@@ -118,8 +123,12 @@ def _train_epoch(model, loader, opt, sched, device, bar) -> dict[str, float]:
         loss_sum += loss.item() * len(y)
         correct += int((out.argmax(1) == y).sum())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}%",
-                        lr=f"{sched.get_last_lr()[0]:.4f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss_sum / n:.3f}",
+            acc=f"{100 * correct / n:.1f}%",
+            lr=f"{sched.get_last_lr()[0]:.4f}",
+            refresh=False,
+        )
     return {"train_loss": loss_sum / n, "train_acc": 100.0 * correct / n}
 
 
@@ -162,7 +171,9 @@ def fit(
     if phase not in ("train", "finetune"):
         raise ValueError(f"phase must be 'train' or 'finetune', got {phase!r}")
     device = device or resolve_device()
-    epochs, lr = (recipe.epochs, recipe.lr) if phase == "train" else (recipe.ft_epochs, recipe.ft_lr)
+    epochs, lr = (
+        (recipe.epochs, recipe.lr) if phase == "train" else (recipe.ft_epochs, recipe.ft_lr)
+    )
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     if restart:
@@ -172,23 +183,46 @@ def fit(
     opt, sched = _optimizer(model, lr, recipe, epochs * len(train_loader))
     start, history = _resume(ckpt_path, phase, recipe, model, opt, sched)
     t0 = time.perf_counter()
-    bar = tqdm(total=epochs * len(train_loader), initial=start * len(train_loader),
-               desc=f"{phase} {run_dir.name}", unit="batch", disable=not progress, mininterval=1.0)
+    bar = tqdm(
+        total=epochs * len(train_loader),
+        initial=start * len(train_loader),
+        desc=f"{phase} {run_dir.name}",
+        unit="batch",
+        disable=not progress,
+        mininterval=1.0,
+    )
     for epoch in range(start + 1, epochs + 1):
+        bar.set_description(f"{phase} {run_dir.name} epoch {epoch}/{epochs}")
         train_loader.set_epoch(epoch - 1)
-        row: dict[str, Any] = {"epoch": epoch, **_train_epoch(model, train_loader, opt, sched,
-                                                               device, bar)}
-        if phase == "finetune" or epoch == epochs or (recipe.eval_every and epoch % recipe.eval_every == 0):
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            **_train_epoch(model, train_loader, opt, sched, device, bar),
+        }
+        if (
+            phase == "finetune"
+            or epoch == epochs
+            or (recipe.eval_every and epoch % recipe.eval_every == 0)
+        ):
             test = evaluate(model, test_loader, device)
             row.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
         history.append(row)
         if epoch in snapshot_epochs:
             save_atomic(model.state_dict(), run_dir / "snapshots" / f"epoch_{epoch:03d}.pt")
-        save_atomic({"phase": phase, "recipe": dataclasses.asdict(recipe), "epoch": epoch,
-                     "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "history": history,
-                     "torch_rng": torch.get_rng_state()}, ckpt_path)
-        bar.set_description(f"{phase} {run_dir.name} epoch {epoch}/{epochs}")
+        save_atomic(
+            {
+                "phase": phase,
+                "recipe": dataclasses.asdict(recipe),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "history": history,
+                "torch_rng": torch.get_rng_state(),
+            },
+            ckpt_path,
+        )
+        if progress and "test_top1" in row:
+            bar.write(f"{phase} epoch {epoch}/{epochs}: test top-1 {row['test_top1']:.2f}%")
     bar.close()
     return summarize(history, time.perf_counter() - t0)
 

@@ -54,8 +54,9 @@ def test_registry_names_specs_and_errors():
     with pytest.raises(ValueError, match="mnist"):
         load_data("mnist")
     with pytest.raises(ValueError, match="already registered"):
-        data.register_dataset("cifar10", num_classes=1, in_channels=1, image_size=1, mean=(0,),
-                              std=(1,))(lambda spec, opts: (None, None))
+        data.register_dataset(
+            "cifar10", num_classes=1, in_channels=1, image_size=1, mean=(0,), std=(1,)
+        )(lambda spec, opts: (None, None))
     assert get_dataset_spec("cifar10").num_classes == 10  # the failed duplicate changed nothing
 
 
@@ -86,8 +87,9 @@ def test_cifar10_pickles_load_with_pixels_labels_and_normalisation(tmp_path):
     folder = _write_cifar10(tmp_path)
     test = pickle.loads((folder / "test_batch").read_bytes())
     for where in (tmp_path, folder):  # the root holding the folder, or the folder itself
-        train, test_loader, spec = load_data("cifar10", data_dir=where, augment=False,
-                                             batch_size=8, eval_batch_size=4)
+        train, test_loader, spec = load_data(
+            "cifar10", data_dir=where, augment=False, batch_size=8, eval_batch_size=4
+        )
         assert (len(train), train.num_samples, len(test_loader)) == (3, 20, 2)
         x, y = _collect(test_loader)
         assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (6, 3, 32, 32)
@@ -157,8 +159,10 @@ def _write_fashion(folder: Path, n_train=20, n_test=10, gz=True) -> dict[str, np
     arrays = {}
     for split, n in (("train", n_train), ("t10k", n_test)):
         arrays[split] = rng.integers(0, 256, (n, 28, 28)), np.arange(n) % 10
-        for kind, arr, magic in (("images-idx3", arrays[split][0], 2051),
-                                 ("labels-idx1", arrays[split][1], 2049)):
+        for kind, arr, magic in (
+            ("images-idx3", arrays[split][0], 2051),
+            ("labels-idx1", arrays[split][1], 2049),
+        ):
             raw = _idx(arr, magic)
             name = f"{split}-{kind}-ubyte"
             path = folder / (name + ".gz" if gz else name)
@@ -174,8 +178,9 @@ def test_fashion_idx_files_load(tmp_path, layout, gz):
     x, y = _collect(te)
     assert x.shape == (10, 1, 28, 28)
     assert torch.equal(_pixels(x, spec)[:, 0], torch.from_numpy(arrays["t10k"][0]).to(torch.uint8))
-    assert x[3, 0, 5, 7].item() == pytest.approx((arrays["t10k"][0][3, 5, 7] / 255 - 0.286) / 0.353,
-                                                 abs=1e-5)
+    assert x[3, 0, 5, 7].item() == pytest.approx(
+        (arrays["t10k"][0][3, 5, 7] / 255 - 0.286) / 0.353, abs=1e-5
+    )
     assert y.tolist() == arrays["t10k"][1].tolist()
 
 
@@ -231,8 +236,9 @@ def _find_transform(out: torch.Tensor, img: torch.Tensor, pad: int) -> list[tupl
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
             crop = padded[..., dy : dy + h, dx : dx + w]
-            hits += [(dy, dx, f) for f in (False, True)
-                     if torch.equal(out, crop.flip(-1) if f else crop)]
+            hits += [
+                (dy, dx, f) for f in (False, True) if torch.equal(out, crop.flip(-1) if f else crop)
+            ]
     return hits
 
 
@@ -248,7 +254,7 @@ def test_random_crop_flip_is_a_shift_of_the_padded_image_and_flips_half():
     assert 0.42 < sum(f[0][2] for f in found) / len(x) < 0.58
     img = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4)  # one sample, by hand
     out = random_crop_flip(img, 1, torch.Generator().manual_seed(3))
-    (dy, dx, flip), = _find_transform(out[0], img[0], 1)
+    ((dy, dx, flip),) = _find_transform(out[0], img[0], 1)
     expected = torch.nn.functional.pad(img, (1, 1, 1, 1))[0, :, dy : dy + 4, dx : dx + 4]
     assert torch.equal(out[0], expected.flip(-1) if flip else expected)
 
@@ -258,8 +264,16 @@ def test_tensor_loader_epochs_seeds_and_lengths():
     y = torch.arange(50) % 5
 
     def make(seed, augment=True, shuffle=True):
-        return TensorLoader(x, y, batch_size=16, mean=(0.5,) * 3, std=(0.25,) * 3,
-                            shuffle=shuffle, augment=augment, seed=seed)
+        return TensorLoader(
+            x,
+            y,
+            batch_size=16,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            shuffle=shuffle,
+            augment=augment,
+            seed=seed,
+        )
 
     a, b = make(0), make(0)
     epoch0 = list(a)
@@ -325,8 +339,9 @@ def _write_image_folder(root: Path) -> None:
 
 def test_imagenet_image_folder(tmp_path):
     _write_image_folder(tmp_path / "imagenet")
-    tr, te, spec = load_data("imagenet", data_dir=tmp_path, batch_size=3, eval_batch_size=4,
-                             num_workers=0)
+    tr, te, spec = load_data(
+        "imagenet", data_dir=tmp_path, batch_size=3, eval_batch_size=4, num_workers=0
+    )
     assert (len(tr), len(te), tr.num_samples) == (2, 1, 4)
     x, y = _collect(te)
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32

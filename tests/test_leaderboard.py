@@ -27,14 +27,30 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_row(**overrides: object) -> dict:
     """A complete measured row whose derived columns agree (reductions computed by hand)."""
     row = empty_row() | {
-        "date": "2025-01-31T12:00:00Z", "source": "measured", "method": "tmi-gkp",
-        "granularity": "grouped_kernel", "faithfulness": "reconstructed",
-        "options": {"rate": 0.4375, "groups": 8}, "model": "resnet20", "dataset": "cifar10",
-        "recipe": "cpu-tiny", "seed": 0, "finetune_epochs": 2,
-        "macs_dense": 40_000_000, "macs": 22_000_000, "macs_reduction_pct": 45.0,  # 1 - 22/40
-        "params_dense": 270_000, "params": 135_000, "params_reduction_pct": 50.0,
-        "top1_dense": 91.5, "top1": 90.25, "device": "cpu", "threads": 2,
-        "latency_b1_ms": 2.0, "latency_b1_dense_ms": 3.0, "speedup_b1": 1.5,
+        "date": "2025-01-31T12:00:00Z",
+        "source": "measured",
+        "method": "tmi-gkp",
+        "granularity": "grouped_kernel",
+        "faithfulness": "reconstructed",
+        "options": {"rate": 0.4375, "groups": 8},
+        "model": "resnet20",
+        "dataset": "cifar10",
+        "recipe": "cpu-tiny",
+        "seed": 0,
+        "finetune_epochs": 2,
+        "macs_dense": 40_000_000,
+        "macs": 22_000_000,
+        "macs_reduction_pct": 45.0,  # 1 - 22/40
+        "params_dense": 270_000,
+        "params": 135_000,
+        "params_reduction_pct": 50.0,
+        "top1_dense": 91.5,
+        "top1": 90.25,
+        "device": "cpu",
+        "threads": 2,
+        "latency_b1_ms": 2.0,
+        "latency_b1_dense_ms": 3.0,
+        "speedup_b1": 1.5,
         "command": "gkp-bench prune --method tmi-gkp --model resnet20",
         "reference": "Zhong et al., ICLR 2022",
     }
@@ -100,8 +116,10 @@ def test_bad_row_is_rejected_and_file_unchanged(tmp_path: Path, row: dict, fragm
 
 
 def test_reported_row_needs_reference_but_no_measurements() -> None:
-    reported = empty_row() | {k: make_row()[k] for k in (
-        "date", "method", "granularity", "faithfulness", "model", "dataset", "top1")}
+    reported = empty_row() | {
+        k: make_row()[k]
+        for k in ("date", "method", "granularity", "faithfulness", "model", "dataset", "top1")
+    }
     reported |= {"source": "reported", "reference": "Zhong et al., ICLR 2022"}
     assert validate_row(reported)["macs"] is None
     with pytest.raises(LeaderboardError, match=r"required columns are empty: \['reference'\]"):
@@ -166,9 +184,9 @@ def test_validate_file_lists_every_problem_and_passes_good_files(tmp_path: Path)
     assert len(problems) == 2
     assert "row 1 (line 2): column 'granularity'" in problems[0]
     assert "row 2 (line 3): column 'source'" in problems[1]
-    assert validate_file(tmp_path / "absent.csv")[0].endswith("does not exist "
-                                                              "(it is created by the first "
-                                                              "`gkp-bench` append)")
+    assert validate_file(tmp_path / "absent.csv")[0].endswith(
+        "does not exist (it is created by the first `gkp-bench` append)"
+    )
 
 
 def _append_many(path: str, worker: int, count: int) -> None:

@@ -47,8 +47,10 @@ def test_linear_and_params():
 def test_grouped_kernel_conv_counts_kept_fraction_and_no_gather():
     conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
     rng = random.Random(0)
-    plan = GroupPlan.from_lists([list(range(2 * g, 2 * g + 2)) for g in range(8)],
-                                [rng.sample(range(16), 9) for _ in range(8)])
+    plan = GroupPlan.from_lists(
+        [list(range(2 * g, 2 * g + 2)) for g in range(8)],
+        [rng.sample(range(16), 9) for _ in range(8)],
+    )
     mod = GroupedKernelConv2d.from_conv(conv, plan)
     x = torch.zeros(1, 16, 8, 8)
     assert macs(mod, x) == 16 * 9 * 9 * 64  # n_keep/C_in = 9/16 of the dense 16*16*9*64

@@ -9,7 +9,7 @@ from gkp.models import get_model, list_models, target_layers
 
 
 def cifar_resnet_macs(n: int) -> int:
-    """Hand count at 32x32, conv + FC: stem, stage 1 at 32x32, stages 2 and 3 (first conv strided)."""
+    """Hand count at 32x32, conv + FC: stem, stage 1, stages 2 and 3 (first conv strided)."""
     stem = 16 * 3 * 9 * 32 * 32
     same = 16 * 16 * 9 * 32 * 32  # 16->16 at 32x32 == 32->32 at 16x16 == 64->64 at 8x8
     down = 32 * 16 * 9 * 16 * 16  # 16->32 at 16x16 == 32->64 at 8x8
@@ -27,8 +27,12 @@ def cifar_resnet_params(n: int) -> int:
 
 @pytest.mark.parametrize(
     "name,n,macs_m,params_m",
-    [("resnet20", 3, 40.55, 0.2697), ("resnet32", 5, 68.86, 0.4642),
-     ("resnet56", 9, 125.49, 0.8530), ("resnet110", 18, 252.89, 1.7280)],
+    [
+        ("resnet20", 3, 40.55, 0.2697),
+        ("resnet32", 5, 68.86, 0.4642),
+        ("resnet56", 9, 125.49, 0.8530),
+        ("resnet110", 18, 252.89, 1.7280),
+    ],
 )
 def test_cifar_resnets_pinned(name, n, macs_m, params_m):
     model = get_model(name)
@@ -51,9 +55,21 @@ def test_resnet50_imagenet():
 
 def test_vgg16_bn_macs():
     # 13 convs at 32x32 input (hand count), plus the 512 -> 10 classifier
-    cfg = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8),
-           (256, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 4),
-           (512, 512, 2), (512, 512, 2), (512, 512, 2)]
+    cfg = [
+        (3, 64, 32),
+        (64, 64, 32),
+        (64, 128, 16),
+        (128, 128, 16),
+        (128, 256, 8),
+        (256, 256, 8),
+        (256, 256, 8),
+        (256, 512, 4),
+        (512, 512, 4),
+        (512, 512, 4),
+        (512, 512, 2),
+        (512, 512, 2),
+        (512, 512, 2),
+    ]
     want = sum(ci * co * 9 * s * s for ci, co, s in cfg) + 512 * 10
     assert macs(get_model("vgg16_bn"), torch.zeros(1, 3, 32, 32)) == want
 
@@ -63,8 +79,7 @@ def test_adapters(name):
     model = get_model(name, num_classes=7, in_channels=1).eval()
     size = 64 if name in {"resnet18", "resnet34", "resnet50"} else 28
     assert model(torch.zeros(2, 1, size, size)).shape == (2, 7)
-    assert all(isinstance(model.get_submodule(t), torch.nn.Conv2d)
-               for t in target_layers(model))
+    assert all(isinstance(model.get_submodule(t), torch.nn.Conv2d) for t in target_layers(model))
 
 
 def test_unknown_model_lists_known():

@@ -23,7 +23,7 @@ def random_plan(rng: random.Random, c_out: int, c_in: int, g: int, n_keep: int) 
     order = list(range(c_out))
     rng.shuffle(order)
     d = c_out // g
-    groups = [order[i * d:(i + 1) * d] for i in range(g)]
+    groups = [order[i * d : (i + 1) * d] for i in range(g)]
     kept = [rng.sample(range(c_in), n_keep) for _ in range(g)]
     return GroupPlan.from_lists(groups, kept)
 
@@ -80,8 +80,12 @@ def test_macs_shape_matches_methods_table():
 def small_model():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
     ).eval()
     plans = {"3": random_plan(random.Random(3), 8, 8, 4, 5)}
     return model, plans

@@ -22,23 +22,64 @@ MAGENTA = "#ff00ff"  # used by no palette entry, so its pixels can only come fro
 
 def _row(method: str, granularity: str, model: str, macs: int, top1: float, **extra) -> dict:
     """A measured row; reductions derived by hand from macs_dense = 1000, params 100 -> 50."""
-    return empty_row() | {
-        "date": "2025-01-31T12:00:00Z", "source": "measured", "method": method,
-        "granularity": granularity, "faithfulness": "reconstructed", "model": model,
-        "dataset": "cifar10", "recipe": "cpu-tiny", "seed": 0, "macs_dense": 1000,
-        "macs": macs, "macs_reduction_pct": 100 * (1 - macs / 1000), "params_dense": 100,
-        "params": 50, "params_reduction_pct": 50.0, "top1": top1,
-    } | extra
+    return (
+        empty_row()
+        | {
+            "date": "2025-01-31T12:00:00Z",
+            "source": "measured",
+            "method": method,
+            "granularity": granularity,
+            "faithfulness": "reconstructed",
+            "model": model,
+            "dataset": "cifar10",
+            "recipe": "cpu-tiny",
+            "seed": 0,
+            "macs_dense": 1000,
+            "macs": macs,
+            "macs_reduction_pct": 100 * (1 - macs / 1000),
+            "params_dense": 100,
+            "params": 50,
+            "params_reduction_pct": 50.0,
+            "top1": top1,
+        }
+        | extra
+    )
 
 
 @pytest.fixture()
 def board(tmp_path: Path) -> Path:
     path = tmp_path / "leaderboard.csv"
-    append_row(path, _row("tmi-gkp", "grouped_kernel", "resnet56", 560, 92.5, device="cpu",
-                          latency_b1_ms=2.0, latency_b1_dense_ms=3.0, speedup_b1=1.5,
-                          latency_bN_ms=10.0, latency_bN_dense_ms=16.0, speedup_bN=1.6))
-    append_row(path, _row("l1-filter", "filter", "resnet56", 500, 91.0, device="cpu",
-                          latency_b1_ms=1.5, latency_b1_dense_ms=3.0, speedup_b1=2.0))
+    append_row(
+        path,
+        _row(
+            "tmi-gkp",
+            "grouped_kernel",
+            "resnet56",
+            560,
+            92.5,
+            device="cpu",
+            latency_b1_ms=2.0,
+            latency_b1_dense_ms=3.0,
+            speedup_b1=1.5,
+            latency_bN_ms=10.0,
+            latency_bN_dense_ms=16.0,
+            speedup_bN=1.6,
+        ),
+    )
+    append_row(
+        path,
+        _row(
+            "l1-filter",
+            "filter",
+            "resnet56",
+            500,
+            91.0,
+            device="cpu",
+            latency_b1_ms=1.5,
+            latency_b1_dense_ms=3.0,
+            speedup_b1=2.0,
+        ),
+    )
     append_row(path, _row("magnitude", "weight", "tinynet", 1000, 80.0))
     return path
 
@@ -67,16 +108,23 @@ def test_plot_all_writes_one_figure_per_model_dataset(board: Path, tmp_path: Pat
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_regenerating_gives_identical_bytes(board: Path, small_literature: Path,
-                                           tmp_path: Path) -> None:
+def test_regenerating_gives_identical_bytes(
+    board: Path, small_literature: Path, tmp_path: Path
+) -> None:
     """Same data, another process with another hash seed (set order): the same bytes."""
     first = plot_all(board, small_literature, tmp_path / "a")
     assert len(first) == 3
-    script = ("import sys; from benchmarks.plots import plot_all; "
-              "plot_all(sys.argv[1], sys.argv[2], sys.argv[3])")
+    script = (
+        "import sys; from benchmarks.plots import plot_all; "
+        "plot_all(sys.argv[1], sys.argv[2], sys.argv[3])"
+    )
     env = os.environ | {"PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", script, str(board), str(small_literature),
-                    str(tmp_path / "b")], check=True, env=env, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", script, str(board), str(small_literature), str(tmp_path / "b")],
+        check=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in first)
     assert all((tmp_path / "b" / p.name).read_bytes() == p.read_bytes() for p in first)
 

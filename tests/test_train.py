@@ -14,8 +14,13 @@ SMOKE = dataclasses.replace(RECIPES["smoke"], epochs=3, subset=96, test_subset=6
 
 
 def loaders(seed=0):
-    train, test, spec = load_data("synthetic", subset=SMOKE.subset, test_subset=SMOKE.test_subset,
-                                  batch_size=SMOKE.batch_size, seed=seed)
+    train, test, spec = load_data(
+        "synthetic",
+        subset=SMOKE.subset,
+        test_subset=SMOKE.test_subset,
+        batch_size=SMOKE.batch_size,
+        seed=seed,
+    )
     return train, test, spec
 
 
@@ -51,8 +56,14 @@ def test_fit_resume_equals_uninterrupted(tmp_path):
 
     # interrupted while starting epoch 3, then resumed
     with pytest.raises(KeyboardInterrupt):
-        fit(fresh_model(), Interrupting(train, at_epoch=2), test, SMOKE, tmp_path / "b",
-            progress=False)
+        fit(
+            fresh_model(),
+            Interrupting(train, at_epoch=2),
+            test,
+            SMOKE,
+            tmp_path / "b",
+            progress=False,
+        )
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2
     resumed = fresh_model()
     res = fit(resumed, train, test, SMOKE, tmp_path / "b", progress=False)

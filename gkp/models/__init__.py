@@ -4,6 +4,7 @@ Every builder takes ``num_classes`` and ``in_channels`` so any model runs on any
 Adding a model is one decorated function in one module of this package.
 """
 
+from gkp.models import cifar_resnet, cifar_vgg, torchvision  # noqa: E402,F401  (registers)
 from gkp.models._registry import (
     ModelInfo,
     get_model,
@@ -12,8 +13,12 @@ from gkp.models._registry import (
     register_model,
     target_layers,
 )
-from gkp.models import cifar_resnet, cifar_vgg, torchvision  # noqa: E402,F401  (registers)
 
 __all__ = [
-    "ModelInfo", "get_model", "get_model_info", "list_models", "register_model", "target_layers"
+    "ModelInfo",
+    "get_model",
+    "get_model_info",
+    "list_models",
+    "register_model",
+    "target_layers",
 ]

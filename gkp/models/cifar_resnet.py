@@ -31,7 +31,9 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         changes = stride != 1 or in_planes != planes
-        self.shortcut: nn.Module = ShortcutA((planes - in_planes) // 2) if changes else nn.Identity()
+        self.shortcut: nn.Module = (
+            ShortcutA((planes - in_planes) // 2) if changes else nn.Identity()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -71,7 +73,8 @@ class CifarResNet(nn.Module):
 def block_convs(model: nn.Module, _all: bool = False) -> list[str]:
     """Every 3x3 conv inside a residual block (including a stage's stride-2 first conv)."""
     return [
-        name for name, m in model.named_modules()
+        name
+        for name, m in model.named_modules()
         if isinstance(m, nn.Conv2d) and name.startswith("layer") and m.kernel_size == (3, 3)
     ]
 

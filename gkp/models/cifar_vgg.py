@@ -22,8 +22,11 @@ class CifarVGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))  # 28x28 inputs too
             else:
-                layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c, int(v), 3, padding=1, bias=False),
+                    nn.BatchNorm2d(int(v)),
+                    nn.ReLU(inplace=True),
+                ]
                 c = int(v)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -38,5 +38,9 @@ def _register(name: str, fn: Callable[..., tvm.ResNet]) -> None:
         return _adapt(fn(weights=None, num_classes=num_classes), in_channels)
 
 
-for _name, _fn in (("resnet18", tvm.resnet18), ("resnet34", tvm.resnet34), ("resnet50", tvm.resnet50)):
+for _name, _fn in (
+    ("resnet18", tvm.resnet18),
+    ("resnet34", tvm.resnet34),
+    ("resnet50", tvm.resnet50),
+):
     _register(_name, _fn)

@@ -1,0 +1,140 @@
+"""``gkp-bench``: the command line. Thin: parses flags, calls the runner, prints results.
+
+Every command takes ``--json`` to print one machine-readable JSON document on stdout
+(progress bars go to stderr). Errors print one line saying what is wrong and how to fix it,
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import commands
+from benchmarks.leaderboard import LeaderboardError
+from gkp.data import DatasetNotFoundError
+from gkp.train import CheckpointError
+
+
+def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--model", default="resnet20", help="model name (see `gkp-bench models`)")
+    g.add_argument("--dataset", default="fashion-mnist", help="dataset name")
+    g.add_argument("--recipe", default="short", help="smoke | short | paper (see README)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        help="results folder: leaderboard.csv, figures/ (default: results)",
+    )
+    g.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        help="folder for models, checkpoints and snapshots (default: runs)",
+    )
+    g.add_argument("--data-dir", default=None, help="where the dataset lies (see README)")
+    g.add_argument("--download", action="store_true", help="download the dataset if missing")
+    g.add_argument("--restart", action="store_true", help="ignore checkpoints; redo the steps")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r = p.add_argument_group("recipe overrides (default: the recipe's value)")
+    r.add_argument("--epochs", type=int, default=None, help="baseline training epochs")
+    r.add_argument("--ft-epochs", type=int, default=None, help="fine-tuning epochs")
+    r.add_argument("--subset", type=int, default=None, help="training images to use")
+    r.add_argument("--test-subset", type=int, default=None, help="test images to use")
+    r.add_argument("--batch-size", type=int, default=None)
+    if method:
+        m = p.add_argument_group("method")
+        m.add_argument("--method", default="gkp-l2", help="method name (see `gkp-bench methods`)")
+        m.add_argument(
+            "--target",
+            type=float,
+            default=None,
+            help="fraction of the target layers' MACs to remove, in (0, 1)",
+        )
+        m.add_argument("--rate", type=float, default=None, help="native knob: pruning rate")
+        m.add_argument("--groups", type=int, default=None, help="native knob: groups per layer")
+        m.add_argument(
+            "--option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="any other native knob of the method (repeatable)",
+        )
+        b = p.add_argument_group("latency")
+        b.add_argument("--bench-batch", type=int, default=32, help="throughput batch size")
+        b.add_argument("--bench-rounds", type=int, default=30, help="timed rounds per model")
+        b.add_argument("--threads", type=int, default=None, help="torch threads while timing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gkp-bench", description="Benchmark of pruning granularities (Grouped Kernel Pruning)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--json", action="store_true", help="print a machine-readable JSON result")
+        return p
+
+    add("methods", "list the registered pruning methods")
+    add("models", "list the registered models")
+    add("datasets", "list the datasets")
+    add("recipes", "list the training recipes")
+    _common(add("train", "train the dense baseline (resumable; snapshots for TMI-GKP)"), False)
+    _common(add("prune", "prune the baseline, fine-tune, evaluate, time, append a leaderboard row"))
+    p = add("bench", "latency of dense vs pruned (untrained weights), ratios in one run")
+    _common(p)
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="instead, summarise a pytest-benchmark --benchmark-json file",
+    )
+    _common(add("run", "the whole job: train, prune, fine-tune, evaluate, time, record, plot"))
+    p = add("leaderboard", "show or validate results/leaderboard.csv")
+    p.add_argument("action", choices=("show", "validate"))
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p = add("plot", "regenerate results/figures/ from the CSVs")
+    p.add_argument("--out", type=Path, default=Path("results"))
+    return parser
+
+
+def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
+    if args.json:
+        json.dump(result, sys.stdout, indent=2, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.command_line = "gkp-bench " + shlex.join(argv)
+    try:
+        result, text = commands.dispatch(args)
+    except (
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        CheckpointError,
+        LeaderboardError,
+        DatasetNotFoundError,
+    ) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"gkp-bench {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    _emit(args, result, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The command line end to end on synthetic data, and its errors on bad input."""
+
+import json
+
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.leaderboard import read_leaderboard
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One smoke-recipe `run` on synthetic data: baseline, prune, fine-tune, row, plots."""
+    root = tmp_path_factory.mktemp("cli")
+    args = [
+        "--dataset",
+        "synthetic",
+        "--recipe",
+        "smoke",
+        "--out",
+        str(root / "results"),
+        "--runs",
+        str(root / "runs"),
+        "--bench-rounds",
+        "2",
+        "--no-progress",
+    ]
+    assert main(["run", *args, "--json"]) == 0
+    return root, args
+
+
+def test_run_writes_row_and_figures(pipeline):
+    root, _ = pipeline
+    frame = read_leaderboard(root / "results" / "leaderboard.csv")
+    assert len(frame) == 1
+    row = frame.iloc[0]
+    assert row["method"] == "gkp-l2" and row["source"] == "measured"
+    assert row["macs"] == 23_003_776  # METHODS.md: resnet20 after G=8, p=0.4375 is 23.00 M MACs
+    assert row["command"].startswith("gkp-bench run --dataset synthetic")
+    assert row["speedup_b1"] > 0 and row["threads"] >= 1
+    figures = sorted(p.name for p in (root / "results" / "figures").iterdir())
+    assert "acc_vs_macs_resnet20_synthetic.png" in figures
+
+
+def test_prune_resumes_from_saved_steps(pipeline, capsys):
+    root, args = pipeline
+    base = root / "runs" / "synthetic-resnet20-smoke-s0" / "final.pt"
+    stamp = base.stat().st_mtime_ns
+    code, out, _ = run_cli(capsys, "prune", *args, "--json")
+    assert code == 0
+    assert json.loads(out)["top1"] is not None
+    assert base.stat().st_mtime_ns == stamp  # the baseline was loaded, not retrained
+    assert len(read_leaderboard(root / "results" / "leaderboard.csv")) == 2
+
+
+def test_listing_commands(capsys):
+    code, out, _ = run_cli(capsys, "methods", "--json")
+    assert code == 0 and "gkp-l2" in {m["name"] for m in json.loads(out)}
+    code, out, _ = run_cli(capsys, "models", "--json")
+    assert "resnet56" in json.loads(out)
+    code, out, _ = run_cli(capsys, "datasets")
+    assert "fashion-mnist" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["prune", "--method", "nope"], "unknown method 'nope'; known methods: "),
+        (["prune", "--model", "resnet7"], "unknown model 'resnet7'"),
+        (["prune", "--dataset", "mnist3"], "mnist3"),
+        (["prune", "--target", "1.5"], "outside (0, 1)"),
+        (["prune", "--recipe", "long"], "unknown recipe"),
+        (["prune", "--option", "noequals"], "KEY=VALUE"),
+    ],
+)
+def test_bad_input_is_a_clear_error(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
+
+
+def test_missing_baseline_names_the_command(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys,
+        "prune",
+        "--dataset",
+        "synthetic",
+        "--recipe",
+        "smoke",
+        "--runs",
+        str(tmp_path),
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 2 and "gkp-bench train --model resnet20 --dataset synthetic" in err
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "synthetic-resnet20-smoke-s0"
+    run_dir.mkdir()
+    (run_dir / "final.pt").write_bytes(b"\x00garbage")
+    code, _, err = run_cli(
+        capsys,
+        "prune",
+        "--dataset",
+        "synthetic",
+        "--recipe",
+        "smoke",
+        "--runs",
+        str(tmp_path),
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 2 and "corrupt" in err
+
+
+def test_groups_not_dividing(pipeline, capsys, tmp_path):
+    root, args = pipeline
+    args = [a if a != str(root / "results") else str(tmp_path) for a in args]
+    code, _, err = run_cli(capsys, "prune", *args, "--groups", "5")
+    assert code == 2 and "do not divide" in err
+    assert not (tmp_path / "leaderboard.csv").exists()
+
+
+def test_malformed_leaderboard_is_reported_and_kept(tmp_path, capsys):
+    bad = tmp_path / "leaderboard.csv"
+    bad.write_text("method,top1\ngkp-l2,not-a-number\n")
+    before = bad.read_bytes()
+    code, _, err = run_cli(capsys, "leaderboard", "validate", "--out", str(tmp_path))
+    assert code == 2 and "leaderboard.csv" in err
+    assert bad.read_bytes() == before
+
+
+def test_bench_from_pytest_benchmark_json(tmp_path, capsys):
+    def entry(method, median):
+        return {
+            "stats": {"median": median, "iqr": 0.001},
+            "extra_info": {"model": "resnet56", "method": method, "batch": 1, "threads": 2},
+        }
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [entry("dense", 0.010), entry("gkp-l2", 0.020)]}))
+    code, out, _ = run_cli(capsys, "bench", "--from-json", str(path), "--json")
+    assert code == 0
+    (row,) = json.loads(out)
+    assert row["speedup"] == pytest.approx(0.5)
+    path.write_text("{not json")
+    code, _, err = run_cli(capsys, "bench", "--from-json", str(path))
+    assert code == 2 and "pytest-benchmark" in err

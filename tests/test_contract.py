@@ -1,0 +1,97 @@
+"""The contract, checked for every registered method at once (parametrized over the registry)."""
+
+import copy
+
+import pytest
+import torch
+
+from gkp.api import PruneContext, PruneTarget, get_method, list_methods
+from gkp.metrics import macs
+from gkp.models import get_model
+
+X = torch.zeros(1, 3, 32, 32)
+TARGET = 0.4375
+
+
+@pytest.fixture(scope="module")
+def snapshot_files(tmp_path_factory):
+    """Three fake training snapshots of the resnet56 below (noisy copies of its weights)."""
+    torch.manual_seed(1)
+    model = get_model("resnet56")
+    folder = tmp_path_factory.mktemp("snapshots")
+    paths = []
+    for e in range(3):
+        state = {
+            k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in model.state_dict().items()
+        }
+        paths.append(folder / f"epoch_{e:03d}.pt")
+        torch.save(state, paths[-1])
+    return model, paths
+
+
+def prune(name, model, paths, seed=0, target=TARGET):
+    ctx = PruneContext(example_inputs=X, snapshots=tuple(paths), seed=seed)
+    return get_method(name)(model, PruneTarget(macs=target), ctx)
+
+
+@pytest.fixture(scope="module", params=list_methods())
+def pruned(request, snapshot_files):
+    model, paths = snapshot_files
+    before = copy.deepcopy(model.state_dict())
+    result = prune(request.param, model, paths)
+    return request.param, model, before, result
+
+
+def test_output_shape_unchanged(pruned):
+    _, model, _, result = pruned
+    x = torch.randn(2, 3, 32, 32)
+    assert result.model.eval()(x).shape == model.eval()(x).shape
+
+
+def test_macs_target_met_on_resnet56(pruned):
+    _, model, _, result = pruned
+    achieved = 1 - macs(result.model, X) / macs(model, X)
+    assert abs(achieved - TARGET) <= 0.01
+
+
+def test_deploy_equals_masked_form(pruned):
+    _, _, _, result = pruned
+    assert result.reference is not None, "every method must give its masked reference form"
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got, want = result.model.eval()(x), result.reference.eval()(x)
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_input_model_not_mutated(pruned):
+    _, model, before, _ = pruned
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_info_is_recorded(pruned):
+    _, _, _, result = pruned
+    assert "options" in result.info and result.info["prune_seconds"] >= 0
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_same_seed_same_model(name, tmp_path):
+    torch.manual_seed(0)
+    model = get_model("resnet20")
+    path = tmp_path / "epoch_001.pt"
+    torch.save({k: v * 0.9 for k, v in model.state_dict().items()}, path)
+    a = prune(name, model, [path, path], seed=3).model.state_dict()
+    b = prune(name, model, [path, path], seed=3).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_bad_targets_raise(name):
+    with pytest.raises(ValueError, match="outside"):
+        PruneTarget(macs=1.2)
+    model = get_model("resnet20")
+    ctx = PruneContext(example_inputs=X)
+    with pytest.raises(ValueError, match="do not divide"):
+        get_method(name)(model, PruneTarget(native={"groups": 5}), ctx)
