@@ -13,33 +13,11 @@ X = torch.zeros(1, 3, 32, 32)
 TARGET = 0.4375
 
 
-@pytest.fixture(scope="module")
-def snapshot_files(tmp_path_factory):
-    """Three fake training snapshots of the resnet56 below (noisy copies of its weights)."""
-    torch.manual_seed(1)
-    model = get_model("resnet56")
-    folder = tmp_path_factory.mktemp("snapshots")
-    paths = []
-    for e in range(3):
-        state = {
-            k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
-            for k, v in model.state_dict().items()
-        }
-        paths.append(folder / f"epoch_{e:03d}.pt")
-        torch.save(state, paths[-1])
-    return model, paths
-
-
-def prune(name, model, paths, seed=0, target=TARGET):
-    ctx = PruneContext(example_inputs=X, snapshots=tuple(paths), seed=seed)
-    return get_method(name)(model, PruneTarget(macs=target), ctx)
-
-
 @pytest.fixture(scope="module", params=list_methods())
-def pruned(request, snapshot_files):
-    model, paths = snapshot_files
+def pruned(request, resnet56_with_snapshots, prune_resnet56):
+    model, _ = resnet56_with_snapshots
     before = copy.deepcopy(model.state_dict())
-    result = prune(request.param, model, paths)
+    result = prune_resnet56(request.param, TARGET)
     return request.param, model, before, result
 
 
@@ -76,22 +54,29 @@ def test_info_is_recorded(pruned):
     assert "options" in result.info and result.info["prune_seconds"] >= 0
 
 
-@pytest.mark.parametrize("name", list_methods())
-def test_same_seed_same_model(name, tmp_path):
+def prune20(name, seed, tmp_path, **native):
     torch.manual_seed(0)
     model = get_model("resnet20")
     path = tmp_path / "epoch_001.pt"
     torch.save({k: v * 0.9 for k, v in model.state_dict().items()}, path)
-    a = prune(name, model, [path, path], seed=3).model.state_dict()
-    b = prune(name, model, [path, path], seed=3).model.state_dict()
+    ctx = PruneContext(example_inputs=X, snapshots=(path, path), seed=seed)
+    return get_method(name)(model, PruneTarget(native=native), ctx)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_same_seed_same_model(name, tmp_path):
+    a = prune20(name, 3, tmp_path).model.state_dict()
+    b = prune20(name, 3, tmp_path).model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("name", list_methods())
-def test_bad_targets_raise(name):
+def test_bad_knobs_raise(name, tmp_path):
     with pytest.raises(ValueError, match="outside"):
         PruneTarget(macs=1.2)
-    model = get_model("resnet20")
-    ctx = PruneContext(example_inputs=X)
     with pytest.raises(ValueError, match="do not divide"):
-        get_method(name)(model, PruneTarget(native={"groups": 5}), ctx)
+        prune20(name, 0, tmp_path, groups=5)
+    with pytest.raises(ValueError, match="outside"):
+        prune20(name, 0, tmp_path, rate=1.0)
+    with pytest.raises(ValueError, match="unknown option"):
+        prune20(name, 0, tmp_path, colour="red")
