@@ -23,6 +23,7 @@ from torch import nn
 from benchmarks.measure import latency_columns, size_columns
 from gkp.api import MethodInfo, PruneContext, PruneTarget, get_method
 from gkp.data import example_input, get_dataset_spec, load_data
+from gkp.masked import deploy_form, training_form
 from gkp.models import get_model
 from gkp.recipes import Recipe
 from gkp.train import CheckpointError, evaluate, fit, load_checkpoint, resolve_device, save_atomic
@@ -170,8 +171,9 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
     train, test, _ = _data(cfg)
     pruned, info = _prune(cfg, dense, method.info)
     before = evaluate(pruned.to(device), test, device)["top1"]
+    trainable = training_form(pruned)  # same function, trains faster than the grouped form
     ft = fit(
-        pruned,
+        trainable,
         train,
         test,
         cfg.recipe,
@@ -182,6 +184,8 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
         progress=cfg.progress,
         restart=cfg.restart,
     )
+    pruned = deploy_form(trainable)
+    final = evaluate(pruned, test, device)  # the deployed network is what gets reported
     save_atomic({"model": pruned, "summary": ft, "info": info}, cfg.prune_dir() / "final.pt")
     x = example_input(cfg.dataset, 1)
     row = {
@@ -200,9 +204,9 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
         "snapshot_window": base.get("snapshot_window") if "snapshots" in method.info.needs else "",
         "top1_dense": base["top1"],
         "top1_pruned_before_ft": before,
-        "top1": ft["top1"],
+        "top1": final["top1"],
         "top1_best": ft["top1_best"],
-        "top5": ft["top5"],
+        "top5": final["top5"],
         "prune_seconds": info["prune_seconds"],
         "train_seconds": ft["seconds"],
         "command": cfg.command,

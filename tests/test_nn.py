@@ -153,3 +153,26 @@ def test_groups_not_dividing_filters_message():
 def test_plan_dict_round_trip():
     plan = random_plan(random.Random(5), 16, 16, 8, 9)
     assert GroupPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_training_form_round_trip_and_masked_gradients():
+    from gkp.masked import MaskedConv2d, deploy_form, training_form
+
+    model, plans = small_model()
+    pruned = apply_plans(model, plans).eval()
+    x = torch.randn(2, 3, 8, 8)
+    train = training_form(pruned)
+    masked = train.get_submodule("3")
+    assert isinstance(masked, MaskedConv2d)
+    assert torch.allclose(train.eval()(x), pruned(x), atol=1e-5)
+    # one SGD step: masked-out kernels get exactly zero gradient
+    train.train()
+    train(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    assert torch.all(masked.weight.grad[~masked.mask] == 0)
+    assert masked.weight.grad[masked.mask].abs().sum() > 0
+    with torch.no_grad():
+        masked.weight.add_(torch.randn_like(masked.weight))  # change kept and dropped weights
+    back = deploy_form(train).eval()
+    assert isinstance(back.get_submodule("3"), GroupedKernelConv2d)
+    assert grouped_plans(back) == plans
+    assert torch.allclose(back(x), train.eval()(x), atol=1e-5)

@@ -1,0 +1,110 @@
+"""TMI-GKP / SR-GKP / gkp-random: METHODS.md's grouped shapes and MACs, and their own knobs."""
+
+import pytest
+import torch
+
+from gkp.api import PruneContext, PruneTarget, get_method
+from gkp.methods import select_snapshots
+from gkp.metrics import macs, macs_bn
+from gkp.models import get_model
+from gkp.nn import GroupedKernelConv2d
+from gkp.planning import n_keep_for, rate_for_target
+
+X = torch.zeros(1, 3, 32, 32)
+
+# METHODS.md, G = 8, p = 0.4375: (C_in, C_out) -> (grouped conv in_channels, weight shape)
+SHAPES = {
+    (16, 16): (72, (16, 9, 3, 3)),
+    (16, 32): (72, (32, 9, 3, 3)),
+    (32, 32): (144, (32, 18, 3, 3)),
+    (32, 64): (144, (64, 18, 3, 3)),
+    (64, 64): (288, (64, 36, 3, 3)),
+}
+
+
+def grouped_layers(model):
+    return [m for m in model.modules() if isinstance(m, GroupedKernelConv2d)]
+
+
+def check_shapes(model, n_layers):
+    layers = grouped_layers(model)
+    assert len(layers) == n_layers
+    for m in layers:
+        in_ch, shape = SHAPES[(m.in_channels, m.out_channels)]
+        assert m.conv.in_channels == in_ch and tuple(m.conv.weight.shape) == shape
+        assert m.conv.groups == 8
+
+
+@pytest.mark.parametrize("method", ["tmi-gkp", "sr-gkp", "gkp-random"])
+def test_resnet56_shapes_and_macs(prune_resnet56, resnet56_with_snapshots, method):
+    dense, _ = resnet56_with_snapshots
+    pruned = prune_resnet56(method).model  # defaults: rate 0.4375, groups 8
+    check_shapes(pruned, 54)
+    assert macs(pruned, X) == 70_779_904  # METHODS.md: 70.78 M
+    assert 100 * (1 - macs(pruned, X) / macs(dense, X)) == pytest.approx(43.60, abs=0.02)
+    assert 100 * (1 - macs_bn(pruned, X) / macs_bn(dense, X)) == pytest.approx(43.23, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "name,n_layers,macs_m",
+    [("resnet20", 18, 23.00), ("resnet32", 30, 38.93), ("resnet110", 108, 142.44)],
+)
+def test_other_cifar_resnets(name, n_layers, macs_m):
+    torch.manual_seed(0)
+    model = get_model(name)
+    pruned = get_method("sr-gkp")(model, PruneTarget(), PruneContext(example_inputs=X)).model
+    check_shapes(pruned, n_layers)
+    assert round(macs(pruned, X) / 1e6, 2) == macs_m
+
+
+def test_tmi_on_resnet20_records_choices(tmp_path):
+    torch.manual_seed(0)
+    model = get_model("resnet20")
+    paths = []
+    for e in (2, 3, 4):
+        paths.append(tmp_path / f"epoch_{e:03d}.pt")
+        torch.save({k: v * (1 + 0.1 * e) for k, v in model.state_dict().items()}, paths[-1])
+    ctx = PruneContext(example_inputs=X, snapshots=tuple(paths))
+    result = get_method("tmi-gkp")(model, PruneTarget(native={"snapshot_window": [3, 4]}), ctx)
+    assert result.info["snapshots"] == ["epoch_003.pt", "epoch_004.pt"]
+    check_shapes(result.model, 18)
+    for layer in result.info["layers"].values():
+        assert layer["grouping"] in {"kpca", "spectral", "dbscan"}
+        assert sum(layer["vote"]["counts"].values()) == 2  # one winner per snapshot epoch
+        assert layer["e"] == n_keep_for(layer["c_in"], 0.4375) // 5
+    with pytest.raises(ValueError, match="snapshots"):
+        get_method("tmi-gkp")(model, PruneTarget(), PruneContext(example_inputs=X))
+
+
+def test_select_snapshots_window(tmp_path):
+    ctx = PruneContext(
+        example_inputs=X, snapshots=tuple(tmp_path / f"epoch_{e:03d}.pt" for e in range(1, 9))
+    )
+    assert [p.name for p in select_snapshots(ctx, (3, 5)).snapshots] == [
+        "epoch_003.pt",
+        "epoch_004.pt",
+        "epoch_005.pt",
+    ]
+    assert select_snapshots(ctx, None) is ctx
+
+
+def test_n_keep_and_target_mapping():
+    assert [n_keep_for(c, 0.4375) for c in (16, 32, 64)] == [9, 18, 36]
+    layers = [(16, 100), (32, 100), (64, 100)]
+    rate = rate_for_target(layers, 0.4375)
+    assert [n_keep_for(c, rate) for c in (16, 32, 64)] == [9, 18, 36]
+    assert n_keep_for(16, 0.99) == 1  # never zero channels
+
+
+def test_e_zero_drops_outer_term(tmp_path):
+    # rate 0.75 keeps floor(0.25 * 17) = 4 of 16 channels: e = floor(0.8) = 0 in stage 1
+    torch.manual_seed(0)
+    model = get_model("resnet20")
+    path = tmp_path / "epoch_001.pt"
+    torch.save({k: v * 0.5 for k, v in model.state_dict().items()}, path)
+    ctx = PruneContext(example_inputs=X, snapshots=(path,))
+    info = get_method("tmi-gkp")(model, PruneTarget(native={"rate": 0.75}), ctx).info["layers"]
+    first = info["layer1.0.conv1"]
+    assert first["n_keep"] == 4 and first["e"] == 0 and first["outer_term_dropped"]
+    assert first["lambda"] == 0.0
+    assert info["layer3.1.conv1"]["e"] == 3  # 64 channels keep 16: e = floor(3.2)
