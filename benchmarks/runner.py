@@ -11,7 +11,9 @@ right after pruning) and the fine-tuning checkpoint and ``final.pt``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from gkp.api import MethodInfo, PruneContext, PruneTarget, get_method
 from gkp.data import example_input, get_dataset_spec, load_data
 from gkp.masked import deploy_form, training_form
 from gkp.models import get_model
-from gkp.recipes import Recipe
+from gkp.recipes import RECIPES, Recipe
 from gkp.train import CheckpointError, evaluate, fit, load_checkpoint, resolve_device, save_atomic
 
 
@@ -57,7 +59,7 @@ class RunConfig:
         return resolve_device(self.device)
 
     def baseline_dir(self) -> Path:
-        return self.runs_dir / f"{self.dataset}-{self.model}-{self.recipe.name}-s{self.seed}"
+        return self.runs_dir / f"{self.dataset}-{self.model}-{recipe_tag(self.recipe)}-s{self.seed}"
 
     def prune_tag(self) -> str:
         knobs = "-".join(f"{k}{v}" for k, v in sorted(self.native.items()))
@@ -67,6 +69,23 @@ class RunConfig:
 
     def prune_dir(self) -> Path:
         return self.baseline_dir() / "pruned" / self.prune_tag()
+
+
+def recipe_tag(recipe: Recipe) -> str:
+    """The recipe's name, plus a short hash when command-line overrides changed any field."""
+    named = RECIPES.get(recipe.name)
+    if named == recipe:
+        return recipe.name
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
+    return f"{recipe.name}-{digest.hexdigest()[:8]}"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _data(cfg: RunConfig):
@@ -94,6 +113,8 @@ def train_baseline(cfg: RunConfig) -> dict[str, Any]:
     final = out / "final.pt"
     if final.exists() and not cfg.restart:
         return load_checkpoint(final)["summary"]
+    if cfg.restart:  # snapshots of an older run must not reach TMI-GKP's vote
+        shutil.rmtree(out / "snapshots", ignore_errors=True)
     train, test, _ = _data(cfg)
     model = _fresh_model(cfg)
     lo, hi = cfg.recipe.window()
@@ -111,6 +132,7 @@ def train_baseline(cfg: RunConfig) -> dict[str, Any]:
         restart=cfg.restart,
     )
     summary["snapshot_window"] = cfg.recipe.window_label()
+    summary["window"] = [lo, hi]
     save_atomic(
         {"model": model.state_dict(), "summary": summary, "recipe": dataclasses.asdict(cfg.recipe)},
         final,
@@ -137,17 +159,28 @@ def load_baseline(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any]]:
     return model, ckpt["summary"]
 
 
-def snapshots(cfg: RunConfig) -> list[Path]:
-    return sorted((cfg.baseline_dir() / "snapshots").glob("epoch_*.pt"))
+def snapshots(cfg: RunConfig, window: tuple[int, int]) -> list[Path]:
+    """The baseline's snapshot files inside its recorded window, in epoch order."""
+    lo, hi = window
+    found = sorted((cfg.baseline_dir() / "snapshots").glob("epoch_*.pt"))
+    return [p for p in found if lo <= int(p.stem.split("_")[1]) <= hi]
 
 
-def _prune(cfg: RunConfig, dense: nn.Module, info: MethodInfo) -> tuple[nn.Module, dict]:
+def _prune(
+    cfg: RunConfig, dense: nn.Module, base: dict[str, Any], info: MethodInfo
+) -> tuple[nn.Module, dict]:
     """Prune once and keep the result in ``pruned.pt``; later calls load it."""
     path = cfg.prune_dir() / "pruned.pt"
+    baseline_id = file_digest(cfg.baseline_dir() / "final.pt")
     if path.exists() and not cfg.restart:
         saved = load_checkpoint(path)
+        if saved.get("baseline") != baseline_id:
+            raise CheckpointError(
+                f"{path} was pruned from an older baseline than {cfg.baseline_dir()}/final.pt; "
+                "pass --restart to prune and fine-tune again"
+            )
         return saved["model"], saved["info"]
-    snaps = snapshots(cfg)
+    snaps = snapshots(cfg, tuple(base.get("window", (0, 10**9))))
     if "snapshots" in info.needs and not snaps:
         raise CheckpointError(
             f"{info.name} needs training snapshots, and {cfg.baseline_dir()}/snapshots has none; "
@@ -159,8 +192,14 @@ def _prune(cfg: RunConfig, dense: nn.Module, info: MethodInfo) -> tuple[nn.Modul
     t0 = time.perf_counter()
     result = get_method(cfg.method)(dense, PruneTarget(cfg.target, dict(cfg.native)), ctx)
     prune_info = {**result.info, "prune_seconds": time.perf_counter() - t0}
-    save_atomic({"model": result.model, "info": prune_info}, path)
+    save_atomic({"model": result.model, "info": prune_info, "baseline": baseline_id}, path)
     return result.model, prune_info
+
+
+def _window_used(info: dict[str, Any], recipe: Recipe) -> str:
+    """'first-last of epochs' for the snapshots the method actually used ('' if none)."""
+    epochs = [int(Path(n).stem.split("_")[1]) for n in info.get("snapshots", [])]
+    return f"{min(epochs)}-{max(epochs)} of {recipe.epochs}" if epochs else ""
 
 
 def prune_run(cfg: RunConfig) -> dict[str, Any]:
@@ -169,7 +208,7 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
     dense, base = load_baseline(cfg)
     device = cfg.torch_device
     train, test, _ = _data(cfg)
-    pruned, info = _prune(cfg, dense, method.info)
+    pruned, info = _prune(cfg, dense, base, method.info)
     before = evaluate(pruned.to(device), test, device)["top1"]
     trainable = training_form(pruned)  # same function, trains faster than the grouped form
     ft = fit(
@@ -201,7 +240,7 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "target": cfg.target,
         "finetune_epochs": cfg.recipe.ft_epochs,
-        "snapshot_window": base.get("snapshot_window") if "snapshots" in method.info.needs else "",
+        "snapshot_window": _window_used(info, cfg.recipe),
         "top1_dense": base["top1"],
         "top1_pruned_before_ft": before,
         "top1": final["top1"],

@@ -59,7 +59,7 @@ def tmi_plan_layer(job: LayerJob) -> tuple[GroupPlan, dict[str, Any]]:
 
 
 def _epoch(path: Path) -> int | None:
-    m = re.search(r"(\d+)", Path(path).stem)
+    m = re.search(r"epoch_(\d+)", Path(path).stem)
     return int(m.group(1)) if m else None
 
 
@@ -68,8 +68,8 @@ def select_snapshots(ctx: PruneContext, window: Any) -> PruneContext:
     if window is None:
         return ctx
     lo, hi = (int(v) for v in window)
-    kept = tuple(p for p in ctx.snapshots if (e := _epoch(p)) is not None and lo <= e <= hi)
-    return dataclasses.replace(ctx, snapshots=kept)
+    kept = [p for p in ctx.snapshots if (e := _epoch(p)) is not None and lo <= e <= hi]
+    return dataclasses.replace(ctx, snapshots=tuple(sorted(kept, key=_epoch)))
 
 
 @register_method(
@@ -102,16 +102,18 @@ def sr_plan_layer(job: LayerJob) -> tuple[GroupPlan, dict[str, Any]]:
     """SR-GKP for one layer: smoothness snaking, then beam search per group."""
     w = job.weight
     labels = smoothness_snake(w, job.n_groups)
-    kept = []
+    kept, infos = [], []
     for filters in _groups(labels, job.n_groups):
         rough = kernel_roughness(w[filters]).sum(axis=0)  # grouped-kernel roughness, per channel
-        k, _ = beam_select(
+        k, info = beam_select(
             grouped_kernels(w, filters), job.n_keep, rough,
             width=int(job.knobs["beam_width"]), rerank_every=int(job.knobs["rerank_every"]),
             cost_balancer=job.knobs["cost_balancer"],
         )  # fmt: skip
         kept.append(k)
-    return GroupPlan.from_labels(labels, kept), {}
+        infos.append(info)
+    summary = {key: infos[0][key] for key in ("e", "lambda", "width", "rerank_every")}
+    return GroupPlan.from_labels(labels, kept), {**summary, "cost": [i["cost"] for i in infos]}
 
 
 @register_method(

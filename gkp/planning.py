@@ -43,7 +43,10 @@ def achieved_reduction(layers: Sequence[tuple[int, int]], rate: float) -> float:
 
 
 def rate_for_target(layers: Sequence[tuple[int, int]], target: float) -> float:
-    """The rate whose achieved MACs reduction of the target layers is closest to ``target``."""
+    """The rate whose achieved MACs reduction of the target layers is closest to ``target``.
+
+    Scans rates in steps of 0.0005, finer than any n_keep step for C_in < 2000.
+    """
     grid = np.round(np.linspace(0.0005, 0.9995, 1999), 4)
     errors = [abs(achieved_reduction(layers, float(r)) - target) for r in grid]
     best = min(errors)
@@ -66,8 +69,9 @@ def resolve_knobs(target: PruneTarget, defaults: Mapping[str, Any]) -> dict[str,
         raise ValueError(
             f"rate {rate} is outside (0, 1): it is the fraction of grouped kernels pruned"
         )
-    if int(knobs["groups"]) < 1:
-        raise ValueError(f"groups must be a positive integer, got {knobs['groups']}")
+    groups = knobs["groups"]
+    if isinstance(groups, bool) or not float(groups).is_integer() or int(groups) < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
     return knobs
 
 
@@ -85,7 +89,8 @@ def layer_macs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(x[:1])
+            device = next(model.parameters()).device
+            model.eval()(x[:1].to(device))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -109,14 +114,27 @@ class LayerJob:
 PlanLayer = Callable[[LayerJob], tuple[GroupPlan, dict[str, Any]]]
 
 
-def load_history(snapshots: Sequence[Path], names: Sequence[str]) -> dict[str, list[np.ndarray]]:
+def load_history(
+    snapshots: Sequence[Path], model: nn.Module, names: Sequence[str]
+) -> dict[str, list[np.ndarray]]:
     """Each target layer's weight at every snapshot (files are state dicts or {'model': ...})."""
     history: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for path in snapshots:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"snapshot {path} cannot be read ({err}); retrain the baseline"
+            ) from err
         state = state.get("model", state)
         for n in names:
-            history[n].append(state[f"{n}.weight"].double().numpy())
+            w = state.get(f"{n}.weight")
+            if w is None or w.shape != model.get_submodule(n).weight.shape:
+                raise ValueError(
+                    f"snapshot {path} has no weight of the model's shape for layer {n}: it "
+                    "belongs to another model; snapshots must come from this model's training"
+                )
+            history[n].append(w.double().numpy())
     return history
 
 
@@ -138,7 +156,7 @@ def prune_grouped(
             [(convs[n].in_channels, sizes[n]) for n in names], target.macs
         )
     t0 = time.perf_counter()
-    history = load_history(ctx.snapshots, names) if with_history else {}
+    history = load_history(ctx.snapshots, model, names) if with_history else {}
     plans: dict[str, GroupPlan] = {}
     layers: dict[str, Any] = {}
     for i, name in enumerate(tqdm(names, desc="planning layers", leave=False, unit="layer")):

@@ -50,10 +50,23 @@ def chain_costs(S: np.ndarray, sets: np.ndarray, e: int, lam: float) -> np.ndarr
     """Batched :func:`chain_cost` for ``sets`` of shape ``(B, m)`` (each row distinct indices).
 
     Rows are sorted and every sum runs left to right, so a set's cost is bit-identical whatever
-    order it was grown in and however many sets are scored together.
+    order it was grown in and however many sets are scored together. Sets are scored in chunks
+    of at most ~64 MiB of work space, so wide layers (C_in 1024+) do not exhaust memory.
     """
     S = np.asarray(S, dtype=np.float64)
-    sets = np.sort(np.asarray(sets, dtype=np.intp), axis=1)
+    sets = np.asarray(sets, dtype=np.intp)
+    step = max(1, _CHUNK_BYTES // (24 * S.shape[0] * max(1, sets.shape[1])))
+    if len(sets) <= step:
+        return _chain_costs_block(S, sets, e, lam)
+    parts = [_chain_costs_block(S, sets[i : i + step], e, lam) for i in range(0, len(sets), step)]
+    return np.concatenate(parts)
+
+
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _chain_costs_block(S: np.ndarray, sets: np.ndarray, e: int, lam: float) -> np.ndarray:
+    sets = np.sort(sets, axis=1)
     n_sets, m = sets.shape
     iu, ju = np.triu_indices(m, k=1)
     inner = _seq_sum(S[sets[:, iu], sets[:, ju]])

@@ -182,7 +182,6 @@ def fit(
     model.to(device)
     opt, sched = _optimizer(model, lr, recipe, epochs * len(train_loader))
     start, history = _resume(ckpt_path, phase, recipe, model, opt, sched)
-    t0 = time.perf_counter()
     bar = tqdm(
         total=epochs * len(train_loader),
         initial=start * len(train_loader),
@@ -193,6 +192,7 @@ def fit(
     )
     for epoch in range(start + 1, epochs + 1):
         bar.set_description(f"{phase} {run_dir.name} epoch {epoch}/{epochs}")
+        t0 = time.perf_counter()
         train_loader.set_epoch(epoch - 1)
         row: dict[str, Any] = {
             "epoch": epoch,
@@ -205,6 +205,7 @@ def fit(
         ):
             test = evaluate(model, test_loader, device)
             row.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
+        row["seconds"] = time.perf_counter() - t0
         history.append(row)
         if epoch in snapshot_epochs:
             save_atomic(model.state_dict(), run_dir / "snapshots" / f"epoch_{epoch:03d}.pt")
@@ -224,11 +225,11 @@ def fit(
         if progress and "test_top1" in row:
             bar.write(f"{phase} epoch {epoch}/{epochs}: test top-1 {row['test_top1']:.2f}%")
     bar.close()
-    return summarize(history, time.perf_counter() - t0)
+    return summarize(history)
 
 
-def summarize(history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Final and best test accuracy of a phase's history."""
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final and best test accuracy of a phase's history, and its total training seconds."""
     tested = [h for h in history if "test_top1" in h]
     last = tested[-1] if tested else {}
     return {
@@ -236,5 +237,5 @@ def summarize(history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         "top1": last.get("test_top1"),
         "top5": last.get("test_top5"),
         "top1_best": max((h["test_top1"] for h in tested), default=None),
-        "seconds": seconds,
+        "seconds": sum(h.get("seconds", 0.0) for h in history),
     }

@@ -153,3 +153,20 @@ def test_bench_from_pytest_benchmark_json(tmp_path, capsys):
     path.write_text("{not json")
     code, _, err = run_cli(capsys, "bench", "--from-json", str(path))
     assert code == 2 and "pytest-benchmark" in err
+
+
+def test_overrides_and_retrained_baselines_are_not_mixed_up(pipeline, capsys):
+    root, args = pipeline
+    runs = root / "runs"
+    train_args = [a for a in args if a not in ("--bench-rounds", "2")]
+    # a recipe override trains into its own folder, never reusing the plain smoke baseline
+    code, out, _ = run_cli(capsys, "train", *train_args, "--epochs", "1", "--json")
+    assert code == 0
+    assert json.loads(out)["run_dir"] != str(runs / "synthetic-resnet20-smoke-s0")
+    # retraining the baseline makes the old pruned model stale: a clear error, not silent reuse
+    code, _, _ = run_cli(capsys, "train", *train_args, "--restart")
+    assert code == 0
+    snaps = sorted(p.name for p in (runs / "synthetic-resnet20-smoke-s0" / "snapshots").iterdir())
+    assert snaps == ["epoch_001.pt"]  # smoke: 2 epochs, window 1-1; nothing stale left
+    code, _, err = run_cli(capsys, "prune", *args)
+    assert code == 2 and "older baseline" in err and "--restart" in err

@@ -40,7 +40,9 @@ def test_resnet56_shapes_and_macs(prune_resnet56, resnet56_with_snapshots, metho
     dense, _ = resnet56_with_snapshots
     pruned = prune_resnet56(method).model  # defaults: rate 0.4375, groups 8
     check_shapes(pruned, 54)
-    assert macs(pruned, X) == 70_779_904  # METHODS.md: 70.78 M
+    # by hand: stem 16*3*9*32*32 = 442368 and FC 640 stay; every target conv keeps 9/16 = 18/32
+    # = 36/64 of its MACs: 442368 + 640 + 0.5625 * (125485696 - 442368 - 640) = 70.78 M
+    assert macs(pruned, X) == 442_368 + 640 + (125_485_696 - 442_368 - 640) * 9 // 16
     assert 100 * (1 - macs(pruned, X) / macs(dense, X)) == pytest.approx(43.60, abs=0.02)
     assert 100 * (1 - macs_bn(pruned, X) / macs_bn(dense, X)) == pytest.approx(43.23, abs=0.02)
 
