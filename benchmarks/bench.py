@@ -98,3 +98,34 @@ def bench_from_json(path: Path) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def latency_columns_from_json(path: Path, model: str, method: str) -> dict[str, Any]:
+    """The leaderboard's latency columns for ``model``/``method`` from a pytest-benchmark JSON.
+
+    Batch 1 fills the ``b1`` columns and the largest other batch the ``bN`` ones (NCHW rows);
+    speed-ups are dense / pruned medians of the same benchmark run.
+    """
+    rows = [
+        r
+        for r in bench_from_json(path)
+        if r["model"] == model and r["method"] == method and r["memory_format"] == "nchw"
+    ]
+    by_batch = {r["batch"]: r for r in rows}
+    if 1 not in by_batch or len(by_batch) < 2:
+        raise ValueError(
+            f"{path} has no batch-1 and throughput timings of {method} on {model}; "
+            "run `pytest benchmarks --benchmark-only --benchmark-json FILE` for them"
+        )
+    big = max(by_batch)
+    cols: dict[str, Any] = {"device": "cpu", "bench_batch": big, "threads": by_batch[1]["threads"]}
+    for tag, r in (("b1", by_batch[1]), ("bN", by_batch[big])):
+        cols.update(
+            {
+                f"latency_{tag}_ms": r["pruned_ms"],
+                f"latency_{tag}_iqr_ms": r["pruned_iqr_ms"],
+                f"latency_{tag}_dense_ms": r["dense_ms"],
+                f"speedup_{tag}": r["speedup"],
+            }
+        )
+    return cols

@@ -71,6 +71,12 @@ def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
         b.add_argument("--bench-batch", type=int, default=32, help="throughput batch size")
         b.add_argument("--bench-rounds", type=int, default=30, help="timed rounds per model")
         b.add_argument("--threads", type=int, default=None, help="torch threads while timing")
+        b.add_argument(
+            "--latency-json",
+            type=Path,
+            default=None,
+            help="take the latency columns from a pytest-benchmark --benchmark-json file",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

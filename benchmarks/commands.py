@@ -75,6 +75,7 @@ def config(args: argparse.Namespace) -> RunConfig:
         cfg.method, cfg.target, cfg.native = args.method, args.target, native_knobs(args)
         cfg.bench_batch, cfg.bench_rounds = args.bench_batch, args.bench_rounds
         cfg.threads = args.threads
+        cfg.latency_json = getattr(args, "latency_json", None)
     return cfg
 
 

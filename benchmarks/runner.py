@@ -50,6 +50,7 @@ class RunConfig:
     bench_batch: int = 32
     bench_rounds: int = 30
     threads: int | None = None
+    latency_json: Path | None = None  # take latency columns from a pytest-benchmark JSON
     progress: bool = True
     restart: bool = False
     command: str = ""
@@ -250,8 +251,16 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
         "train_seconds": ft["seconds"],
         "command": cfg.command,
         **size_columns(dense.cpu(), pruned.cpu(), x),
-        **latency_columns(
-            dense, pruned, x.shape[1:], cfg.bench_batch, cfg.bench_rounds, device, cfg.threads
-        ),
+        **_latency(cfg, dense, pruned, x, device),
     }
     return row
+
+
+def _latency(cfg: RunConfig, dense: nn.Module, pruned: nn.Module, x, device) -> dict[str, Any]:
+    if cfg.latency_json is not None:
+        from benchmarks.bench import latency_columns_from_json
+
+        return latency_columns_from_json(cfg.latency_json, cfg.model, cfg.method)
+    return latency_columns(
+        dense, pruned, x.shape[1:], cfg.bench_batch, cfg.bench_rounds, device, cfg.threads
+    )

@@ -3,6 +3,9 @@
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+quiet_pip() {  # pip, without the local package index's harmless "is ignored" warnings
+    .venv/bin/pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -10,9 +13,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first, pinned to the release this project is tested with (a local file on our machines).
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
-    .venv/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+    quiet_pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+quiet_pip install --quiet --disable-pip-version-check -e ".[dev]"
 
 # Offline real data: Debian's Fashion-MNIST package (best effort; the loader can also download).
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \

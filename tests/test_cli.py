@@ -170,3 +170,25 @@ def test_overrides_and_retrained_baselines_are_not_mixed_up(pipeline, capsys):
     assert snaps == ["epoch_001.pt"]  # smoke: 2 epochs, window 1-1; nothing stale left
     code, _, err = run_cli(capsys, "prune", *args)
     assert code == 2 and "older baseline" in err and "--restart" in err
+
+
+def test_latency_columns_from_benchmark_json(pipeline, capsys, tmp_path):
+    root, args = pipeline
+
+    def entry(method, batch, median):
+        info = {"model": "resnet20", "method": method, "batch": batch, "threads": 2}
+        return {"stats": {"median": median, "iqr": 0.0001}, "extra_info": info}
+
+    bench = tmp_path / "bench.json"
+    entries = [
+        entry("dense", 1, 0.004),
+        entry("gkp-l2", 1, 0.008),
+        entry("dense", 32, 0.040),
+        entry("gkp-l2", 32, 0.050),
+    ]
+    bench.write_text(json.dumps({"benchmarks": entries}))
+    code, out, _ = run_cli(capsys, "prune", *args, "--latency-json", str(bench), "--json")
+    assert code == 0
+    row = json.loads(out)
+    assert row["latency_b1_ms"] == pytest.approx(8.0) and row["speedup_b1"] == pytest.approx(0.5)
+    assert row["bench_batch"] == 32 and row["speedup_bN"] == pytest.approx(0.8)
