@@ -77,14 +77,17 @@ def _accuracy_points(board: pd.DataFrame, literature: pd.DataFrame) -> pd.DataFr
     """Accuracy-vs-MACs points of both CSVs; ``hollow`` marks reported (not measured) rows."""
     keys = ["model", "dataset", "method", "granularity"]
     measured = board[keys].assign(
-        x=board["macs_reduction_pct"], y=board["top1"], hollow=board["source"] != "measured"
+        x=board["macs_reduction_pct"],
+        y=board["top1"],
+        hollow=board["source"] != "measured",
+        dense=board["top1_dense"],
     )
     reported = literature[keys].assign(
         x=literature["macs_reduction_pct"], y=literature["top1"], hollow=True
     )
     frames = [f for f in (measured, reported) if not f.empty]
     if not frames:
-        return pd.DataFrame(columns=[*keys, "x", "y", "hollow"])
+        return pd.DataFrame(columns=[*keys, "x", "y", "hollow", "dense"])
     points = pd.concat(frames, ignore_index=True).dropna(subset=["x", "y"])
     return points.sort_values([*keys, "hollow", "x", "y"], kind="mergesort")
 
@@ -176,6 +179,19 @@ def _accuracy_figure(
     fig = _figure(1)
     ax = fig.add_subplot()
     _draw(ax, points, palette)
+    dense = (
+        points.loc[~points["hollow"].astype(bool), "dense"].dropna() if "dense" in points else []
+    )
+    if len(dense):  # the measured dense baseline(s) the pruned rows started from
+        ax.axhline(float(pd.Series(dense).mean()), color="0.4", linestyle="--", linewidth=1)
+        ax.annotate(
+            "dense baseline (measured)",
+            (0.01, float(pd.Series(dense).mean())),
+            xycoords=("axes fraction", "data"),
+            fontsize="small",
+            color="0.3",
+            va="bottom",
+        )
     ax.set(
         title=f"{model} on {dataset}: top-1 accuracy vs MACs removed",
         xlabel=_X_ACC,
