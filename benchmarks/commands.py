@@ -163,7 +163,8 @@ def cmd_bench(args: argparse.Namespace) -> Result:
     else:
         rows = bench_untrained(config(args))
     text = "\n".join(
-        f"{r['model']} {r['method']} batch {r['batch']} {r.get('memory_format', 'nchw')}: dense {r['dense_ms']:.2f} ms,"
+        f"{r['model']} {r['method']} batch {r['batch']} {r.get('memory_format', 'nchw')}: "
+        f"dense {r['dense_ms']:.2f} ms,"
         f" pruned {r['pruned_ms']:.2f} ms, speed-up x{r['speedup']:.2f}"
         for r in rows
     )
