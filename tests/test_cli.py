@@ -187,7 +187,9 @@ def test_latency_columns_from_benchmark_json(pipeline, capsys, tmp_path):
         entry("gkp-l2", 32, 0.050),
     ]
     bench.write_text(json.dumps({"benchmarks": entries}))
-    code, out, _ = run_cli(capsys, "prune", *args, "--latency-json", str(bench), "--json")
+    code, out, _ = run_cli(
+        capsys, "prune", *args, "--restart", "--latency-json", str(bench), "--json"
+    )
     assert code == 0
     row = json.loads(out)
     assert row["latency_b1_ms"] == pytest.approx(8.0) and row["speedup_b1"] == pytest.approx(0.5)
