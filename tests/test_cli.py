@@ -194,3 +194,59 @@ def test_latency_columns_from_benchmark_json(pipeline, capsys, tmp_path):
     row = json.loads(out)
     assert row["latency_b1_ms"] == pytest.approx(8.0) and row["speedup_b1"] == pytest.approx(0.5)
     assert row["bench_batch"] == 32 and row["speedup_bN"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "methods",
+        "models",
+        "datasets",
+        "recipes",
+        "train",
+        "prune",
+        "bench",
+        "run",
+        "leaderboard",
+        "plot",
+    ],
+)
+def test_every_command_has_help_and_json(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--json" in capsys.readouterr().out
+
+
+def test_bench_untrained_reports_ratios(capsys):
+    code, out, _ = run_cli(
+        capsys,
+        "bench",
+        "--dataset",
+        "synthetic",
+        "--bench-rounds",
+        "2",
+        "--bench-batch",
+        "4",
+        "--threads",
+        "1",
+        "--json",
+    )
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
+        assert r["threads"] == 1
+
+
+def test_tmi_without_snapshots_names_the_command(pipeline, capsys):
+    root, args = pipeline
+    snaps = root / "runs" / "synthetic-resnet20-smoke-s0" / "snapshots"
+    moved = snaps.with_name("snapshots.away")
+    snaps.rename(moved)
+    try:
+        code, _, err = run_cli(capsys, "prune", *args, "--method", "tmi-gkp")
+    finally:
+        moved.rename(snaps)
+    assert code == 2 and "needs training snapshots" in err and "gkp-bench train" in err

@@ -65,9 +65,10 @@ def prune20(name, seed, tmp_path, **native):
 
 @pytest.mark.parametrize("name", list_methods())
 def test_same_seed_same_model(name, tmp_path):
-    a = prune20(name, 3, tmp_path).model.state_dict()
-    b = prune20(name, 3, tmp_path).model.state_dict()
+    ra, rb = prune20(name, 3, tmp_path), prune20(name, 3, tmp_path)
+    a, b = ra.model.state_dict(), rb.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ra.info.get("plans") == rb.info.get("plans")
 
 
 @pytest.mark.parametrize("name", list_methods())
