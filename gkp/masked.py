@@ -25,8 +25,7 @@ class MaskedConv2d(nn.Conv2d):
 
     @classmethod
     def from_grouped(cls, g: GroupedKernelConv2d) -> MaskedConv2d:
-        dense = g.to_dense()
-        c = dense
+        c = g.to_dense()
         new = cls(
             c.in_channels,
             c.out_channels,
@@ -36,7 +35,7 @@ class MaskedConv2d(nn.Conv2d):
             c.dilation,
             bias=c.bias is not None,
         ).to(device=c.weight.device, dtype=c.weight.dtype)
-        new.load_state_dict(dense.state_dict())
+        new.load_state_dict(c.state_dict())
         new.plan = g.plan()
         new.register_buffer(
             "mask", new.plan.mask(c.out_channels, c.in_channels).to(c.weight.device)

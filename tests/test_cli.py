@@ -85,19 +85,14 @@ def test_bad_input_is_a_clear_error(capsys, argv, message):
     assert message in err
 
 
+def prune_in(capsys, folder):
+    """`gkp-bench prune` on synthetic/smoke with runs and results in ``folder``."""
+    args = ["--dataset", "synthetic", "--recipe", "smoke", "--runs", str(folder)]
+    return run_cli(capsys, "prune", *args, "--out", str(folder))
+
+
 def test_missing_baseline_names_the_command(tmp_path, capsys):
-    code, _, err = run_cli(
-        capsys,
-        "prune",
-        "--dataset",
-        "synthetic",
-        "--recipe",
-        "smoke",
-        "--runs",
-        str(tmp_path),
-        "--out",
-        str(tmp_path),
-    )
+    code, _, err = prune_in(capsys, tmp_path)
     assert code == 2 and "gkp-bench train --model resnet20 --dataset synthetic" in err
 
 
@@ -105,18 +100,7 @@ def test_corrupt_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "synthetic-resnet20-smoke-s0"
     run_dir.mkdir()
     (run_dir / "final.pt").write_bytes(b"\x00garbage")
-    code, _, err = run_cli(
-        capsys,
-        "prune",
-        "--dataset",
-        "synthetic",
-        "--recipe",
-        "smoke",
-        "--runs",
-        str(tmp_path),
-        "--out",
-        str(tmp_path),
-    )
+    code, _, err = prune_in(capsys, tmp_path)
     assert code == 2 and "corrupt" in err
 
 
