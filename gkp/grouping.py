@@ -200,7 +200,12 @@ def _guarded(name: str, F: np.ndarray, n_groups: int, body: Callable) -> np.ndar
 
 
 def kpca_candidate(
-    F: np.ndarray, n_groups: int, *, seed: int = 0, info: dict | None = None
+    F: np.ndarray,
+    n_groups: int,
+    *,
+    seed: int = 0,
+    info: dict | None = None,
+    kmeans: str = "exact",
 ) -> np.ndarray:
     """K-PCA candidate: kernel ``0.5·(F Fᵀ)∘² + 0.5·RBF(F, gamma=1/n_features)``, kernel PCA
     keeping every component with a non-zero eigenvalue, then equal-size k-means."""
@@ -212,7 +217,7 @@ def kpca_candidate(
             raise ArithmeticError(f"kernel PCA gave {emb.shape[1]} usable components")
         if info is not None:
             info["n_components"] = emb.shape[1]
-        return equal_size_kmeans(emb, n_groups, seed=seed)
+        return equal_size_kmeans(emb, n_groups, seed=seed, method=kmeans)
 
     return _guarded("kpca", F, n_groups, body)
 
@@ -242,7 +247,13 @@ def _spectral_embedding(F: np.ndarray, k: int) -> tuple[np.ndarray, int]:
 
 
 def spectral_candidate(
-    F: np.ndarray, n_groups: int, *, seed: int = 0, k: int = 16, info: dict | None = None
+    F: np.ndarray,
+    n_groups: int,
+    *,
+    seed: int = 0,
+    k: int = 16,
+    info: dict | None = None,
+    kmeans: str = "exact",
 ) -> np.ndarray:
     """Spectral candidate: mutual-kNN graph (k=16) on cosine distances of L2-normalised
     filters, the ``C_out // 8`` (>= 1) eigenvectors of smallest |eigenvalue| of ``D⁻¹(D−A)``,
@@ -252,7 +263,7 @@ def spectral_candidate(
         emb, isolated = _spectral_embedding(F, k)
         if info is not None:
             info["isolated_nodes"] = isolated
-        return equal_size_kmeans(emb, n_groups, seed=seed)
+        return equal_size_kmeans(emb, n_groups, seed=seed, method=kmeans)
 
     return _guarded("spectral", F, n_groups, body)
 
@@ -269,20 +280,26 @@ def dbscan_candidate(
 
 
 def tmi_candidates(
-    F: np.ndarray, n_groups: int, *, seed: int = 0, info: dict | None = None
+    F: np.ndarray,
+    n_groups: int,
+    *,
+    seed: int = 0,
+    info: dict | None = None,
+    kmeans: str = "exact",
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Run K-PCA, Spectral, DBSCAN (in that order): (labels of those that worked, reason for
-    each dropped one). ``info`` (optional dict) gets one diagnostics dict per candidate."""
+    each dropped one). ``info`` (optional dict) gets one diagnostics dict per candidate.
+    ``kmeans`` is the equal-size k-means of K-PCA and Spectral ("exact" or "heuristic")."""
     labels: dict[str, np.ndarray] = {}
     failures: dict[str, str] = {}
-    for name, fn in (
-        ("kpca", kpca_candidate),
-        ("spectral", spectral_candidate),
-        ("dbscan", dbscan_candidate),
+    for name, fn, kw in (
+        ("kpca", kpca_candidate, {"kmeans": kmeans}),
+        ("spectral", spectral_candidate, {"kmeans": kmeans}),
+        ("dbscan", dbscan_candidate, {}),
     ):
         details: dict = {}
         try:
-            labels[name] = fn(F, n_groups, seed=seed, info=details)
+            labels[name] = fn(F, n_groups, seed=seed, info=details, **kw)
         except CandidateFailed as exc:
             failures[name] = exc.reason
         if info is not None:

@@ -27,7 +27,12 @@ from gkp.planning import GKP_DEFAULTS, LayerJob, prune_grouped
 from gkp.selection import beam_select, greedy_select, grouped_kernels
 from gkp.tmi import ticket_scores, vote
 
-TMI_DEFAULTS = {**GKP_DEFAULTS, "cost_balancer": "auto", "snapshot_window": None}
+TMI_DEFAULTS = {
+    **GKP_DEFAULTS,
+    "cost_balancer": "auto",
+    "snapshot_window": None,
+    "equal_size": "exact",  # "heuristic": the original's greedy same-size k-means
+}
 SR_DEFAULTS = {**GKP_DEFAULTS, "cost_balancer": "auto", "beam_width": 2, "rerank_every": 3}
 
 
@@ -38,7 +43,9 @@ def _groups(labels: np.ndarray, n_groups: int) -> list[np.ndarray]:
 def tmi_plan_layer(job: LayerJob) -> tuple[GroupPlan, dict[str, Any]]:
     """TMI-GKP steps B–D for one layer: candidates, the lottery vote, greedy selection."""
     w = job.weight
-    candidates, failures = tmi_candidates(w.reshape(w.shape[0], -1), job.n_groups, seed=job.seed)
+    candidates, failures = tmi_candidates(
+        w.reshape(w.shape[0], -1), job.n_groups, seed=job.seed, kmeans=job.knobs["equal_size"]
+    )
     if not candidates:
         raise RuntimeError(f"{job.name}: every clustering candidate failed: {failures}")
     winner, votes = vote(candidates, ticket_scores(w, job.history), job.n_groups)
@@ -85,6 +92,9 @@ def select_snapshots(ctx: PruneContext, window: Any) -> PruneContext:
     )
 )
 def tmi_gkp(model: nn.Module, target: PruneTarget, ctx: PruneContext) -> PruneResult:
+    equal_size = target.native.get("equal_size", "exact")
+    if equal_size not in ("exact", "heuristic"):
+        raise ValueError(f"equal_size must be 'exact' or 'heuristic', got {equal_size!r}")
     window = target.native.get("snapshot_window")
     ctx = select_snapshots(ctx, window)
     if not ctx.snapshots:

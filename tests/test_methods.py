@@ -110,3 +110,17 @@ def test_e_zero_drops_outer_term(tmp_path):
     assert first["n_keep"] == 4 and first["e"] == 0 and first["outer_term_dropped"]
     assert first["lambda"] == 0.0
     assert info["layer3.1.conv1"]["e"] == 3  # 64 channels keep 16: e = floor(3.2)
+
+
+def test_equal_size_option_reaches_the_clustering(tmp_path):
+    torch.manual_seed(0)
+    model = get_model("resnet20")
+    path = tmp_path / "epoch_001.pt"
+    torch.save({k: v * 0.5 for k, v in model.state_dict().items()}, path)
+    ctx = PruneContext(example_inputs=X, snapshots=(path,))
+    knobs = {"equal_size": "heuristic", "layers": ["layer1.0.conv1"]}
+    result = get_method("tmi-gkp")(model, PruneTarget(native=knobs), ctx)
+    assert result.info["options"]["equal_size"] == "heuristic"
+    bad = {"equal_size": "greedy", "layers": ["layer1.0.conv1"]}
+    with pytest.raises(ValueError, match="heuristic"):
+        get_method("tmi-gkp")(model, PruneTarget(native=bad), ctx)
