@@ -30,7 +30,8 @@ def gpu_name(device: torch.device | str | None = None) -> str:
 
 @cache
 def git_commit() -> str:
-    """The commit of this checkout (with '+dirty' when it has uncommitted changes), or ''."""
+    """The commit of this checkout, or ''; '+dirty' when code (anything outside results/, which
+    the runs themselves write) has uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
@@ -41,7 +42,7 @@ def git_commit() -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             cwd=root,
             capture_output=True,
             text=True,
