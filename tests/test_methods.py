@@ -98,13 +98,18 @@ def test_n_keep_and_target_mapping():
     assert n_keep_for(16, 0.99) == 1  # never zero channels
 
 
-def test_e_zero_drops_outer_term(tmp_path):
-    # rate 0.75 keeps floor(0.25 * 17) = 4 of 16 channels: e = floor(0.8) = 0 in stage 1
+def resnet20_with_snapshot(tmp_path):
+    """A seeded resnet20 and a context holding one (scaled) snapshot of it."""
     torch.manual_seed(0)
     model = get_model("resnet20")
     path = tmp_path / "epoch_001.pt"
     torch.save({k: v * 0.5 for k, v in model.state_dict().items()}, path)
-    ctx = PruneContext(example_inputs=X, snapshots=(path,))
+    return model, PruneContext(example_inputs=X, snapshots=(path,))
+
+
+def test_e_zero_drops_outer_term(tmp_path):
+    # rate 0.75 keeps floor(0.25 * 17) = 4 of 16 channels: e = floor(0.8) = 0 in stage 1
+    model, ctx = resnet20_with_snapshot(tmp_path)
     info = get_method("tmi-gkp")(model, PruneTarget(native={"rate": 0.75}), ctx).info["layers"]
     first = info["layer1.0.conv1"]
     assert first["n_keep"] == 4 and first["e"] == 0 and first["outer_term_dropped"]
@@ -113,11 +118,7 @@ def test_e_zero_drops_outer_term(tmp_path):
 
 
 def test_equal_size_option_reaches_the_clustering(tmp_path):
-    torch.manual_seed(0)
-    model = get_model("resnet20")
-    path = tmp_path / "epoch_001.pt"
-    torch.save({k: v * 0.5 for k, v in model.state_dict().items()}, path)
-    ctx = PruneContext(example_inputs=X, snapshots=(path,))
+    model, ctx = resnet20_with_snapshot(tmp_path)
     knobs = {"equal_size": "heuristic", "layers": ["layer1.0.conv1"]}
     result = get_method("tmi-gkp")(model, PruneTarget(native=knobs), ctx)
     assert result.info["options"]["equal_size"] == "heuristic"
