@@ -14,7 +14,7 @@ import numpy as np
 from gkp.api import Granularity, MethodInfo, PruneContext, PruneResult, PruneTarget, register_method
 from gkp.grouping import equal_size_kmeans
 from gkp.nn import GroupPlan
-from gkp.planning import GKP_DEFAULTS, LayerJob, prune_grouped
+from gkp.planning import GKP_DEFAULTS, LayerJob, grouped_check, prune_grouped
 from gkp.selection import grouped_kernels, l2_select
 
 INFO = MethodInfo(
@@ -40,6 +40,6 @@ def plan_layer(job: LayerJob) -> tuple[GroupPlan, dict[str, Any]]:
     return GroupPlan.from_labels(labels, kept), {}
 
 
-@register_method(INFO)
+@register_method(INFO, check=grouped_check(GKP_DEFAULTS))
 def gkp_l2(model, target: PruneTarget, ctx: PruneContext) -> PruneResult:
     return prune_grouped(model, target, ctx, plan_layer, GKP_DEFAULTS)

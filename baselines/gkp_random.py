@@ -13,7 +13,7 @@ import numpy as np
 
 from gkp.api import Granularity, MethodInfo, PruneContext, PruneResult, PruneTarget, register_method
 from gkp.nn import GroupPlan
-from gkp.planning import GKP_DEFAULTS, LayerJob, prune_grouped
+from gkp.planning import GKP_DEFAULTS, LayerJob, grouped_check, prune_grouped
 
 INFO = MethodInfo(
     name="gkp-random",
@@ -34,6 +34,6 @@ def plan_layer(job: LayerJob) -> tuple[GroupPlan, dict[str, Any]]:
     return GroupPlan.from_labels(labels, kept), {}
 
 
-@register_method(INFO)
+@register_method(INFO, check=grouped_check(GKP_DEFAULTS))
 def gkp_random(model, target: PruneTarget, ctx: PruneContext) -> PruneResult:
     return prune_grouped(model, target, ctx, plan_layer, GKP_DEFAULTS)

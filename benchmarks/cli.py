@@ -1,8 +1,10 @@
 """``gkp-bench``: the command line. Thin: parses flags, calls the runner, prints results.
 
 Every command takes ``--json`` to print one machine-readable JSON document on stdout
-(progress bars go to stderr). Errors print one line saying what is wrong and how to fix it,
-and exit with status 2.
+(progress bars go to stderr). Expected errors (bad input, missing or foreign files) print one
+line saying what is wrong and how to fix it, and exit with status 2; under ``--json`` stdout
+also gets ``{"error": ..., "command": ...}``. Anything unexpected is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import commands
-from benchmarks.leaderboard import LeaderboardError
+from gkp.checkpoint import CheckpointError
 from gkp.data import DatasetNotFoundError
-from gkp.train import CheckpointError
+
+# What a user can fix. ValueError covers UsageError, unknown names, bad knobs, leaderboard and
+# dataset-format errors; KeyError, TypeError and the rest are bugs and keep their traceback.
+EXPECTED = (ValueError, CheckpointError, DatasetNotFoundError)
 
 
 def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
@@ -127,16 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "gkp-bench " + shlex.join(argv)
     try:
         result, text = commands.dispatch(args)
-    except (
-        ValueError,
-        KeyError,
-        FileNotFoundError,
-        CheckpointError,
-        LeaderboardError,
-        DatasetNotFoundError,
-    ) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except EXPECTED as err:
+        msg = str(err)
         print(f"gkp-bench {args.command}: error: {msg}", file=sys.stderr)
+        if args.json:
+            json.dump({"error": msg, "command": args.command}, sys.stdout)
+            sys.stdout.write("\n")
         return 2
     _emit(args, result, text)
     return 0

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchmarks import leaderboard as lb
 from benchmarks.environment import environment
+from benchmarks.leaderboard import LeaderboardError
+from benchmarks.measure import bench_from_json, latency_columns_from_json
 from benchmarks.plots import plot_all
-from benchmarks.runner import RunConfig, prune_run, train_baseline
+from benchmarks.runner import RunConfig, check_method, prune_run, train_baseline
 from gkp.api import get_method, list_methods
-from gkp.data import get_dataset_spec, list_datasets
+from gkp.data import example_input, get_dataset_spec, list_datasets
+from gkp.errors import UsageError
 from gkp.models import get_model_info, list_models
 from gkp.recipes import RECIPES, get_recipe
 
@@ -28,20 +32,53 @@ def _parse_value(text: str) -> Any:
 
 
 def native_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--option KEY=VALUE`` (VALUE read as JSON when it is JSON), ``--rate``, ``--groups``."""
     knobs: dict[str, Any] = {}
     for item in args.option:
         key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
-        knobs[key.replace("-", "_")] = _parse_value(value)
+            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
+        if not key.isidentifier():
+            raise UsageError(f"--option {item!r}: {key!r} is not a knob name (letters, digits, _)")
+        knobs[key] = _parse_value(value)
     for key in ("rate", "groups"):
         if getattr(args, key, None) is not None:
             knobs[key] = getattr(args, key)
     return knobs
 
 
+def _at_least(name: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise UsageError(f"{name} must be at least {low}, got {value}")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Ranges of the numeric flags, before anything runs."""
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
+    _at_least("--epochs", args.epochs, 1)
+    _at_least("--ft-epochs", args.ft_epochs, 0)
+    _at_least("--subset", args.subset, 1)
+    _at_least("--test-subset", args.test_subset, 1)
+    _at_least("--batch-size", args.batch_size, 1)
+    if hasattr(args, "method"):
+        _at_least("--bench-batch", args.bench_batch, 1)
+        _at_least("--bench-rounds", args.bench_rounds, 1)
+        _at_least("--threads", args.threads, 1)
+        if args.target is not None and not 0.0 < args.target < 1.0:
+            raise UsageError(
+                f"--target {args.target} is outside (0, 1): it is the fraction of "
+                "the target layers' MACs to remove, e.g. --target 0.4375"
+            )
+
+
 def config(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig for the common flags, validating names early with clear errors."""
+    """The RunConfig for the common flags, with every name and number checked up front.
+
+    Names are stored canonically (``SYNTHETIC`` is ``synthetic``), so folders and rows agree.
+    """
+    _check_numbers(args)
     recipe = get_recipe(args.recipe).with_overrides(
         epochs=args.epochs,
         ft_epochs=args.ft_epochs,
@@ -49,11 +86,9 @@ def config(args: argparse.Namespace) -> RunConfig:
         test_subset=args.test_subset,
         batch_size=args.batch_size,
     )
-    get_dataset_spec(args.dataset)  # unknown names raise here, listing the known ones
-    get_model_info(args.model)
     cfg = RunConfig(
-        model=args.model,
-        dataset=args.dataset,
+        model=get_model_info(args.model).name,
+        dataset=get_dataset_spec(args.dataset).name,
         recipe=recipe,
         seed=args.seed,
         device=args.device,
@@ -65,18 +100,53 @@ def config(args: argparse.Namespace) -> RunConfig:
         restart=args.restart,
         command=args.command_line,
     )
+    cfg.torch_device  # noqa: B018  (a device this machine lacks raises here)
     if hasattr(args, "method"):
-        get_method(args.method)
-        if args.target is not None and not 0.0 < args.target < 1.0:
-            raise ValueError(
-                f"--target {args.target} is outside (0, 1): it is the fraction of "
-                "the target layers' MACs to remove, e.g. --target 0.4375"
-            )
-        cfg.method, cfg.target, cfg.native = args.method, args.target, native_knobs(args)
+        cfg.method, cfg.target = get_method(args.method).info.name, args.target
+        cfg.native = native_knobs(args)
         cfg.bench_batch, cfg.bench_rounds = args.bench_batch, args.bench_rounds
         cfg.threads = args.threads
         cfg.latency_json = getattr(args, "latency_json", None)
     return cfg
+
+
+def writable_dir(path: Path, flag: str) -> None:
+    """Create ``path`` if needed and prove it is a writable folder, or raise UsageError."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder; pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UsageError(
+            f"{flag} {path} is not a writable folder ({err.strerror or err}); pass another one"
+        ) from None
+
+
+def preflight(cfg: RunConfig, *, appends: bool) -> None:
+    """Everything that can be checked before hours of training: knobs against the model,
+    the latency JSON, the leaderboard the row will be appended to, the output folders.
+    ``appends``: the command prunes and appends a row (prune, run); train does neither."""
+    if appends:
+        check_method(cfg)
+    if cfg.latency_json is not None:
+        latency_columns_from_json(
+            cfg.latency_json,
+            model=cfg.model,
+            config=cfg.bench_key(),
+            input_shape=example_input(cfg.dataset, 1).shape[1:],
+            device=cfg.torch_device.type,
+        )
+    if appends:
+        problems = lb.validate_file(cfg.results_dir / "leaderboard.csv")
+        if problems and (cfg.results_dir / "leaderboard.csv").exists():
+            raise LeaderboardError(
+                f"the row could not be appended: {problems[0]}"
+                + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+            )
+        writable_dir(cfg.results_dir, "--out")
+    writable_dir(cfg.runs_dir, "--runs")
 
 
 def cmd_methods(args: argparse.Namespace) -> Result:
@@ -114,6 +184,7 @@ def cmd_recipes(args: argparse.Namespace) -> Result:
 
 def cmd_train(args: argparse.Namespace) -> Result:
     cfg = config(args)
+    preflight(cfg, appends=False)
     summary = train_baseline(cfg)
     out = {k: v for k, v in summary.items() if k != "history"}
     out["run_dir"] = str(cfg.baseline_dir())
@@ -141,12 +212,14 @@ def _row_text(row: dict[str, Any]) -> str:
 
 def cmd_prune(args: argparse.Namespace) -> Result:
     cfg = config(args)
+    preflight(cfg, appends=True)
     row = _record(cfg, prune_run(cfg))
     return row, _row_text(row) + f"\nrow appended to {cfg.results_dir / 'leaderboard.csv'}"
 
 
 def cmd_run(args: argparse.Namespace) -> Result:
     cfg = config(args)
+    preflight(cfg, appends=True)
     train_baseline(cfg)
     row = _record(cfg, prune_run(cfg))
     figures = _plot(cfg.results_dir)
@@ -156,12 +229,14 @@ def cmd_run(args: argparse.Namespace) -> Result:
 
 
 def cmd_bench(args: argparse.Namespace) -> Result:
-    from benchmarks.bench import bench_from_json, bench_untrained
+    from benchmarks.bench import bench_untrained
 
     if args.from_json is not None:
         rows = bench_from_json(args.from_json)
     else:
-        rows = bench_untrained(config(args))
+        cfg = config(args)
+        check_method(cfg)
+        rows = bench_untrained(cfg)
     text = "\n".join(
         f"{r['model']} {r['method']} batch {r['batch']} {r.get('memory_format', 'nchw')}: "
         f"dense {r['dense_ms']:.2f} ms,"

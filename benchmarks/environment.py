@@ -30,8 +30,8 @@ def gpu_name(device: torch.device | str | None = None) -> str:
 
 @cache
 def git_commit() -> str:
-    """The commit of this checkout, or ''; '+dirty' when code (anything outside results/, which
-    the runs themselves write) has uncommitted changes."""
+    """The commit of this checkout, '+dirty' when code (anything outside results/, which the runs
+    themselves write) has uncommitted changes; 'unknown (not a git checkout)' outside one."""
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
@@ -49,7 +49,7 @@ def git_commit() -> str:
             check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
-        return ""
+        return "unknown (not a git checkout)"
     return sha + ("+dirty" if dirty.strip() else "")
 
 

@@ -1,8 +1,16 @@
-"""Leaderboard columns measured from models: sizes (MACs, params) and latency vs dense."""
+"""Leaderboard columns measured from models: sizes (MACs, params) and latency vs dense.
+
+Latency columns come either from timing both models here, or from the JSON that the
+pytest-benchmark latency suite writes (pure JSON handling, no model code).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,4 +59,140 @@ def latency_columns(
         cols[f"latency_{tag}_iqr_ms"] = stats["pruned"].iqr_ms
         cols[f"latency_{tag}_dense_ms"] = stats["dense"].median_ms
         cols[f"speedup_{tag}"] = stats["dense"].median_ms / stats["pruned"].median_ms
+    return cols
+
+
+# ----------------------------------------------------------------------------- benchmark JSON
+
+
+def bench_key(method: str, target: float | None, native: Mapping[str, Any]) -> str:
+    """What identifies a pruned configuration in timings: method, MACs target and knobs.
+
+    The latency suite writes it to ``extra_info["config"]``; ``--latency-json`` only takes
+    timings whose key equals the run's own.
+    """
+    return json.dumps(
+        {"method": method, "target": target, "native": dict(native)},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+
+
+def _entries(path: Path) -> list[dict[str, Any]]:
+    """The ``benchmarks`` list of a pytest-benchmark JSON file, each with its stats checked."""
+    fix = "create one with `pytest benchmarks --benchmark-only --benchmark-json FILE`"
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable pytest-benchmark JSON ({err}); {fix}") from None
+    entries = data.get("benchmarks") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} has no 'benchmarks' list: not a pytest-benchmark JSON; {fix}")
+    good = []
+    for i, b in enumerate(entries):
+        info = b.get("extra_info") if isinstance(b, dict) else None
+        if not isinstance(info, dict) or "method" not in info:
+            continue
+        stats = b.get("stats")
+        if not isinstance(stats, dict) or not all(
+            isinstance(stats.get(k), (int, float)) for k in ("median", "iqr")
+        ):
+            raise ValueError(f"{path}: benchmark {i} has no numeric stats median/iqr; {fix}")
+        missing = [k for k in ("model", "batch") if k not in info]
+        if missing:
+            raise ValueError(f"{path}: benchmark {i} lacks extra_info {missing}; {fix}")
+        good.append(b)
+    return good
+
+
+def bench_from_json(path: Path) -> list[dict[str, Any]]:
+    """Dense-vs-method ratios from a pytest-benchmark JSON file (medians, same run).
+
+    Timings pair up when model, batch, memory format, input shape, device and threads agree.
+    """
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for b in _entries(path):
+        info = b["extra_info"]
+        key = (
+            info["model"],
+            info["batch"],
+            info.get("memory_format", "nchw"),
+            json.dumps(info.get("input_shape")),
+            info.get("device", "cpu"),
+            info.get("threads"),
+        )
+        entry = {"median": b["stats"]["median"] * 1e3, "iqr": b["stats"]["iqr"] * 1e3, **info}
+        groups[key][info.get("config") or info["method"]] = entry
+    rows = []
+    for (model, batch, fmt, _shape, device, _threads), by_config in sorted(
+        groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])
+    ):
+        dense = next((m for m in by_config.values() if m["method"] == "dense"), None)
+        for m in by_config.values():
+            if m["method"] == "dense" or dense is None:
+                continue
+            rows.append(
+                {
+                    "model": model,
+                    "method": m["method"],
+                    "config": m.get("config"),
+                    "batch": batch,
+                    "memory_format": fmt,
+                    "input_shape": m.get("input_shape"),
+                    "device": device,
+                    "dense_ms": dense["median"],
+                    "dense_iqr_ms": dense["iqr"],
+                    "pruned_ms": m["median"],
+                    "pruned_iqr_ms": m["iqr"],
+                    "speedup": dense["median"] / m["median"],
+                    "threads": m.get("threads"),
+                    "macs": m.get("macs"),
+                    "params": m.get("params"),
+                }
+            )
+    return rows
+
+
+def latency_columns_from_json(
+    path: Path, *, model: str, config: str, input_shape: Sequence[int], device: str
+) -> dict[str, Any]:
+    """The leaderboard's latency columns for one configuration, from a pytest-benchmark JSON.
+
+    Only timings of the same model, configuration (:func:`bench_key`), per-sample input shape
+    and device count; anything else is refused. Batch 1 fills the ``b1`` columns and the
+    largest other batch the ``bN`` ones (NCHW rows); speed-ups are dense / pruned medians.
+    """
+    shape = [int(s) for s in input_shape]
+    rows = [
+        r
+        for r in bench_from_json(path)
+        if r["model"] == model
+        and r["config"] == config
+        and r["memory_format"] == "nchw"
+        and r["input_shape"] == shape
+        and r["device"] == device
+    ]
+    by_batch = {r["batch"]: r for r in rows}
+    if 1 not in by_batch or len(by_batch) < 2:
+        raise ValueError(
+            f"{path} has no batch-1 and throughput timings of {model} with {config} on input "
+            f"{shape} on {device}: it timed another configuration. Time this one "
+            "(`gkp-bench bench` with the same flags), or drop --latency-json"
+        )
+    big = max(by_batch)
+    cols: dict[str, Any] = {
+        "device": device,
+        "bench_batch": big,
+        "threads": by_batch[1]["threads"],
+    }
+    for tag, r in (("b1", by_batch[1]), ("bN", by_batch[big])):
+        cols.update(
+            {
+                f"latency_{tag}_ms": r["pruned_ms"],
+                f"latency_{tag}_iqr_ms": r["pruned_iqr_ms"],
+                f"latency_{tag}_dense_ms": r["dense_ms"],
+                f"speedup_{tag}": r["speedup"],
+            }
+        )
     return cols

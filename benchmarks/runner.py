@@ -3,90 +3,43 @@
 Everything lands under ``runs/`` (models, checkpoints, snapshots) and ``results/`` (the
 leaderboard row). Each step is resumable: a finished step is loaded, not redone.
 
-Layout: ``runs/<dataset>-<model>-<recipe>-s<seed>/`` holds the baseline (``checkpoint.pt``,
-``final.pt``, ``snapshots/``); ``.../pruned/<method>-<knobs>/`` holds ``pruned.pt`` (the model
-right after pruning) and the fine-tuning checkpoint and ``final.pt``.
+Where files go is in :mod:`benchmarks.runconfig`. Every file is a state dict plus plain data
+(``gkp.checkpoint``), bound to the run it belongs to.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.measure import latency_columns, size_columns
+from benchmarks.environment import git_commit
+from benchmarks.measure import latency_columns, latency_columns_from_json, size_columns
+from benchmarks.runconfig import RunConfig, file_digest, recipe_tag
 from gkp.api import MethodInfo, PruneContext, PruneTarget, get_method
+from gkp.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    rebuild,
+    save_checkpoint,
+    state_digest,
+    structure_of,
+)
 from gkp.data import example_input, get_dataset_spec, load_data
 from gkp.masked import deploy_form, training_form
 from gkp.models import get_model
-from gkp.recipes import RECIPES, Recipe
-from gkp.train import CheckpointError, evaluate, fit, load_checkpoint, resolve_device, save_atomic
+from gkp.recipes import Recipe
+from gkp.train import evaluate, fit, phase_recipe
 
-
-@dataclass
-class RunConfig:
-    """One benchmark run's settings (the CLI's common flags)."""
-
-    model: str = "resnet20"
-    dataset: str = "fashion-mnist"
-    method: str = "gkp-l2"
-    recipe: Recipe | None = None
-    target: float | None = None
-    native: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    device: str | None = None
-    data_dir: str | None = None
-    download: bool = False
-    runs_dir: Path = Path("runs")
-    results_dir: Path = Path("results")
-    bench_batch: int = 32
-    bench_rounds: int = 30
-    threads: int | None = None
-    latency_json: Path | None = None  # take latency columns from a pytest-benchmark JSON
-    progress: bool = True
-    restart: bool = False
-    command: str = ""
-
-    @property
-    def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
-
-    def baseline_dir(self) -> Path:
-        return self.runs_dir / f"{self.dataset}-{self.model}-{recipe_tag(self.recipe)}-s{self.seed}"
-
-    def prune_tag(self) -> str:
-        knobs = "-".join(f"{k}{v}" for k, v in sorted(self.native.items()))
-        return "-".join(
-            x for x in (self.method, f"t{self.target}" if self.target else "", knobs) if x
-        )
-
-    def prune_dir(self) -> Path:
-        return self.baseline_dir() / "pruned" / self.prune_tag()
-
-
-def recipe_tag(recipe: Recipe) -> str:
-    """The recipe's name, plus a short hash when command-line overrides changed any field."""
-    named = RECIPES.get(recipe.name)
-    if named == recipe:
-        return recipe.name
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
-    return f"{recipe.name}-{digest.hexdigest()[:8]}"
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+__all__ = ["RunConfig", "check_method", "fresh_model", "prune_run", "recipe_tag", "train_baseline"]
 
 
 def _data(cfg: RunConfig):
@@ -102,10 +55,30 @@ def _data(cfg: RunConfig):
     )
 
 
-def _fresh_model(cfg: RunConfig) -> nn.Module:
+def fresh_model(cfg: RunConfig) -> nn.Module:
+    """A newly initialised ``cfg.model`` shaped for ``cfg.dataset`` (seeded by ``cfg.seed``)."""
     spec = get_dataset_spec(cfg.dataset)
     torch.manual_seed(cfg.seed)
     return get_model(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as JSON-able plain data (numpy scalars, paths, tuples become numbers, text, lists),
+    so that checkpoints load with ``weights_only=True``."""
+    return json.loads(json.dumps(obj, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def check_method(cfg: RunConfig) -> None:
+    """The method's knobs, checked against a fresh model of this run before any work starts.
+
+    A method registered with a ``check`` (every grouped-kernel method) validates its knobs'
+    types and ranges and, e.g., that ``groups`` divides every target layer's filters.
+    """
+    method = get_method(cfg.method)
+    target = PruneTarget(cfg.target, dict(cfg.native))
+    check = getattr(method, "check", None)
+    if check is not None:
+        check(fresh_model(cfg), target, example_input(cfg.dataset, 1))
 
 
 def train_baseline(cfg: RunConfig) -> dict[str, Any]:
@@ -113,11 +86,11 @@ def train_baseline(cfg: RunConfig) -> dict[str, Any]:
     out = cfg.baseline_dir()
     final = out / "final.pt"
     if final.exists() and not cfg.restart:
-        return load_checkpoint(final)["summary"]
+        return _baseline_file(cfg, final)["summary"]
     if cfg.restart:  # snapshots of an older run must not reach TMI-GKP's vote
         shutil.rmtree(out / "snapshots", ignore_errors=True)
     train, test, _ = _data(cfg)
-    model = _fresh_model(cfg)
+    model = fresh_model(cfg)
     lo, hi = cfg.recipe.window()
     summary = fit(
         model,
@@ -131,14 +104,31 @@ def train_baseline(cfg: RunConfig) -> dict[str, Any]:
         snapshot_epochs=range(lo, hi + 1),
         progress=cfg.progress,
         restart=cfg.restart,
+        identity=cfg.baseline_meta(),
     )
+    if summary["top1"] is None:
+        raise CheckpointError(f"{out}: the baseline finished without a test accuracy; --restart")
     summary["snapshot_window"] = cfg.recipe.window_label()
     summary["window"] = [lo, hi]
-    save_atomic(
-        {"model": model.state_dict(), "summary": summary, "recipe": dataclasses.asdict(cfg.recipe)},
+    save_checkpoint(
         final,
+        {
+            "kind": "baseline",
+            "meta": cfg.baseline_meta(),
+            "state_dict": model.state_dict(),
+            "summary": plain(summary),
+            "recipe": plain(phase_recipe(cfg.recipe, "train")),
+        },
     )
     return summary
+
+
+def _baseline_file(cfg: RunConfig, final: Path) -> dict[str, Any]:
+    ckpt = load_checkpoint(final, kind="baseline", expect=cfg.baseline_meta())
+    summary = ckpt.get("summary")
+    if not isinstance(summary, dict) or not isinstance(summary.get("top1"), (int, float)):
+        raise CheckpointError(f"{final} has no baseline accuracy; pass --restart to retrain it")
+    return ckpt
 
 
 def load_baseline(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any]]:
@@ -149,38 +139,47 @@ def load_baseline(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any]]:
             f"no trained baseline at {final}; create it with: gkp-bench train --model {cfg.model} "
             f"--dataset {cfg.dataset} --recipe {cfg.recipe.name} --seed {cfg.seed}"
         )
-    ckpt = load_checkpoint(final)
-    model = _fresh_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{final} does not hold a {cfg.model} for {cfg.dataset}: {err}"
-        ) from err
+    ckpt = _baseline_file(cfg, final)
+    model = load_weights(fresh_model(cfg), ckpt.get("state_dict"), str(final))
     return model, ckpt["summary"]
 
 
 def snapshots(cfg: RunConfig, window: tuple[int, int]) -> list[Path]:
-    """The baseline's snapshot files inside its recorded window, in epoch order."""
+    """The baseline's snapshot files inside its recorded window, in epoch order.
+
+    Each must be a snapshot of this run's model (checked here, before any pruning work).
+    """
     lo, hi = window
     found = sorted((cfg.baseline_dir() / "snapshots").glob("epoch_*.pt"))
-    return [p for p in found if lo <= int(p.stem.split("_")[1]) <= hi]
+    picked = [p for p in found if lo <= int(p.stem.split("_")[1]) <= hi]
+    for p in picked:
+        load_checkpoint(p, kind="snapshot", expect=cfg.baseline_meta())
+    return picked
 
 
-def _prune(
-    cfg: RunConfig, dense: nn.Module, base: dict[str, Any], info: MethodInfo
-) -> tuple[nn.Module, dict]:
+@dataclass
+class Pruned:
+    """The model right after pruning, what the method decided, and the commit that pruned it."""
+
+    model: nn.Module
+    info: dict[str, Any]
+    commit: str
+
+
+def _prune(cfg: RunConfig, dense: nn.Module, base: dict[str, Any], info: MethodInfo) -> Pruned:
     """Prune once and keep the result in ``pruned.pt``; later calls load it."""
     path = cfg.prune_dir() / "pruned.pt"
     baseline_id = file_digest(cfg.baseline_dir() / "final.pt")
     if path.exists() and not cfg.restart:
-        saved = load_checkpoint(path)
+        saved = load_checkpoint(path, kind="pruned", expect=cfg.pruned_meta())
         if saved.get("baseline") != baseline_id:
             raise CheckpointError(
                 f"{path} was pruned from an older baseline than {cfg.baseline_dir()}/final.pt; "
                 "pass --restart to prune and fine-tune again"
             )
-        return saved["model"], saved["info"]
+        model = rebuild(fresh_model(cfg), saved.get("structure"), str(path))
+        model = load_weights(model, saved.get("state_dict"), str(path))
+        return Pruned(model, saved["info"], str(saved.get("commit", "")))
     snaps = snapshots(cfg, tuple(base.get("window", (0, 10**9))))
     if "snapshots" in info.needs and not snaps:
         raise CheckpointError(
@@ -192,9 +191,21 @@ def _prune(
     ctx = PruneContext(example_inputs=x, snapshots=tuple(snaps), seed=cfg.seed)
     t0 = time.perf_counter()
     result = get_method(cfg.method)(dense, PruneTarget(cfg.target, dict(cfg.native)), ctx)
-    prune_info = {**result.info, "prune_seconds": time.perf_counter() - t0}
-    save_atomic({"model": result.model, "info": prune_info, "baseline": baseline_id}, path)
-    return result.model, prune_info
+    prune_info = plain({**result.info, "prune_seconds": time.perf_counter() - t0})
+    pruned = Pruned(result.model, prune_info, git_commit())
+    save_checkpoint(
+        path,
+        {
+            "kind": "pruned",
+            "meta": cfg.pruned_meta(),
+            "structure": structure_of(result.model),
+            "state_dict": result.model.state_dict(),
+            "info": prune_info,
+            "baseline": baseline_id,
+            "commit": pruned.commit,
+        },
+    )
+    return pruned
 
 
 def _window_used(info: dict[str, Any], recipe: Recipe) -> str:
@@ -203,15 +214,39 @@ def _window_used(info: dict[str, Any], recipe: Recipe) -> str:
     return f"{min(epochs)}-{max(epochs)} of {recipe.epochs}" if epochs else ""
 
 
+def decisions(info: dict[str, Any]) -> dict[str, Any]:
+    """What the method decided beyond its knobs, for the row's ``prune_info`` column.
+
+    Today: clustering candidates a method dropped (per layer) and snapshots it used.
+    """
+    dropped = {
+        name: layer["dropped_candidates"]
+        for name, layer in info.get("layers", {}).items()
+        if isinstance(layer, dict) and layer.get("dropped_candidates")
+    }
+    out: dict[str, Any] = {"dropped_candidates": dropped} if dropped else {}
+    if info.get("snapshots"):
+        out["snapshots"] = len(info["snapshots"])
+    return out
+
+
+def run_id(cfg: RunConfig, baseline_id: str, pruned_digest: str) -> str:
+    """Same baseline, configuration, pruned model and fine-tuning recipe: same id."""
+    key = [baseline_id, cfg.bench_key(), pruned_digest, phase_recipe(cfg.recipe, "finetune")]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def prune_run(cfg: RunConfig) -> dict[str, Any]:
     """Prune the baseline, fine-tune, evaluate, time against dense; returns a leaderboard row."""
     method = get_method(cfg.method)
     dense, base = load_baseline(cfg)
     device = cfg.torch_device
     train, test, _ = _data(cfg)
-    pruned, info = _prune(cfg, dense, base, method.info)
-    before = evaluate(pruned.to(device), test, device)["top1"]
-    trainable = training_form(pruned)  # same function, trains faster than the grouped form
+    pruned = _prune(cfg, dense, base, method.info)
+    info = pruned.info
+    digest = state_digest(pruned.model)
+    before = evaluate(pruned.model.to(device), test, device)["top1"]
+    trainable = training_form(pruned.model)  # same function, trains faster than the grouped form
     ft = fit(
         trainable,
         train,
@@ -223,18 +258,32 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
         seed=cfg.seed,
         progress=cfg.progress,
         restart=cfg.restart,
+        identity={**cfg.pruned_meta(), "pruned": digest},
     )
-    pruned = deploy_form(trainable)
-    final = evaluate(pruned, test, device)  # the deployed network is what gets reported
-    save_atomic({"model": pruned, "summary": ft, "info": info}, cfg.prune_dir() / "final.pt")
+    deployed = deploy_form(trainable)
+    final = evaluate(deployed, test, device)  # the deployed network is what gets reported
+    save_checkpoint(
+        cfg.prune_dir() / "final.pt",
+        {
+            "kind": "finetuned",
+            "meta": {**cfg.pruned_meta(), "pruned": digest},
+            "structure": structure_of(deployed),
+            "state_dict": deployed.state_dict(),
+            "summary": plain(ft),
+            "info": info,
+        },
+    )
     x = example_input(cfg.dataset, 1)
+    commit = git_commit()
     row = {
         "source": "measured",
+        "run_id": run_id(cfg, file_digest(cfg.baseline_dir() / "final.pt"), digest),
         "method": cfg.method,
         "granularity": method.info.granularity.value,
         "faithfulness": method.info.faithfulness,
         "reference": method.info.reference,
         "options": json.dumps(info.get("options", {}), sort_keys=True, default=str),
+        "prune_info": json.dumps(decisions(info), sort_keys=True),
         "model": cfg.model,
         "dataset": cfg.dataset,
         "recipe": cfg.recipe.name,
@@ -250,17 +299,23 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
         "prune_seconds": info["prune_seconds"],
         "train_seconds": ft["seconds"],
         "command": cfg.command,
-        **size_columns(dense.cpu(), pruned.cpu(), x),
-        **_latency(cfg, dense, pruned, x, device),
+        "git_commit": commit,
+        "prune_commit": pruned.commit if pruned.commit != commit else "",
+        **size_columns(dense.cpu(), deployed.cpu(), x),
+        **_latency(cfg, dense, deployed, x, device),
     }
     return row
 
 
 def _latency(cfg: RunConfig, dense: nn.Module, pruned: nn.Module, x, device) -> dict[str, Any]:
     if cfg.latency_json is not None:
-        from benchmarks.bench import latency_columns_from_json
-
-        return latency_columns_from_json(cfg.latency_json, cfg.model, cfg.method)
+        return latency_columns_from_json(
+            cfg.latency_json,
+            model=cfg.model,
+            config=cfg.bench_key(),
+            input_shape=x.shape[1:],
+            device=device.type,
+        )
     return latency_columns(
         dense, pruned, x.shape[1:], cfg.bench_batch, cfg.bench_rounds, device, cfg.threads
     )

@@ -1,6 +1,8 @@
 """The leaderboard's declared schema: every column's type, unit, meaning and allowed values.
 
-``results/README.md`` embeds ``schema_markdown()``; a test checks it is up to date.
+``results/README.md`` embeds ``schema_markdown()``; a test checks it is up to date. Columns are
+only ever added at the end, so that every older header is a prefix of ``COLUMNS``: files with
+such a header (``LEGACY_HEADERS``) still read, and the next append upgrades them in place.
 """
 
 from __future__ import annotations
@@ -66,13 +68,13 @@ SCHEMA: tuple[Column, ...] = (
     _s("snapshot_window", "training snapshots used, e.g. '2-4 of 15'; empty if unused", "epochs"),
     _i("macs_dense", "MACs", f"dense model: {_MACS}"),
     _i("macs", "MACs", f"pruned deploy form: {_MACS}"),
-    _f("macs_reduction_pct", "%", f"MACs {_RED}", lo=None, hi=100),
+    _f("macs_reduction_pct", "%", f"MACs {_RED}; never negative", hi=100),
     _i("macs_bn_dense", "MACs", f"dense model: {_BN}"),
     _i("macs_bn", "MACs", f"pruned deploy form: {_BN}"),
-    _f("macs_bn_reduction_pct", "%", f"BN-inclusive MACs {_RED}", lo=None, hi=100),
+    _f("macs_bn_reduction_pct", "%", f"BN-inclusive MACs {_RED}; never negative", hi=100),
     _i("params_dense", "params", f"dense model: {_PARAMS}"),
     _i("params", "params", f"pruned deploy form: {_PARAMS}"),
-    _f("params_reduction_pct", "%", f"params {_RED}", lo=None, hi=100),
+    _f("params_reduction_pct", "%", f"params {_RED}; never negative", hi=100),
     _i(
         "macs_nonzero",
         "MACs",
@@ -107,12 +109,49 @@ SCHEMA: tuple[Column, ...] = (
     _s("git_commit", "commit of this repository that produced the row"),
     _s("command", "the exact gkp-bench command line that produced the row"),
     _s("reference", "paper the method comes from (or the reported number's source)"),
+    _s(
+        "run_id",
+        "id of the run that produced the row, so that a copied row or a re-run is recognised; "
+        "rows older than this column: 'legacy-' + 12 hex of the sha256 of their CSV line",
+    ),
+    _s(
+        "prune_commit",
+        "commit that pruned the model when it differs from git_commit (a reused pruned "
+        "checkpoint); else empty",
+    ),
+    _s(
+        "prune_info",
+        "what the method decided that is not a knob, e.g. dropped clustering candidates; "
+        "`{}` when nothing",
+        "JSON",
+    ),
 )
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 BY_NAME = {c.name: c for c in SCHEMA}
 
+# Past headers, oldest first: COLUMNS as it was before columns were added at its end.
+LEGACY_HEADERS: tuple[tuple[str, ...], ...] = (COLUMNS[: COLUMNS.index("reference") + 1],)
+
 REQUIRED = ("date", "source", "method", "granularity", "faithfulness", "model", "dataset")
-REQUIRED_MEASURED = ("recipe", "seed", "macs", "params", "top1")
+REQUIRED_MEASURED = (  # checked on every append, and on stored measured rows with a run_id
+    "recipe",
+    "seed",
+    "finetune_epochs",
+    "macs_dense",
+    "macs",
+    "macs_reduction_pct",
+    "params_dense",
+    "params",
+    "params_reduction_pct",
+    "top1_dense",
+    "top1_pruned_before_ft",
+    "top1",
+    "git_commit",
+    "command",
+    "run_id",
+)
+# Stored measured rows without a run_id were written before it existed, under this older rule.
+REQUIRED_MEASURED_LEGACY = ("recipe", "seed", "macs", "params", "top1")
 REQUIRED_REPORTED = ("reference",)
 PCT_TOLERANCE = 0.05  # percentage points allowed between a stored reduction and its recomputation
 SPEEDUP_RTOL = 0.02  # relative tolerance between a stored speed-up and dense / pruned latency

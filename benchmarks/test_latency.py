@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from benchmarks.measure import bench_key
 from gkp import metrics
 from gkp.api import PruneContext, PruneTarget, get_method
 from gkp.models import get_model
@@ -31,6 +32,9 @@ def models() -> dict[str, torch.nn.Module]:
     return {"dense": dense, "gkp-l2": pruned}
 
 
+KNOBS = {"dense": None, "gkp-l2": {"rate": 0.4375, "groups": 8}}
+
+
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("variant", ["dense", "gkp-l2"])
@@ -43,6 +47,8 @@ def test_resnet56_cpu_latency(benchmark, models, variant, batch, memory_format):
     benchmark.extra_info.update(
         model="resnet56",
         method=variant,
+        config=bench_key(variant, None, KNOBS[variant]) if KNOBS[variant] else None,
+        input_shape=list(X1.shape[1:]),
         batch=batch,
         memory_format=memory_format,
         threads=THREADS,

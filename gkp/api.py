@@ -2,13 +2,12 @@
 
 A method is a callable ``(model, target, ctx) -> PruneResult`` registered with
 ``@register_method(MethodInfo(...))``. Adding a method is one decorated function in one file:
-the registry imports ``gkp.methods`` and every module of ``baselines`` on first use.
+the registry imports ``gkp.methods`` and every module of ``baselines`` on first use. Names are
+case-insensitive; ``MethodInfo.name`` is always the canonical (lower-case) spelling.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -16,6 +15,26 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor, nn
+
+from gkp.registry import PluginError, Registry, UnknownNameError, canonical
+
+__all__ = [
+    "FAITHFULNESS",
+    "METHODS",
+    "NEEDS",
+    "Granularity",
+    "Method",
+    "MethodInfo",
+    "PluginError",
+    "PruneContext",
+    "PruneResult",
+    "PruneTarget",
+    "Pruner",
+    "UnknownNameError",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
 
 
 class Granularity(str, Enum):
@@ -96,6 +115,7 @@ class MethodInfo:
     native_knobs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "name", canonical(self.name))  # "GKP-L2" is "gkp-l2"
         if self.faithfulness not in FAITHFULNESS:
             raise ValueError(
                 f"faithfulness must be one of {FAITHFULNESS}, got {self.faithfulness!r}"
@@ -105,70 +125,50 @@ class MethodInfo:
             raise ValueError(f"unknown needs {sorted(unknown)}; known: {NEEDS}")
 
 
+Check = Callable[[nn.Module, PruneTarget, Tensor], None]
+
+
 @dataclass(frozen=True)
 class Method:
+    """A registered method: its facts, its pruning function and its up-front check.
+
+    ``check(model, target, example_inputs)``, when given, validates the knobs against the model
+    (types, ranges, groups dividing the layers) without pruning, and raises ValueError; the
+    runner calls it before any training, so bad input never costs a training run.
+    """
+
     info: MethodInfo
     fn: Pruner
+    check: Check | None = None
+
+    @property
+    def name(self) -> str:
+        """The canonical name (lower case), as rows and folder names record it."""
+        return self.info.name
 
     def __call__(self, model: nn.Module, target: PruneTarget, ctx: PruneContext) -> PruneResult:
         return self.fn(model, target, ctx)
 
 
-_METHODS: dict[str, Method] = {}
-_PLUGIN_PACKAGES = ("gkp.methods", "baselines")
-_loaded = False
+METHODS: Registry[Method] = Registry("method", plugins=("gkp.methods", "baselines"))
 
 
-def register_method(info: MethodInfo) -> Callable[[Pruner], Pruner]:
-    """Decorator registering ``fn`` under ``info.name``; a duplicate name raises ValueError."""
+def register_method(info: MethodInfo, check: Check | None = None) -> Callable[[Pruner], Pruner]:
+    """Decorator registering ``fn`` under ``info.name``; a duplicate name raises ValueError.
 
-    def deco(fn: Pruner) -> Pruner:
-        if info.name in _METHODS:
-            raise ValueError(f"method {info.name!r} is already registered")
-        _METHODS[info.name] = Method(info, fn)
-        return fn
-
-    return deco
-
-
-def _load_plugins() -> None:
-    """Import the built-in method modules once, so their decorators run."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for pkg_name in _PLUGIN_PACKAGES:
-        try:
-            pkg = importlib.import_module(pkg_name)
-        except ModuleNotFoundError as err:
-            if err.name != pkg_name:
-                raise
-            continue
-        for mod in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{pkg_name}.{mod.name}")
+    ``check``: see :class:`Method`.
+    """
+    return METHODS.decorator(info.name, lambda fn: Method(info, fn, check))
 
 
 def list_methods() -> list[str]:
-    """Names of every registered method, sorted."""
-    _load_plugins()
-    return sorted(_METHODS)
+    """Names of every registered method, sorted (imports the plugin modules on first use)."""
+    return METHODS.names()
 
 
 def get_method(name: str) -> Method:
-    """The registered method ``name``; an unknown name raises KeyError listing the known ones."""
-    _load_plugins()
-    if name not in _METHODS:
-        raise UnknownNameError("method", name, sorted(_METHODS))
-    return _METHODS[name]
+    """The registered method ``name`` (any case); an unknown name raises UnknownNameError.
 
-
-class UnknownNameError(KeyError, ValueError):
-    """An unknown method, model or dataset name; the message lists the known ones."""
-
-    def __init__(self, kind: str, name: str, known: Sequence[str]) -> None:
-        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(known)}")
-        self.message = self.args[0]
-
-    def __str__(self) -> str:
-        return self.message
+    A plugin module that fails to import raises :class:`PluginError` naming it.
+    """
+    return METHODS[name]

@@ -1,50 +1,56 @@
-"""Datasets by name: shape/normalisation specs, one registry, and loaders of normalised batches.
+"""Datasets by name: shape/normalisation specs, one registry, and ``load_data``.
 
 ``load_data(name, ...)`` returns ``(train, test, spec)``. Both loaders are re-iterable (one pass is
 one epoch), have ``len()`` = batches per epoch and yield ``(x, y)``: float32 NCHW normalised
-images and int64 labels, on the CPU.
+images and int64 labels, on the CPU. Names are case-insensitive and ``_`` is ``-``; the spec's
+``name`` is the canonical spelling (``fashion-mnist``).
 
-The small datasets (CIFAR-10/100, Fashion-MNIST, synthetic) are held in memory as uint8 tensors
-by :class:`TensorLoader`, which augments whole batches at once (pad-4 random crop + horizontal
-flip): on a 2-core CPU a per-sample torchvision pipeline would cost more than the network.
-ImageNet uses ``ImageFolder`` and a torch ``DataLoader`` with worker processes.
-
-Randomness: the train order, the augmentation and the subsets follow ``seed`` only. Epoch ``e`` of
-a train loader always uses the same order and crops, so a resumed run can call ``set_epoch(e)``.
+The small datasets (CIFAR-10/100, Fashion-MNIST, synthetic) are held in memory by
+:class:`~gkp.loaders.TensorLoader`; ImageNet uses ``ImageFolder`` and worker processes. The file
+readers are in :mod:`gkp._datasets`, :mod:`gkp.cifar` and :mod:`gkp.imagenet`; the loaders,
+augmentation and subsets in :mod:`gkp.loaders`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gkp._datasets import (
     DatasetNotFoundError,
-    Split,
-    epoch_seed,
-    find_cifar,
     find_fashion_mnist,
-    find_imagenet,
-    imagenet_loaders,
-    read_cifar,
     read_fashion_mnist,
     synthetic_split,
 )
+from gkp.cifar import find_cifar, read_cifar
+from gkp.imagenet import find_imagenet, imagenet_loaders
+from gkp.loaders import (
+    Loader,
+    Split,
+    TensorLoader,
+    check_subset_size,
+    random_crop_flip,
+    stratified_subset,
+    take_subset,
+)
+from gkp.registry import Registry, canonical
 
 __all__ = [
+    "DATASETS",
     "DataBundle",
+    "Dataset",
     "DatasetNotFoundError",
     "DatasetSpec",
     "Loader",
     "LoadOptions",
     "TensorLoader",
+    "dataset_name",
     "example_input",
     "get_dataset_spec",
     "list_datasets",
@@ -52,6 +58,7 @@ __all__ = [
     "random_crop_flip",
     "register_dataset",
     "stratified_subset",
+    "tensor_loaders",
 ]
 
 
@@ -85,18 +92,6 @@ class LoadOptions:
     num_workers: int = 2
 
 
-class Loader(Protocol):
-    """What the trainer may rely on: re-iterable, sized in batches, epoch-addressable."""
-
-    num_samples: int
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
-
-    def __len__(self) -> int: ...
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-
 class DataBundle(NamedTuple):
     """``(train, test, spec)``: unpacks like the tuple the trainer expects, fields by name too."""
 
@@ -108,11 +103,25 @@ class DataBundle(NamedTuple):
 Builder = Callable[[DatasetSpec, LoadOptions], tuple[Loader, Loader]]
 
 
-_REGISTRY: dict[str, tuple[DatasetSpec, Builder]] = {}
+@dataclass(frozen=True)
+class Dataset:
+    """A registered dataset: its spec (known without files) and its loader builder."""
+
+    spec: DatasetSpec
+    build: Builder
+
+    @property
+    def name(self) -> str:
+        """The canonical name, e.g. ``fashion-mnist`` for ``Fashion_MNIST``."""
+        return self.spec.name
 
 
-def _canonical(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
+def dataset_name(name: str) -> str:
+    """Canonical dataset name: stripped, lower case, ``_`` written as ``-``."""
+    return canonical(name).replace("_", "-")
+
+
+DATASETS: Registry[Dataset] = Registry("dataset", normalise=dataset_name)
 
 
 def register_dataset(
@@ -128,33 +137,22 @@ def register_dataset(
 
     The spec is given here, so :func:`get_dataset_spec` needs no files. Duplicates raise.
     """
-    key = _canonical(name)
+    key = dataset_name(name)
     spec = DatasetSpec(key, num_classes, in_channels, image_size, tuple(mean), tuple(std))
-
-    def decorate(build: Builder) -> Builder:
-        if key in _REGISTRY:
-            raise ValueError(f"dataset {key!r} is already registered")
-        _REGISTRY[key] = (spec, build)
-        return build
-
-    return decorate
+    return DATASETS.decorator(key, lambda build: Dataset(spec, build))
 
 
 def list_datasets() -> list[str]:
     """Registered dataset names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def _entry(name: str) -> tuple[DatasetSpec, Builder]:
-    try:
-        return _REGISTRY[_canonical(name)]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}") from None
+    return DATASETS.names()
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
-    """The spec of a registered dataset (``_`` and ``-``, upper and lower case are the same)."""
-    return _entry(name)[0]
+    """The spec of a registered dataset (``_`` and ``-``, upper and lower case are the same).
+
+    Its ``name`` is the canonical spelling; an unknown name raises UnknownNameError.
+    """
+    return DATASETS[name].spec
 
 
 def example_input(name: str, batch: int = 1) -> Tensor:
@@ -163,123 +161,17 @@ def example_input(name: str, batch: int = 1) -> Tensor:
     return torch.zeros(batch, s.in_channels, s.image_size, s.image_size)
 
 
-# ---------------------------------------------------------------- the tensor-resident loader
-
-
-def random_crop_flip(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
-    """Per sample: zero-pad by ``pad``, crop back to H x W at a random offset, flip with p=0.5.
-
-    One gather for the whole batch (no Python loop over samples). Works for any dtype; padding is
-    zero in pixel space, as torchvision's ``RandomCrop(size, padding=pad)``.
-    """
-    b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad)).flatten(2)  # (b, c, (h + 2p) * (w + 2p))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator)
-    flip = torch.rand(b, 1, 1, generator=generator) < 0.5
-    rows = torch.arange(h).view(1, h, 1) + dy
-    cols = torch.arange(w).view(1, 1, w)
-    cols = torch.where(flip, w - 1 - cols, cols) + dx
-    flat = (rows * (w + 2 * pad) + cols).view(b, 1, h * w).expand(b, c, h * w)
-    return padded.gather(2, flat).view(b, c, h, w)
-
-
-class TensorLoader:
-    """Batches of an in-memory split, augmented and normalised on the fly, batch-vectorised.
-
-    ``images``: uint8 (pixels 0..255) or float (0..1) N x C x H x W. With ``shuffle`` each epoch
-    has its own order; with ``augment`` each sample gets a pad-``pad`` random crop and a random
-    horizontal flip. The last batch may be smaller (no sample is dropped).
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        *,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        shuffle: bool = False,
-        augment: bool = False,
-        seed: int = 0,
-        pad: int = 4,
-    ) -> None:
-        if images.ndim != 4 or len(images) != len(labels):
-            raise ValueError(
-                f"need N x C x H x W images and N labels, got {tuple(images.shape)}"
-                f" and {tuple(labels.shape)}"
-            )
-        self.images, self.labels = images, labels.long()
-        self.batch_size, self.shuffle, self.augment, self.pad = batch_size, shuffle, augment, pad
-        self.seed, self._epoch = seed, 0
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        pixel = 1 / 255 if images.dtype == torch.uint8 else 1.0
-        self._scale = pixel / std_t
-        self._shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std_t
-
-    @property
-    def num_samples(self) -> int:
-        """Images per epoch."""
-        return len(self.labels)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass use ``epoch``'s order and augmentation (for resuming a run)."""
-        self._epoch = epoch
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
-
-    def normalise(self, x: Tensor) -> Tensor:
-        """Pixels to float32 ``(x / 255 - mean) / std`` (without the /255 for float data)."""
-        return x.to(torch.float32, copy=True).mul_(self._scale).sub_(self._shift)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self._epoch))
-        self._epoch += 1
-        n = self.num_samples
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            x = self.images[idx]
-            if self.augment:
-                x = random_crop_flip(x, self.pad, g)
-            yield self.normalise(x), self.labels[idx]
-
-
-def stratified_subset(labels: Tensor, n: int, seed: int) -> Tensor:
-    """Sorted indices of ``n`` samples drawn at random, each class in proportion to its size.
-
-    Every sample gets the key (rank in a seeded shuffle of its class + 0.5) / class size; the
-    ``n`` smallest keys win, so a balanced dataset gives every class n / C samples (+- 1).
-    """
-    total = len(labels)
-    if not 0 < n <= total:
-        raise ValueError(f"subset size {n} must be in [1, {total}]")
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    lab = labels[perm]
-    order = torch.argsort(lab, stable=True)
-    counts = torch.bincount(lab)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty(total, dtype=torch.long)
-    rank[order] = torch.arange(total) - starts[lab[order]]
-    key = (rank + 0.5) / counts[lab]
-    return perm[torch.argsort(key, stable=True)[:n]].sort().values
-
-
-def _take(split: Split, n: int | None, seed: int) -> Split:
-    if n is None:
-        return split
-    idx = stratified_subset(split[1], n, seed)
-    return split[0][idx], split[1][idx]
-
-
-def _tensor_loaders(
+def tensor_loaders(
     spec: DatasetSpec, opts: LoadOptions, train: Split, test: Split
 ) -> tuple[TensorLoader, TensorLoader]:
-    """Subset (seeded, stratified) and wrap in-memory splits; the test split is never augmented."""
-    train = _take(train, opts.subset, opts.seed)
-    test = _take(test, opts.test_subset, opts.seed + 1)
+    """Subset (seeded, stratified) and wrap in-memory splits; the test split is never augmented.
+
+    A subset larger than its split raises ValueError naming the option and the largest value.
+    """
+    check_subset_size(spec.name, "train", opts.subset, len(train[1]))
+    check_subset_size(spec.name, "test", opts.test_subset, len(test[1]))
+    train = take_subset(train, opts.subset, opts.seed)
+    test = take_subset(test, opts.test_subset, opts.seed + 1)
     norm = {"mean": spec.mean, "std": spec.std}
     return (
         TensorLoader(
@@ -316,7 +208,7 @@ def _tensor_loaders(
 def _cifar(spec: DatasetSpec, opts: LoadOptions) -> tuple[Loader, Loader]:
     """CIFAR from its python batches in data_dir (default ./data), downloaded if asked."""
     folder = find_cifar(spec.name, opts.data_dir, opts.download)
-    return _tensor_loaders(spec, opts, *read_cifar(spec.name, folder))
+    return tensor_loaders(spec, opts, *read_cifar(spec.name, folder, spec.num_classes))
 
 
 @register_dataset(
@@ -325,7 +217,7 @@ def _cifar(spec: DatasetSpec, opts: LoadOptions) -> tuple[Loader, Loader]:
 def _fashion_mnist(spec: DatasetSpec, opts: LoadOptions) -> tuple[Loader, Loader]:
     """Fashion-MNIST idx files: data_dir, else Debian's package path, else ./data."""
     files = find_fashion_mnist(opts.data_dir, opts.download)
-    return _tensor_loaders(spec, opts, *read_fashion_mnist(files))
+    return tensor_loaders(spec, opts, *read_fashion_mnist(files, spec.num_classes))
 
 
 @register_dataset(
@@ -355,7 +247,7 @@ def _synthetic(spec: DatasetSpec, opts: LoadOptions) -> tuple[Loader, Loader]:
     train = synthetic_split(opts.subset or 512, split=0)
     test = synthetic_split(opts.test_subset or 256, split=1)
     whole = dataclasses.replace(opts, subset=None, test_subset=None)
-    return _tensor_loaders(spec, whole, train, test)
+    return tensor_loaders(spec, whole, train, test)
 
 
 def load_data(
@@ -377,7 +269,7 @@ def load_data(
     of that many images. Missing files raise :class:`DatasetNotFoundError` whose message lists
     the folders searched and how to get the data. ``num_workers`` only matters for ImageNet.
     """
-    spec, build = _entry(name)
+    dataset = DATASETS[name]
     for arg, value in (
         ("batch_size", batch_size),
         ("eval_batch_size", eval_batch_size),
@@ -397,4 +289,4 @@ def load_data(
         augment,
         num_workers,
     )
-    return DataBundle(*build(spec, opts), spec)
+    return DataBundle(*dataset.build(dataset.spec, opts), dataset.spec)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkp.nn import GroupedKernelConv2d, GroupPlan
+from gkp.nn import GroupedKernelConv2d, GroupPlan, conv_like
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -26,15 +26,7 @@ class MaskedConv2d(nn.Conv2d):
     @classmethod
     def from_grouped(cls, g: GroupedKernelConv2d) -> MaskedConv2d:
         c = g.to_dense()
-        new = cls(
-            c.in_channels,
-            c.out_channels,
-            c.kernel_size,
-            c.stride,
-            c.padding,
-            c.dilation,
-            bias=c.bias is not None,
-        ).to(device=c.weight.device, dtype=c.weight.dtype)
+        new = conv_like(c, cls=cls)
         new.load_state_dict(c.state_dict())
         new.plan = g.plan()
         new.register_buffer(
@@ -47,16 +39,7 @@ class MaskedConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
 
     def to_grouped(self) -> GroupedKernelConv2d:
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.bias is not None,
-        )
-        conv = conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        conv = conv_like(self)  # a plain Conv2d holding the masked weight
         with torch.no_grad():
             conv.weight.copy_(self.weight * self.mask[:, :, None, None].to(self.weight.dtype))
             if self.bias is not None:

@@ -23,7 +23,7 @@ from torch import nn
 from gkp.api import Granularity, MethodInfo, PruneContext, PruneResult, PruneTarget, register_method
 from gkp.grouping import kernel_roughness, smoothness_snake, tmi_candidates
 from gkp.nn import GroupPlan
-from gkp.planning import GKP_DEFAULTS, LayerJob, prune_grouped
+from gkp.planning import GKP_DEFAULTS, LayerJob, grouped_check, prune_grouped, resolve_knobs
 from gkp.selection import beam_select, greedy_select, grouped_kernels
 from gkp.tmi import ticket_scores, vote
 
@@ -89,13 +89,11 @@ def select_snapshots(ctx: PruneContext, window: Any) -> PruneContext:
         color="#d62728",
         needs=frozenset({"snapshots"}),
         native_knobs=tuple(TMI_DEFAULTS),
-    )
+    ),
+    check=grouped_check(TMI_DEFAULTS),
 )
 def tmi_gkp(model: nn.Module, target: PruneTarget, ctx: PruneContext) -> PruneResult:
-    equal_size = target.native.get("equal_size", "exact")
-    if equal_size not in ("exact", "heuristic"):
-        raise ValueError(f"equal_size must be 'exact' or 'heuristic', got {equal_size!r}")
-    window = target.native.get("snapshot_window")
+    window = resolve_knobs(target, TMI_DEFAULTS)["snapshot_window"]
     ctx = select_snapshots(ctx, window)
     if not ctx.snapshots:
         raise ValueError(
@@ -135,7 +133,8 @@ def sr_plan_layer(job: LayerJob) -> tuple[GroupPlan, dict[str, Any]]:
         description="SR-GKP: smoothness snaking groups, beam-search grouped-kernel selection",
         color="#9467bd",
         native_knobs=tuple(SR_DEFAULTS),
-    )
+    ),
+    check=grouped_check(SR_DEFAULTS),
 )
 def sr_gkp(model: nn.Module, target: PruneTarget, ctx: PruneContext) -> PruneResult:
     return prune_grouped(model, target, ctx, sr_plan_layer, SR_DEFAULTS)

@@ -13,6 +13,7 @@ Counting conventions (also the leaderboard's column meanings):
 
 from __future__ import annotations
 
+import copy
 import logging
 import statistics
 import time
@@ -20,11 +21,31 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
 
-_MAC_OPS = ("conv", "linear", "addmm", "matmul", "bmm", "einsum")
+# fvcore's by_operator() keys (the aten op name without "aten::") of ops that multiply-accumulate:
+# conv = aten::_convolution; linear = F.linear / nn.Linear; mm = torch.mm and ``x @ W`` when traced
+# as aten::mm; matmul = torch.matmul / ``@``; bmm; addmm (linear with bias in older traces); einsum;
+# baddbmm and mv get handles below (fvcore has none for them).
+_MAC_OPS = ("conv", "linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "mv", "einsum")
+
+
+def _baddbmm_macs(inputs: list, outputs: list) -> int:
+    """``baddbmm(input, b1, b2)``: the MACs of ``bmm(b1, b2)``; the add counts 0 (like addmm)."""
+    from fvcore.nn.jit_handles import bmm_flop_jit
+
+    return int(bmm_flop_jit(inputs[1:3], outputs))
+
+
+def _mv_macs(inputs: list, outputs: list) -> int:
+    """``mv(A, x)`` with ``A`` of shape (n, m): n * m MACs."""
+    from fvcore.nn.jit_handles import get_shape
+
+    n, m = get_shape(inputs[0])
+    return int(n * m)
 
 
 @contextmanager
@@ -38,7 +59,12 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def macs(model: nn.Module, example_inputs: Tensor) -> int:
-    """Conv + linear MACs of one forward pass on ``example_inputs`` (fvcore, quietly)."""
+    """Conv + linear + matrix-product MACs of one forward pass on ``example_inputs`` (fvcore).
+
+    One MAC per multiply-accumulate: ``Conv2d`` ``C_out*(C_in/groups)*k*k`` per output pixel,
+    ``Linear`` / ``mm`` / ``matmul`` / ``bmm`` / ``einsum`` ``m*k*n`` per (m, k) @ (k, n)
+    product (times the batch); bias adds, BN and everything else count 0 (see ``macs_bn``).
+    """
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,6 +72,7 @@ def macs(model: nn.Module, example_inputs: Tensor) -> int:
 
         analysis = FlopCountAnalysis(model, example_inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analysis.set_op_handle("aten::baddbmm", _baddbmm_macs, "aten::mv", _mv_macs)
         by_op = analysis.by_operator()
     return int(sum(v for k, v in by_op.items() if k in _MAC_OPS))
 
@@ -133,17 +160,57 @@ class LatencyStats:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _positive_int(name: str, value: object, least: int) -> int:
+    """``value`` as an int >= ``least``, or a ValueError that names the argument."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    return int(value)
 
 
-def _time_once(model: nn.Module, x: Tensor) -> float:
-    _sync(x.device)
+def _time_cpu(model: nn.Module, x: Tensor) -> float:
+    """Wall time of one forward pass, in milliseconds."""
     t0 = time.perf_counter()
     model(x)
-    _sync(x.device)
     return (time.perf_counter() - t0) * 1000.0
+
+
+def _time_cuda(model: nn.Module, x: Tensor) -> float:
+    """GPU time of one forward pass between two CUDA events, in milliseconds.
+
+    Synchronise first so earlier queued work is not counted; wait for the end event before
+    reading it. Must run with ``x.device`` as the current CUDA device (events use its stream).
+    """
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(x.device)
+    start.record()
+    model(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+@contextmanager
+def _timing_settings(threads: int, device: torch.device) -> Iterator[None]:
+    """Fixed thread count and cudnn autotuning while timing; the caller's settings restored after.
+
+    ``cudnn.benchmark`` only affects cuDNN convs; setting it on every device keeps one code path
+    (and lets the CPU tests check it). On CUDA, ``device`` is also made the current device.
+    """
+    old_threads, old_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = True
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                yield
+        else:
+            yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.backends.cudnn.benchmark = old_benchmark
 
 
 def _stats(times: list[float], batch: int, threads: int, device: torch.device) -> LatencyStats:
@@ -151,6 +218,12 @@ def _stats(times: list[float], batch: int, threads: int, device: torch.device) -
     return LatencyStats(
         statistics.median(times), q[2] - q[0], len(times), batch, threads, str(device)
     )
+
+
+def _rotated(items: list, r: int) -> list:
+    """``items`` rotated left by ``r``: round ``r`` starts with model ``r mod n``."""
+    r = r % len(items) if items else 0
+    return items[r:] + items[:r]
 
 
 def compare_latency(
@@ -165,26 +238,30 @@ def compare_latency(
 ) -> dict[str, LatencyStats]:
     """Time several models on the same input in one run, rounds interleaved.
 
-    eval(), inference_mode, ``warmup`` untimed passes, a fixed thread count (recorded), CUDA
-    synchronised around each pass. Interleaving the models round by round makes their ratios
-    robust to the machine's load drifting; compare ratios, never absolute times across runs.
+    Protocol: each model is timed on a copy (the caller's models keep their mode, device,
+    memory format and weights) in eval(), under inference_mode, after ``warmup`` untimed rounds,
+    with a fixed thread count (recorded; default: the current one). Round ``r`` runs the models
+    in their given order rotated by ``r``, so no model always runs first (warm caches, clock
+    boosts) and machine-load drift hits all of them alike. CPU: wall time of each pass. CUDA:
+    CUDA events after a synchronise, with ``cudnn.benchmark`` on (restored after).
+    Compare ratios within one call, never absolute times across runs.
     """
+    rounds = _positive_int("rounds", rounds, 1)
+    warmup = _positive_int("warmup", warmup, 0)
+    threads = _positive_int("threads", torch.get_num_threads() if threads is None else threads, 1)
     device = torch.device(device)
-    threads = threads or torch.get_num_threads()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(*input_shape, device=device).contiguous(memory_format=fmt)
-    prepared = {k: m.to(device).eval().to(memory_format=fmt) for k, m in models.items()}
-    times: dict[str, list[float]] = {k: [] for k in prepared}
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                for m in prepared.values():
-                    m(x)
-            for _ in range(rounds):
-                for k, m in prepared.items():
-                    times[k].append(_time_once(m, x))
-    finally:
-        torch.set_num_threads(old_threads)
+    prepared = [
+        (k, copy.deepcopy(m).to(device).eval().to(memory_format=fmt)) for k, m in models.items()
+    ]
+    time_once = _time_cuda if device.type == "cuda" else _time_cpu
+    times: dict[str, list[float]] = {k: [] for k, _ in prepared}
+    with _timing_settings(threads, device), torch.inference_mode():
+        for r in range(warmup):
+            for _, m in _rotated(prepared, r):
+                m(x)
+        for r in range(rounds):
+            for k, m in _rotated(prepared, r):
+                times[k].append(time_once(m, x))
     return {k: _stats(v, int(input_shape[0]), threads, device) for k, v in times.items()}

@@ -15,12 +15,36 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from numbers import Integral
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _index(value: object, where: str) -> int:
+    """``value`` as a non-negative int; floats only when integral (JSON may write 3.0)."""
+    if isinstance(value, bool) or not isinstance(value, (Integral, float)):
+        raise ValueError(f"plan[{where}] must be an integer index, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"plan[{where}] must be an integer index, got {value!r}")
+    if value < 0:
+        raise ValueError(f"plan[{where}] must be a non-negative index, got {value!r}")
+    return int(value)
+
+
+def _index_lists(value: object, key: str) -> list[list[int]]:
+    """``value`` as a non-empty list of lists of indices, or a ValueError naming the bad entry."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"plan[{key!r}] must be a non-empty list of index lists, got {value!r}")
+    out = []
+    for i, row in enumerate(value):
+        if not isinstance(row, (list, tuple)):
+            raise ValueError(f"plan[{key!r}][{i}] must be a list of indices, got {row!r}")
+        out.append([_index(v, f"{key!r}][{i}][{j}") for j, v in enumerate(row)])
+    return out
 
 
 @dataclass(frozen=True)
@@ -97,7 +121,82 @@ class GroupPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GroupPlan:
-        return cls.from_lists(d["groups"], d["kept"])
+        """Inverse of ``to_dict``, for plans read back as plain data (checkpoints, JSON).
+
+        Checks the types, not the fit to a layer (``validate`` does that): exactly the keys
+        ``groups`` and ``kept``, each a non-empty list of lists of non-negative integers
+        (integral floats such as JSON's ``3.0`` are accepted). Anything else raises ValueError
+        saying where it is.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a plan must be a dict with 'groups' and 'kept', got {d!r}")
+        if set(d) != {"groups", "kept"}:
+            raise ValueError(f"a plan has exactly the keys 'groups' and 'kept', got {sorted(d)}")
+        return cls.from_lists(_index_lists(d["groups"], "groups"), _index_lists(d["kept"], "kept"))
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything a rebuilt conv copies from the conv it stands for, except its channels."""
+
+    kernel_size: int | tuple[int, int]
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+    bias: bool = False
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> ConvGeometry:
+        w = conv.weight
+        bias = conv.bias is not None
+        return cls(
+            conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias, w.device, w.dtype
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments (those of ``GroupedKernelConv2d``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def conv_like(
+    like: nn.Conv2d | ConvGeometry,
+    *,
+    in_channels: int | None = None,
+    out_channels: int | None = None,
+    groups: int = 1,
+    cls: type[nn.Conv2d] = nn.Conv2d,
+) -> nn.Conv2d:
+    """A new ``cls`` conv with the geometry of ``like`` and the given channels and ``groups``.
+
+    Geometry: kernel size, stride, padding, dilation, bias or not, device, dtype, and
+    ``like``'s padding mode (zeros for a ``ConvGeometry``). The channel counts default to
+    ``like``'s (a ``ConvGeometry`` has none: give both). Weights get ``cls``'s usual
+    initialisation; every caller here overwrites them. The one place the deploy, dense and
+    masked forms build convs, so they cannot drift apart.
+    """
+    if isinstance(like, ConvGeometry):
+        if in_channels is None or out_channels is None:
+            raise ValueError("conv_like(ConvGeometry) needs in_channels and out_channels")
+        geo, padding_mode = like, "zeros"
+    else:
+        geo, padding_mode = ConvGeometry.of(like), like.padding_mode
+        in_channels = like.in_channels if in_channels is None else in_channels
+        out_channels = like.out_channels if out_channels is None else out_channels
+    return cls(
+        in_channels,
+        out_channels,
+        geo.kernel_size,
+        geo.stride,
+        geo.padding,
+        geo.dilation,
+        groups=groups,
+        bias=geo.bias,
+        padding_mode=padding_mode,
+        device=geo.device,
+        dtype=geo.dtype,
+    )
 
 
 class GroupedKernelConv2d(nn.Module):
@@ -114,24 +213,22 @@ class GroupedKernelConv2d(nn.Module):
         padding: int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1,
         bias: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.n_groups = n_groups
         self.n_keep = n_keep
-        self.conv = nn.Conv2d(
-            n_groups * n_keep,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups=n_groups,
-            bias=bias,
+        geometry = ConvGeometry(kernel_size, stride, padding, dilation, bias, device, dtype)
+        self.conv = conv_like(
+            geometry, in_channels=n_groups * n_keep, out_channels=out_channels, groups=n_groups
         )
-        self.register_buffer("gather_index", torch.zeros(n_groups * n_keep, dtype=torch.long))
-        self.register_buffer("output_index", torch.arange(out_channels, dtype=torch.long))
+        index = {"dtype": torch.long, "device": device}
+        self.register_buffer("gather_index", torch.zeros(n_groups * n_keep, **index))
+        self.register_buffer("output_index", torch.arange(out_channels, **index))
 
     @classmethod
     def from_conv(
@@ -143,17 +240,14 @@ class GroupedKernelConv2d(nn.Module):
                 f"{layer}: only ungrouped convs with numeric zero padding can be grouped"
             )
         plan.validate(conv.out_channels, conv.in_channels, layer)
+        geometry = ConvGeometry.of(conv).kwargs()  # built with conv_like, on conv's device/dtype
         new = cls(
             conv.in_channels,
             conv.out_channels,
-            conv.kernel_size,
-            plan.n_groups,
-            plan.n_keep,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            bias=conv.bias is not None,
-        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+            n_groups=plan.n_groups,
+            n_keep=plan.n_keep,
+            **geometry,
+        )
         order = torch.tensor([o for grp in plan.groups for o in grp], device=conv.weight.device)
         gather = torch.tensor([c for k in plan.kept for c in k], device=conv.weight.device)
         d = conv.out_channels // plan.n_groups
@@ -183,15 +277,7 @@ class GroupedKernelConv2d(nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """The equivalent masked dense ``Conv2d`` (zeros where a group dropped a channel)."""
         c = self.conv
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            c.kernel_size,
-            c.stride,
-            c.padding,
-            c.dilation,
-            bias=c.bias is not None,
-        ).to(device=c.weight.device, dtype=c.weight.dtype)
+        dense = conv_like(c, in_channels=self.in_channels, groups=1)
         order = torch.argsort(self.output_index)
         d = self.out_channels // self.n_groups
         with torch.no_grad():

@@ -11,67 +11,133 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gkp.api import PruneContext, PruneResult, PruneTarget
+from gkp.errors import UsageError
+from gkp.knobs import check_knobs
 from gkp.models import target_layers
 from gkp.nn import GroupPlan, apply_plans, masked_reference
 
 GKP_DEFAULTS: dict[str, Any] = {"rate": 0.4375, "groups": 8, "all_bottleneck_convs": False}
 
 
-def n_keep_for(c_in: int, rate: float) -> int:
+def exact_rate(rate: Real | Decimal) -> Fraction:
+    """``rate`` as the exact decimal the user wrote, checked to lie in (0, 1).
+
+    A float is read through its shortest repr (``0.8`` is 4/5, not the binary double just
+    below it), so ``n_keep`` never loses a channel to rounding; Fractions and Decimals are
+    exact already. Anything that is not a finite real in (0, 1) raises ValueError naming it.
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (Real, Decimal)):
+        raise ValueError(f"rate {rate!r} is not a real number in (0, 1)")
+    if isinstance(rate, (Fraction, Decimal, Integral)):
+        exact = None if isinstance(rate, Decimal) and not rate.is_finite() else Fraction(rate)
+    else:
+        exact = Fraction(str(rate)) if math.isfinite(float(rate)) else None
+    if exact is None or not 0 < exact < 1:
+        raise ValueError(
+            f"rate {rate!r} is outside (0, 1): it is the fraction of grouped kernels pruned"
+        )
+    return exact
+
+
+def _n_keep(c_in: int, num: int, den: int) -> int:
+    """``floor((1 - num/den) * (C_in + 1))`` in integers, clipped to ``[1, C_in]``."""
+    return max(1, min(c_in, (den - num) * (c_in + 1) // den))
+
+
+def n_keep_for(c_in: int, rate: Real | Decimal) -> int:
     """Grouped kernels each group keeps: ``floor((1 - rate) * (C_in + 1))`` (METHODS.md).
 
-    The +1 only guards rounding (9 of 16, 18 of 32, 36 of 64 at rate 0.4375); clipped to
-    ``[1, C_in]``.
+    Exact: ``rate`` is the decimal as written (see :func:`exact_rate`), so 0.8 of 64 keeps
+    ``0.2 * 65 = 13``. The +1 only guards rounding (9 of 16, 18 of 32, 36 of 64 at rate 0.4375);
+    clipped to ``[1, C_in]``.
     """
-    return max(1, min(c_in, math.floor((1.0 - rate) * (c_in + 1))))
+    if isinstance(c_in, bool) or not isinstance(c_in, Integral) or c_in < 1:
+        raise ValueError(f"C_in must be a positive integer, got {c_in!r}")
+    p = exact_rate(rate)
+    return _n_keep(int(c_in), p.numerator, p.denominator)
 
 
-def achieved_reduction(layers: Sequence[tuple[int, int]], rate: float) -> float:
-    """Fraction of the target layers' MACs removed at ``rate``; ``layers`` = (C_in, MACs) pairs."""
-    total = sum(m for _, m in layers)
-    removed = sum(m * (c - n_keep_for(c, rate)) / c for c, m in layers)
-    return removed / total
+class _Widths:
+    """Target-layer MACs per distinct ``C_in``, scaled to integers for exact comparisons.
+
+    ``removed(keep)`` is the removed MACs times ``lcm(C_in's)``, an integer, so comparing
+    reductions needs no division and no rounding; ``scale`` turns it into a fraction of the total.
+    """
+
+    def __init__(self, layers: Sequence[tuple[int, int]]) -> None:
+        macs: dict[int, int] = {}
+        for c, m in layers:
+            if int(c) < 1:
+                raise ValueError(f"layer with C_in = {c} has no channels to keep")
+            macs[int(c)] = macs.get(int(c), 0) + int(m)
+        if not macs or sum(macs.values()) <= 0:
+            raise ValueError("no target layers with MACs to reduce")
+        lcm = math.lcm(*macs)
+        self.weights = {c: m * (lcm // c) for c, m in macs.items()}
+        self.scale = lcm * sum(macs.values())
+
+    def removed(self, keep: Mapping[int, int]) -> int:
+        return sum(w * (c - keep[c]) for c, w in self.weights.items())
+
+
+def achieved_reduction(layers: Sequence[tuple[int, int]], rate: Real | Decimal) -> float:
+    """Fraction of the target layers' MACs removed at ``rate``; ``layers`` = (C_in, MACs) pairs.
+
+    Computed exactly (same n_keep as :func:`n_keep_for`), rounded to float once at the end.
+    """
+    p = exact_rate(rate)
+    widths = _Widths(layers)
+    keep = {c: _n_keep(c, p.numerator, p.denominator) for c in widths.weights}
+    return float(Fraction(widths.removed(keep), widths.scale))
+
+
+_GRID_DENOMINATOR = 2000  # rates k / 2000, k = 1..1999: steps of 0.0005
 
 
 def rate_for_target(layers: Sequence[tuple[int, int]], target: float) -> float:
-    """The rate whose achieved MACs reduction of the target layers is closest to ``target``.
+    """The grid rate whose achieved MACs reduction of the target layers is closest to ``target``.
 
-    Scans rates in steps of 0.0005, finer than any n_keep step for C_in < 2000.
+    Scans rates ``k / 2000`` (steps of 0.0005, finer than any n_keep step for C_in < 2000) in
+    exact integer arithmetic, n_keep computed once per distinct C_in and rate. Ties (rates giving
+    the same n_keep everywhere) go to the rate closest to ``target``, then the smaller one. The
+    returned float reads back (:func:`n_keep_for`) as exactly the grid rate that was scored.
     """
-    grid = np.round(np.linspace(0.0005, 0.9995, 1999), 4)
-    errors = [abs(achieved_reduction(layers, float(r)) - target) for r in grid]
-    best = min(errors)
-    candidates = [float(r) for r, e in zip(grid, errors, strict=True) if e <= best + 1e-12]
-    return min(candidates, key=lambda r: abs(r - target))
+    if isinstance(target, bool) or not isinstance(target, Real) or not math.isfinite(target):
+        raise ValueError(f"MACs target {target!r} is not a finite number")
+    widths = _Widths(layers)
+    goal = Fraction(str(target))  # both distances below are scaled by constants: compare as ints
+    den = _GRID_DENOMINATOR
+    want = goal.numerator * widths.scale
+    best: tuple[int, int, int] | None = None
+    for k in range(1, den):
+        keep = {c: _n_keep(c, k, den) for c in widths.weights}
+        error = abs(widths.removed(keep) * goal.denominator - want)
+        key = (error, abs(k * goal.denominator - goal.numerator * den), k)
+        best = key if best is None or key < best else best
+    assert best is not None
+    return best[2] / den
 
 
 def resolve_knobs(target: PruneTarget, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults overridden by the native knobs; unknown knobs and conflicts raise ValueError."""
-    unknown = set(target.native) - set(defaults) - {"layers"}
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {sorted(unknown)}; this method accepts {sorted(defaults)}"
-        )
-    if target.macs is not None and "rate" in target.native:
-        raise ValueError("give either a MACs target (--target) or a native rate (--rate), not both")
-    knobs = {**defaults, **target.native}
-    rate = float(knobs["rate"])
-    if not 0.0 < rate < 1.0:
-        raise ValueError(
-            f"rate {rate} is outside (0, 1): it is the fraction of grouped kernels pruned"
-        )
-    groups = knobs["groups"]
-    if isinstance(groups, bool) or not float(groups).is_integer() or int(groups) < 1:
-        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    """Defaults overridden by the native knobs, each checked for type and range
+    (``gkp.knobs``); unknown knobs and conflicts raise UsageError (a ValueError)."""
+    given = check_knobs(target.native, defaults)
+    if target.macs is not None and "rate" in given:
+        raise UsageError("give either a MACs target (--target) or a native rate (--rate), not both")
+    knobs = {**defaults, **given}
+    exact_rate(knobs["rate"])
     return knobs
 
 
@@ -138,6 +204,67 @@ def load_history(
     return history
 
 
+@dataclass(frozen=True)
+class GroupedSetup:
+    """What a grouped-kernel method settles before planning: knobs, layers and their MACs."""
+
+    knobs: dict[str, Any]
+    names: list[str]
+    convs: dict[str, nn.Conv2d]
+    sizes: dict[str, int]
+
+
+def _target_convs(model: nn.Module, knobs: Mapping[str, Any]) -> dict[str, nn.Conv2d]:
+    names = knobs.get("layers") or target_layers(model, bool(knobs["all_bottleneck_convs"]))
+    convs = {}
+    for name in names:
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            conv = None
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+            raise UsageError(
+                f"option layers: {name[:80]!r} is not an ungrouped nn.Conv2d of "
+                f"{type(model).__name__}; name convs as model.named_modules() does"
+            )
+        convs[name] = conv
+    return convs
+
+
+def grouped_setup(
+    model: nn.Module, target: PruneTarget, defaults: Mapping[str, Any], example_inputs: Tensor
+) -> GroupedSetup:
+    """Check every knob and every target layer, and turn a MACs target into a rate.
+
+    Raises UsageError before any planning: ``groups`` must divide every target layer's filters.
+    """
+    knobs = resolve_knobs(target, defaults)
+    convs = _target_convs(model, knobs)
+    groups = int(knobs["groups"])
+    for name, conv in convs.items():
+        if conv.out_channels % groups:
+            raise UsageError(
+                f"{name}: {groups} groups do not divide its {conv.out_channels} filters; "
+                f"choose --groups among the divisors of {conv.out_channels}"
+            )
+    names = list(convs)
+    sizes = layer_macs(model, names, example_inputs)
+    if target.macs is not None:
+        knobs["rate"] = rate_for_target(
+            [(convs[n].in_channels, sizes[n]) for n in names], target.macs
+        )
+    return GroupedSetup(knobs, names, convs, sizes)
+
+
+def grouped_check(defaults: Mapping[str, Any]) -> Callable[[nn.Module, PruneTarget, Tensor], None]:
+    """A method's up-front check: :func:`grouped_setup` without the planning."""
+
+    def check(model: nn.Module, target: PruneTarget, example_inputs: Tensor) -> None:
+        grouped_setup(model, target, defaults, example_inputs)
+
+    return check
+
+
 def prune_grouped(
     model: nn.Module,
     target: PruneTarget,
@@ -147,26 +274,15 @@ def prune_grouped(
     with_history: bool = False,
 ) -> PruneResult:
     """Plan every target layer with ``plan_layer`` and build the shared deploy form."""
-    knobs = resolve_knobs(target, defaults)
-    names = list(knobs.get("layers") or target_layers(model, bool(knobs["all_bottleneck_convs"])))
-    sizes = layer_macs(model, names, ctx.example_inputs)
-    convs = {n: model.get_submodule(n) for n in names}
-    if target.macs is not None:
-        knobs["rate"] = rate_for_target(
-            [(convs[n].in_channels, sizes[n]) for n in names], target.macs
-        )
+    setup = grouped_setup(model, target, defaults, ctx.example_inputs)
+    knobs, names, convs = setup.knobs, setup.names, setup.convs
     t0 = time.perf_counter()
     history = load_history(ctx.snapshots, model, names) if with_history else {}
     plans: dict[str, GroupPlan] = {}
     layers: dict[str, Any] = {}
     for i, name in enumerate(tqdm(names, desc="planning layers", leave=False, unit="layer")):
         conv = convs[name]
-        n_groups, n_keep = int(knobs["groups"]), n_keep_for(conv.in_channels, float(knobs["rate"]))
-        if conv.out_channels % n_groups:
-            raise ValueError(
-                f"{name}: {n_groups} groups do not divide its {conv.out_channels} filters; "
-                f"choose --groups among the divisors of {conv.out_channels}"
-            )
+        n_groups, n_keep = int(knobs["groups"]), n_keep_for(conv.in_channels, knobs["rate"])
         weight = conv.weight.detach().double().cpu().numpy()
         job = LayerJob(name, weight, n_groups, n_keep, ctx.seed + i, knobs, history.get(name, ()))
         plans[name], extra = plan_layer(job)
@@ -178,7 +294,7 @@ def prune_grouped(
         }
     seconds = time.perf_counter() - t0
     info = {
-        "options": {k: v for k, v in knobs.items() if k != "layers"},
+        "options": {k: v for k, v in knobs.items() if k != "layers" or v is not None},
         "target": target.macs,
         "layers": layers,
         "plans": {n: p.to_dict() for n, p in plans.items()},

@@ -2,7 +2,9 @@
 
 ``paper`` is the GKP paper's schedule (baseline and fine-tuning) for GPU users; ``short`` fits
 the 2-core CPU in minutes on a subset; ``smoke`` is for tests. Pick with ``--recipe``; any
-field can be overridden from the command line (``--epochs``, ``--subset``, ...).
+field can be overridden from the command line (``--epochs``, ``--subset``, ...). ``RECIPES`` is
+a :class:`~gkp.registry.Registry` (a read-only mapping): names are case-insensitive, and
+:func:`register_recipe` adds one.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from gkp.api import UnknownNameError
+from gkp.registry import Registry
 
 PAPER_EPOCHS = 300
 PAPER_WINDOW = (35, 70)  # snapshot epochs of the GKP paper's 300-epoch baseline
@@ -58,8 +60,17 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-RECIPES: dict[str, Recipe] = {
-    "smoke": Recipe(
+RECIPES: Registry[Recipe] = Registry("recipe")
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add ``recipe`` under its name (stored in canonical, lower-case form); duplicates raise."""
+    recipe = dataclasses.replace(recipe, name=RECIPES.normalise(recipe.name))
+    return RECIPES.register(recipe.name, recipe)
+
+
+for _recipe in (
+    Recipe(
         "smoke",
         "tests: seconds on a CPU, just exercises every step",
         epochs=2,
@@ -71,7 +82,7 @@ RECIPES: dict[str, Recipe] = {
         subset=128,
         test_subset=128,
     ),
-    "short": Recipe(
+    Recipe(
         "short",
         "2-core CPU: resnet20 on a 10k-image subset learns well past chance in minutes",
         epochs=6,
@@ -83,7 +94,7 @@ RECIPES: dict[str, Recipe] = {
         subset=10_000,
         test_subset=None,
     ),
-    "paper": Recipe(
+    Recipe(
         "paper",
         "GKP (ICLR 2022): baseline lr 0.1, fine-tune lr 0.01, both x0.1 every 100 of 300",
         epochs=300,
@@ -95,10 +106,10 @@ RECIPES: dict[str, Recipe] = {
         milestones=(1 / 3, 2 / 3),
         eval_every=10,
     ),
-}
+):
+    register_recipe(_recipe)
 
 
 def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise UnknownNameError("recipe", name, sorted(RECIPES))
+    """The registered recipe ``name`` (any case); an unknown name raises UnknownNameError."""
     return RECIPES[name]

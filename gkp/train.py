@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
-import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,51 +22,55 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gkp.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from gkp.metrics import topk_correct
 from gkp.recipes import Recipe
 
+__all__ = [
+    "CheckpointError",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "phase_recipe",
+    "resolve_device",
+    "summarize",
+]
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or belongs to a different run."""
+FINETUNE_FIELDS = ("ft_epochs", "ft_lr")  # recipe fields only the fine-tuning phase reads
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """``None``/"auto": CUDA when available, else CPU."""
-    if device in (None, "auto"):
+    """``None``/"auto": CUDA when available, else CPU. A device this machine lacks raises."""
+    if device is None or str(device).strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(str(device).strip().lower())
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
+
+
+def phase_recipe(recipe: Recipe, phase: str) -> dict[str, Any]:
+    """The recipe fields a phase depends on: the baseline ignores the fine-tuning ones."""
+    fields = dataclasses.asdict(recipe)
+    if phase == "train":
+        return {k: v for k, v in fields.items() if k not in FINETUNE_FIELDS}
+    return fields
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a file written by this module; a missing or corrupt one raises CheckpointError."""
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}; run `gkp-bench train` first")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for truncated/corrupt files
-        raise CheckpointError(
-            f"{path} is corrupt or not a GKP-Bench checkpoint ({type(err).__name__}: {err}); "
-            "delete it (or pass --restart) to start that phase again"
-        ) from err
 
 
 @torch.no_grad()
@@ -132,20 +134,28 @@ def _train_epoch(model, loader, opt, sched, device, bar) -> dict[str, float]:
     return {"train_loss": loss_sum / n, "train_acc": 100.0 * correct / n}
 
 
-def _resume(ckpt_path: Path, phase: str, recipe: Recipe, model, opt, sched) -> tuple[int, list]:
+def _resume(
+    ckpt_path: Path, phase: str, recipe: Recipe, identity: Mapping[str, Any], model, opt, sched
+) -> tuple[int, list]:
+    """Load the progress checkpoint of this exact run, if there is one; refuse another run's."""
     if not ckpt_path.exists():
         return 0, []
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt.get("phase") != phase or ckpt.get("recipe") != dataclasses.asdict(recipe):
+    ckpt = load_checkpoint(ckpt_path, kind="progress", expect=dict(identity))
+    if ckpt.get("phase") != phase or ckpt.get("recipe") != phase_recipe(recipe, phase):
         raise CheckpointError(
             f"{ckpt_path} belongs to a different run (phase {ckpt.get('phase')!r}, another "
-            "recipe); use another --out folder or pass --restart to overwrite it"
+            "recipe); use another --runs folder or pass --restart to overwrite it"
         )
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    return int(ckpt["epoch"]), list(ckpt["history"])
+    load_weights(model, ckpt.get("model"), str(ckpt_path))
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        return int(ckpt["epoch"]), list(ckpt["history"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{ckpt_path} is incomplete ({type(err).__name__}: {err}); pass --restart"
+        ) from err
 
 
 def fit(
@@ -161,19 +171,28 @@ def fit(
     snapshot_epochs: Sequence[int] = (),
     progress: bool = True,
     restart: bool = False,
+    identity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place for the phase's epochs ("train" or "finetune"), resumably.
 
     Evaluates after every fine-tuning epoch (so ``top1_best`` exists) and, for the baseline,
     every ``recipe.eval_every`` epochs and at the end. Returns the per-epoch history, the final
     and best test accuracy, and the seconds spent training in this call.
+
+    ``identity`` (plain data: model, dataset, and for fine-tuning the pruned model's digest and
+    the method's options) is stored in the progress checkpoint; resuming from a checkpoint with
+    another identity raises CheckpointError instead of silently continuing another run.
     """
+    identity = dict(identity or {})
     if phase not in ("train", "finetune"):
         raise ValueError(f"phase must be 'train' or 'finetune', got {phase!r}")
     device = device or resolve_device()
     epochs, lr = (
         (recipe.epochs, recipe.lr) if phase == "train" else (recipe.ft_epochs, recipe.ft_lr)
     )
+    if epochs < (1 if phase == "train" else 0):
+        flag = "--epochs" if phase == "train" else "--ft-epochs"
+        raise ValueError(f"{flag} must be at least {1 if phase == 'train' else 0}, got {epochs}")
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     if restart:
@@ -181,7 +200,7 @@ def fit(
     seed_everything(seed)
     model.to(device)
     opt, sched = _optimizer(model, lr, recipe, epochs * len(train_loader))
-    start, history = _resume(ckpt_path, phase, recipe, model, opt, sched)
+    start, history = _resume(ckpt_path, phase, recipe, identity, model, opt, sched)
     bar = tqdm(
         total=epochs * len(train_loader),
         initial=start * len(train_loader),
@@ -208,11 +227,17 @@ def fit(
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         if epoch in snapshot_epochs:
-            save_atomic(model.state_dict(), run_dir / "snapshots" / f"epoch_{epoch:03d}.pt")
-        save_atomic(
+            save_checkpoint(
+                run_dir / "snapshots" / f"epoch_{epoch:03d}.pt",
+                {"kind": "snapshot", "meta": identity, "epoch": epoch, "model": model.state_dict()},
+            )
+        save_checkpoint(
+            ckpt_path,
             {
+                "kind": "progress",
+                "meta": identity,
                 "phase": phase,
-                "recipe": dataclasses.asdict(recipe),
+                "recipe": phase_recipe(recipe, phase),
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -220,7 +245,6 @@ def fit(
                 "history": history,
                 "torch_rng": torch.get_rng_state(),
             },
-            ckpt_path,
         )
         if progress and "test_top1" in row:
             bar.write(f"{phase} epoch {epoch}/{epochs}: test top-1 {row['test_top1']:.2f}%")

@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks.cli import main
 from benchmarks.leaderboard import read_leaderboard
+from benchmarks.measure import bench_key
 
 
 def run_cli(capsys, *argv):
@@ -160,7 +161,15 @@ def test_latency_columns_from_benchmark_json(pipeline, capsys, tmp_path):
     root, args = pipeline
 
     def entry(method, batch, median):
-        info = {"model": "resnet20", "method": method, "batch": batch, "threads": 2}
+        info = {
+            "model": "resnet20",
+            "method": method,
+            "config": bench_key(method, None, {}) if method != "dense" else None,
+            "input_shape": [3, 32, 32],
+            "device": "cpu",
+            "batch": batch,
+            "threads": 2,
+        }
         return {"stats": {"median": median, "iqr": 0.0001}, "extra_info": info}
 
     bench = tmp_path / "bench.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import urllib.error
 from pathlib import Path
@@ -71,15 +72,47 @@ def _cifar_batch(ids: range, labels_key: bytes, num_classes: int) -> dict[bytes,
     return {b"batch_label": b"x", b"data": x, labels_key: [i % num_classes for i in ids]}
 
 
-def _write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> Path:
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 wrote ``str`` (BINSTRING opcodes, no ``_codecs.encode``)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        op = (
+            pickle.SHORT_BINSTRING + bytes([n])
+            if n < 256
+            else pickle.BINSTRING + n.to_bytes(4, "little")
+        )
+        self.write(op + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def _py2_style(obj) -> bytes:
+    """A pickle laid out as the real CIFAR files: protocol 2, Python 2 strings, numpy < 2 names."""
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def _write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6, protocol=None) -> Path:
+    """CIFAR-10's files; ``protocol`` is a pickle protocol, or "py2" for real files' layout."""
+
+    def dumps(obj) -> bytes:
+        if protocol == "py2":
+            return _py2_style(obj)
+        return pickle.dumps(obj, protocol=protocol)
+
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for b in range(5):
         ids = range(b * per_batch, (b + 1) * per_batch)
-        (folder / f"data_batch_{b + 1}").write_bytes(pickle.dumps(_cifar_batch(ids, b"labels", 10)))
+        (folder / f"data_batch_{b + 1}").write_bytes(dumps(_cifar_batch(ids, b"labels", 10)))
     test = _cifar_batch(range(100, 100 + n_test), b"labels", 10)
-    (folder / "test_batch").write_bytes(pickle.dumps(test))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"] * 10}))
+    (folder / "test_batch").write_bytes(dumps(test))
+    (folder / "batches.meta").write_bytes(dumps({b"label_names": [b"a"] * 10}))
     return folder
 
 
@@ -116,6 +149,65 @@ def test_cifar100_reads_fine_labels(tmp_path):
     assert torch.bincount(y, minlength=100).tolist() == [1] * 100  # stratified subset
     x, y = _collect(te)
     assert torch.equal(y, _pixels(x, spec)[:, 0, 0, 0].long())  # label == id for ids < 100
+
+
+@pytest.mark.parametrize("protocol", [0, 2, "py2", 4, 5])
+def test_cifar_pickles_of_every_protocol_load_through_the_restricted_unpickler(tmp_path, protocol):
+    folder = _write_cifar10(tmp_path, protocol=protocol)
+    if protocol == "py2":
+        blob = (folder / "test_batch").read_bytes()
+        assert b"cnumpy.core.multiarray\n_reconstruct" in blob and b"_codecs" not in blob
+    tr, te, spec = load_data("cifar10", data_dir=tmp_path, augment=False)
+    x, y = _collect(te)
+    assert (tr.num_samples, te.num_samples) == (20, 6)
+    assert _pixels(x, spec)[:, 0, 0, 0].tolist() == list(range(100, 106))
+    assert y.tolist() == [i % 10 for i in range(100, 106)]
+
+
+class _Hostile:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for any code a pickle can run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.open, (str(self.marker), "w")  # pickled as io.open
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar_refuses_a_pickle_that_would_run_code(tmp_path, protocol):
+    folder = _write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    batch = _cifar_batch(range(4), b"labels", 10)
+    batch[b"batch_label"] = _Hostile(marker)
+    (folder / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=protocol))
+    with pytest.raises(ValueError, match=r"data_batch_3: refused to load the global io\.open"):
+        load_data("cifar10", data_dir=tmp_path)
+    assert not marker.exists()  # refused before anything ran
+    (folder / "data_batch_3").write_bytes(pickle.dumps(_Hostile(marker), protocol=protocol))
+    with pytest.raises(ValueError, match=r"data_batch_3: refused .* io\.open "):
+        load_data("cifar10", data_dir=tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_labels_out_of_range_are_refused_naming_file_and_range(tmp_path):
+    folder = _write_cifar10(tmp_path)
+    batch = _cifar_batch(range(4), b"labels", 10)
+    for bad in (10, -1):
+        batch[b"labels"] = [0, 1, bad, 3]
+        (folder / "data_batch_2").write_bytes(pickle.dumps(batch))
+        with pytest.raises(ValueError, match=rf"data_batch_2: label {bad} .*range 0\.\.9 "):
+            load_data("cifar10", data_dir=tmp_path)
+    c100 = tmp_path / "c100" / "cifar-100-python"
+    c100.mkdir(parents=True)
+    (c100 / "train").write_bytes(pickle.dumps(_cifar_batch(range(200), b"fine_labels", 100)))
+    test = _cifar_batch(range(10), b"fine_labels", 100)
+    test[b"fine_labels"][4] = 100
+    (c100 / "test").write_bytes(pickle.dumps(test))
+    with pytest.raises(ValueError, match=r"test: label 100 at position 4 .*range 0\.\.99 "):
+        load_data("cifar100", data_dir=c100)
 
 
 def test_cifar_missing_lists_paths_and_fixes(tmp_path):
@@ -200,6 +292,39 @@ def test_fashion_corrupt_files_raise_naming_the_file(tmp_path):
         load_data("fashion-mnist", data_dir=tmp_path)
 
 
+def test_fashion_label_out_of_range_is_refused_at_load_time(tmp_path):
+    _write_fashion(tmp_path)
+    labels = np.arange(20) % 10
+    labels[7] = 12
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels, 2049)))
+    with pytest.raises(ValueError) as info:
+        load_data("fashion-mnist", data_dir=tmp_path)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'train-labels-idx1-ubyte.gz'}: label 12 at position 7")
+    assert "valid range 0..9 (10 classes)" in msg
+
+
+def test_oversized_subsets_name_the_option_and_the_maximum(tmp_path):
+    _write_fashion(tmp_path)  # 20 training and 10 test images
+    with pytest.raises(ValueError) as info:
+        load_data("fashion-mnist", data_dir=tmp_path, subset=21)
+    assert str(info.value) == (
+        "--subset 21 is larger than fashion-mnist's 20 training images; use at most 20"
+    )
+    with pytest.raises(ValueError) as info:
+        load_data("fashion-mnist", data_dir=tmp_path, test_subset=11)
+    assert str(info.value) == (
+        "--test-subset 11 is larger than fashion-mnist's 10 test images; use at most 10"
+    )
+    exact = load_data("fashion-mnist", data_dir=tmp_path, subset=20, test_subset=10)
+    assert (exact.train.num_samples, exact.test.num_samples) == (20, 10)
+    _write_cifar10(tmp_path / "c10")
+    with pytest.raises(ValueError, match="--test-subset 7 is larger than cifar10's 6 test images"):
+        load_data("cifar10", data_dir=tmp_path / "c10", test_subset=7)
+    big = load_data("synthetic", subset=600, test_subset=300)  # synthetic has no fixed size
+    assert (big.train.num_samples, big.test.num_samples) == (600, 300)
+
+
 def test_fashion_missing_in_explicit_dir_lists_search_and_fixes(tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
         load_data("fashion-mnist", data_dir=tmp_path)
@@ -223,6 +348,11 @@ def test_fashion_default_path_real_data_and_its_normalisation(monkeypatch, tmp_p
     x, y = _collect(te)
     assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01
     assert torch.bincount(y).tolist() == [1000] * 10
+    with pytest.raises(ValueError) as info:
+        load_data("fashion-mnist", subset=100000)
+    assert str(info.value) == (
+        "--subset 100000 is larger than fashion-mnist's 60000 training images; use at most 60000"
+    )
 
 
 # ---------------------------------------------------------------- augmentation and loaders
@@ -350,6 +480,8 @@ def test_imagenet_image_folder(tmp_path):
     assert xt.shape == (4, 3, 224, 224) and sorted(yt.tolist()) == [0, 0, 1, 1]
     sub = load_data("imagenet", data_dir=tmp_path / "imagenet", subset=3, num_workers=0)
     assert sub.train.num_samples == 3 and sub.spec is spec
+    with pytest.raises(ValueError, match="--subset 5 is larger than imagenet's 4 training images"):
+        load_data("imagenet", data_dir=tmp_path, subset=5, num_workers=0)
 
 
 def test_imagenet_missing_explains_layout(tmp_path):
@@ -358,3 +490,26 @@ def test_imagenet_missing_explains_layout(tmp_path):
     msg = str(info.value)
     assert f"  - {tmp_path}\n  - {tmp_path / 'imagenet'}\n" in msg
     assert "train/n01440764" in msg and "val/n01440764" in msg
+
+
+# ---------------------------------------------------------------- module layout
+
+
+DATA_MODULES = ("data", "loaders", "_datasets", "cifar", "imagenet", "registry")
+
+
+@pytest.mark.parametrize("module", DATA_MODULES)
+def test_data_modules_are_small_and_import_only_public_names(module):
+    import ast
+
+    path = Path(data.__file__).with_name(f"{module}.py")
+    source = path.read_text()
+    assert len(source.splitlines()) <= 300, f"{path} has grown past 300 lines: split it"
+    private = [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gkp")
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert private == []

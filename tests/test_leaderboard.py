@@ -45,14 +45,18 @@ def make_row(**overrides: object) -> dict:
         "params": 135_000,
         "params_reduction_pct": 50.0,
         "top1_dense": 91.5,
+        "top1_pruned_before_ft": 10.0,
         "top1": 90.25,
         "device": "cpu",
         "threads": 2,
         "latency_b1_ms": 2.0,
         "latency_b1_dense_ms": 3.0,
         "speedup_b1": 1.5,
+        "git_commit": "0123456789ab",
         "command": "gkp-bench prune --method tmi-gkp --model resnet20",
         "reference": "Zhong et al., ICLR 2022",
+        "run_id": "20250131T120000Z-0123abcd",
+        "prune_info": {"dropped_candidates": 2},
     }
     return row | overrides
 
@@ -69,6 +73,8 @@ def test_append_to_new_file_writes_header_and_row(tmp_path: Path) -> None:
     assert frame.loc[0, "top1"] == 90.25
     assert frame.loc[0, "options"] == '{"groups":8,"rate":0.4375}'
     assert frame.loc[0, "snapshot_window"] == ""
+    assert frame.loc[0, "prune_info"] == '{"dropped_candidates":2}'
+    assert frame.loc[0, "run_id"] == "20250131T120000Z-0123abcd"
 
 
 def test_second_append_keeps_first_row_bytes(tmp_path: Path) -> None:
@@ -102,6 +108,8 @@ def test_missing_file_reads_as_empty_frame_with_schema(tmp_path: Path) -> None:
         (make_row(speedup_b1=2.0), "latency_b1_dense_ms/latency_b1_ms = 1.5000"),
         (make_row(macs_nonzero=30_000_000), "macs_nonzero=30000000 exceeds macs"),
         (make_row(top1=101.0), "outside [0, 100]"),
+        (make_row(prune_info="[]"), "column 'prune_info': '[]' is not a JSON object"),
+        (make_row(prune_info={"f": object()}), "prune_info is not JSON-serialisable"),
     ],
 )
 def test_bad_row_is_rejected_and_file_unchanged(tmp_path: Path, row: dict, fragment: str) -> None:
@@ -124,6 +132,76 @@ def test_reported_row_needs_reference_but_no_measurements() -> None:
     assert validate_row(reported)["macs"] is None
     with pytest.raises(LeaderboardError, match=r"required columns are empty: \['reference'\]"):
         validate_row(reported | {"reference": ""})
+
+
+MEASURED_REQUIRED = (
+    "recipe",
+    "seed",
+    "finetune_epochs",
+    "macs_dense",
+    "macs",
+    "macs_reduction_pct",
+    "params_dense",
+    "params",
+    "params_reduction_pct",
+    "top1_dense",
+    "top1_pruned_before_ft",
+    "top1",
+    "git_commit",
+    "command",
+    "run_id",
+)
+
+
+@pytest.mark.parametrize("column", MEASURED_REQUIRED)
+def test_measured_row_needs_every_required_value(tmp_path: Path, column: str) -> None:
+    path = tmp_path / "leaderboard.csv"
+    append_row(path, make_row())
+    before = path.read_bytes()
+    for empty in (None, "", "  "):
+        with pytest.raises(LeaderboardError, match="nothing appended") as info:
+            append_row(path, make_row(**{column: empty}))
+        assert f"required columns are empty: ['{column}']" in str(info.value)
+        assert path.read_bytes() == before
+
+
+def test_empty_top1_dense_is_refused_naming_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "leaderboard.csv"
+    append_row(path, make_row())
+    before = path.read_bytes()
+    with pytest.raises(LeaderboardError, match=r"required columns are empty: \['top1_dense'\]"):
+        append_row(path, make_row(top1_dense=""))
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "column"),
+    [
+        # 67_928_000 / 40_000_000 = 1.6982: a pruned model 69.82% larger than the dense one
+        ({"macs": 67_928_000, "macs_reduction_pct": -69.82}, "macs_reduction_pct"),
+        (
+            {"macs_bn_dense": 100, "macs_bn": 110, "macs_bn_reduction_pct": -10.0},
+            "macs_bn_reduction_pct",
+        ),
+        ({"params": 297_000, "params_reduction_pct": -10.0}, "params_reduction_pct"),
+    ],
+)
+def test_negative_reduction_is_refused(tmp_path: Path, overrides: dict, column: str) -> None:
+    path = tmp_path / "leaderboard.csv"
+    append_row(path, make_row())
+    before = path.read_bytes()
+    with pytest.raises(LeaderboardError, match="nothing appended") as info:
+        append_row(path, make_row(**overrides))
+    assert f"column '{column}': -" in str(info.value)
+    assert "is outside [0, 100]" in str(info.value)
+    assert path.read_bytes() == before
+
+
+def test_rejected_first_row_creates_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "leaderboard.csv"
+    with pytest.raises(LeaderboardError, match="top1_dense"):
+        append_row(path, make_row(top1_dense=None))
+    assert not path.exists()
 
 
 def _corrupt_header(path: Path) -> None:

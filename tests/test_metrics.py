@@ -91,3 +91,72 @@ def test_compare_latency_protocol_fields():
         assert s.rounds == 5 and s.batch == 2 and s.threads == 1 and s.device == "cpu"
         assert s.median_ms > 0 and s.iqr_ms >= 0
     assert torch.get_num_threads() >= 1
+
+
+class MatrixProducts(nn.Module):
+    """``x @ W`` on 2D tensors, ``torch.mm`` and ``torch.bmm``: one of each product op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(5, 7))
+        self.b = nn.Parameter(torch.zeros(2, 5, 7))
+
+    def forward(self, x):  # x: (3, 5)
+        a = x @ self.w  # (3,5)@(5,7): 3*5*7 = 105
+        m = torch.mm(x, self.w)  # 105 again
+        c = torch.bmm(x.expand(2, 3, 5), self.b)  # 2 * (3*5*7) = 210
+        return a.sum() + m.sum() + c.sum()
+
+
+def test_matrix_product_macs():
+    assert macs(MatrixProducts(), torch.zeros(3, 5)) == 105 + 105 + 210
+
+
+class Op(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+W57 = torch.zeros(5, 7)
+B257 = torch.zeros(2, 5, 7)
+
+
+@pytest.mark.parametrize(
+    "fn,shape,want",
+    [
+        (lambda x: torch.mm(x, W57), (3, 5), 3 * 5 * 7),
+        (lambda x: x @ W57, (3, 5), 3 * 5 * 7),
+        (lambda x: torch.matmul(x, W57), (2, 3, 5), 2 * 3 * 5 * 7),  # batched @ matrix
+        (lambda x: torch.matmul(x, B257), (2, 3, 5), 2 * 3 * 5 * 7),
+        (lambda x: torch.bmm(x, B257), (2, 3, 5), 2 * 3 * 5 * 7),
+        (lambda x: torch.baddbmm(torch.zeros(2, 3, 7), x, B257), (2, 3, 5), 2 * 3 * 5 * 7),
+        (lambda x: torch.addmm(torch.zeros(7), x, W57), (3, 5), 3 * 5 * 7),
+        (lambda x: torch.nn.functional.linear(x, W57.t()), (2, 3, 5), 2 * 3 * 5 * 7),
+        (lambda x: torch.einsum("bij,bjk->bik", x, B257), (2, 3, 5), 2 * 3 * 5 * 7),
+        (lambda x: torch.mv(W57.t(), x), (5,), 7 * 5),
+    ],
+    ids=[
+        "mm",
+        "at-2d",
+        "matmul-3d-2d",
+        "matmul-3d-3d",
+        "bmm",
+        "baddbmm",
+        "addmm",
+        "F.linear",
+        "einsum",
+        "mv",
+    ],
+)
+def test_each_product_op_counts_m_k_n(fn, shape, want):
+    assert macs(Op(fn), torch.zeros(*shape)) == want
+
+
+def test_linear_on_3d_input():
+    lin = nn.Linear(5, 7)
+    assert macs(lin, torch.zeros(2, 3, 5)) == 2 * 3 * 5 * 7
+    assert macs_by_hooks(lin, torch.zeros(2, 3, 5)) == 2 * 3 * 5 * 7

@@ -5,7 +5,7 @@ import torch
 
 from gkp.api import UnknownNameError
 from gkp.metrics import macs, params
-from gkp.models import get_model, list_models, target_layers
+from gkp.models import get_model, get_model_info, list_models, target_layers
 
 
 def cifar_resnet_macs(n: int) -> int:
@@ -85,3 +85,12 @@ def test_adapters(name):
 def test_unknown_model_lists_known():
     with pytest.raises(UnknownNameError, match="resnet56"):
         get_model("resnet57")
+
+
+def test_model_names_are_case_insensitive_and_info_has_the_canonical_name():
+    info = get_model_info(" ResNet20 ")
+    assert info is get_model_info("resnet20") and info.name == "resnet20"
+    assert get_model_info("VGG16_BN").name == "vgg16_bn"
+    model = get_model("ResNet20", num_classes=3)
+    assert isinstance(model, info.model_type) and len(target_layers(model)) == 18
+    assert all(name == name.lower() for name in list_models())

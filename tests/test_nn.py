@@ -4,6 +4,7 @@ import copy
 import io
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -176,3 +177,98 @@ def test_training_form_round_trip_and_masked_gradients():
     assert isinstance(back.get_submodule("3"), GroupedKernelConv2d)
     assert grouped_plans(back) == plans
     assert torch.allclose(back(x), train.eval()(x), atol=1e-5)
+
+
+def test_conv_like_copies_geometry_and_sets_channels():
+    from gkp.masked import MaskedConv2d
+    from gkp.nn import ConvGeometry, conv_like
+
+    src = nn.Conv2d(6, 8, (3, 5), stride=(2, 1), padding=(2, 1), dilation=(2, 3), bias=True)
+    src = src.to(torch.float64)
+    for new, c_in, c_out, groups in (
+        (conv_like(src), 6, 8, 1),
+        (conv_like(src, in_channels=4, out_channels=12, groups=2), 4, 12, 2),
+        (conv_like(src, cls=MaskedConv2d), 6, 8, 1),
+        (conv_like(ConvGeometry.of(src), in_channels=3, out_channels=8), 3, 8, 1),
+    ):
+        assert (new.in_channels, new.out_channels, new.groups) == (c_in, c_out, groups)
+        assert new.kernel_size == (3, 5) and new.stride == (2, 1)
+        assert new.padding == (2, 1) and new.dilation == (2, 3)
+        assert new.bias is not None and new.weight.dtype == torch.float64
+        assert new.weight.device == src.weight.device
+    assert isinstance(conv_like(src, cls=MaskedConv2d), MaskedConv2d)
+    assert conv_like(nn.Conv2d(2, 2, 3, bias=False)).bias is None
+    reflect = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+    assert conv_like(reflect).padding_mode == "reflect"
+    with pytest.raises(ValueError, match="in_channels and out_channels"):
+        conv_like(ConvGeometry(3), in_channels=2)
+
+
+def test_all_four_rebuilds_keep_geometry_dtype_and_output():
+    # float64, non-square kernel, stride, dilation, bias: every form must agree exactly
+    from gkp.masked import MaskedConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, (3, 1), stride=(2, 1), padding=(2, 0), dilation=(2, 1), bias=True)
+    conv = conv.double()
+    plan = random_plan(random.Random(7), 8, 6, 4, 3)
+    x = torch.randn(2, 6, 9, 7, dtype=torch.float64)
+    ref = masked_conv(x, conv, plan.mask(8, 6))
+    grouped = GroupedKernelConv2d.from_conv(conv, plan)
+    dense = grouped.to_dense()
+    masked = MaskedConv2d.from_grouped(grouped)
+    back = masked.to_grouped()
+    for mod in (grouped.conv, dense, masked, back.conv):
+        assert mod.stride == (2, 1) and mod.padding == (2, 0) and mod.dilation == (2, 1)
+        assert mod.kernel_size == (3, 1) and mod.weight.dtype == torch.float64
+        assert mod.bias is not None
+    assert grouped.conv.groups == 4 and dense.groups == 1 and masked.groups == 1
+    for mod in (grouped, dense, masked, back):
+        assert torch.allclose(mod(x), ref, atol=1e-12)
+    assert back.plan() == plan and back.gather_index.dtype == torch.long
+
+
+def test_grouped_constructor_device_and_dtype():
+    mod = GroupedKernelConv2d(8, 8, 3, 4, 2, padding=1, bias=True, dtype=torch.float64)
+    assert mod.conv.weight.dtype == torch.float64 and mod.conv.bias.dtype == torch.float64
+    assert mod.conv.in_channels == 8 and mod.conv.groups == 4
+    assert mod.gather_index.dtype == torch.long and mod.output_index.tolist() == list(range(8))
+
+
+def test_plan_from_dict_accepts_plain_data():
+    plan = random_plan(random.Random(5), 8, 6, 4, 3)
+    d = plan.to_dict()
+    as_floats = {k: [[float(i) for i in row] for row in v] for k, v in d.items()}  # JSON-like
+    as_tuples = {k: tuple(tuple(row) for row in v) for k, v in d.items()}
+    as_numpy_ints = {k: [[np.int64(i) for i in row] for row in v] for k, v in d.items()}
+    for data in (d, as_floats, as_tuples, as_numpy_ints):
+        got = GroupPlan.from_dict(data)
+        assert got == plan and all(type(i) is int for g in got.groups for i in g)
+
+
+GOOD = {"groups": [[0, 1], [2, 3]], "kept": [[0, 2], [1, 3]]}
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([[0, 1]], "must be a dict"),
+        ({"groups": [[0, 1], [2, 3]]}, "exactly the keys"),
+        ({**GOOD, "extra": 1}, "exactly the keys"),
+        ({**GOOD, "kept": "0123"}, r"plan\['kept'\] must be a non-empty list"),
+        ({**GOOD, "kept": []}, r"plan\['kept'\] must be a non-empty list"),
+        ({**GOOD, "kept": None}, r"plan\['kept'\] must be a non-empty list"),
+        ({**GOOD, "groups": [[0, 1], "23"]}, r"plan\['groups'\]\[1\] must be a list"),
+        ({**GOOD, "groups": [[0, 1], {2: 3}]}, r"plan\['groups'\]\[1\] must be a list"),
+        ({**GOOD, "kept": [[0, "2"], [1, 3]]}, r"plan\['kept'\]\[0\]\[1\] must be an integer"),
+        ({**GOOD, "kept": [[0, 2.5], [1, 3]]}, r"plan\['kept'\]\[0\]\[1\] must be an integer"),
+        ({**GOOD, "kept": [[0, float("nan")], [1, 3]]}, r"must be an integer"),
+        ({**GOOD, "kept": [[0, 2], [1, [3]]]}, r"plan\['kept'\]\[1\]\[1\] must be an integer"),
+        ({**GOOD, "kept": [[0, 2], [1, None]]}, r"plan\['kept'\]\[1\]\[1\] must be an integer"),
+        ({**GOOD, "groups": [[True, 1], [2, 3]]}, r"plan\['groups'\]\[0\]\[0\] must be an integer"),
+        ({**GOOD, "groups": [[-1, 1], [2, 3]]}, r"plan\['groups'\]\[0\]\[0\] must be a non-neg"),
+    ],
+)
+def test_plan_from_dict_rejects_junk(bad, match):
+    with pytest.raises(ValueError, match=match):
+        GroupPlan.from_dict(bad)

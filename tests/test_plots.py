@@ -40,6 +40,12 @@ def _row(method: str, granularity: str, model: str, macs: int, top1: float, **ex
             "params_dense": 100,
             "params": 50,
             "params_reduction_pct": 50.0,
+            "finetune_epochs": 1,
+            "top1_dense": 93.0,
+            "top1_pruned_before_ft": 10.0,
+            "git_commit": "0123456789ab",
+            "command": "gkp-bench prune",
+            "run_id": f"test-{method}-{model}",
             "top1": top1,
         }
         | extra

@@ -109,3 +109,31 @@ def test_schedules_and_windows():
     assert lr_factor(cos, 5, 10) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="unknown recipe"):
         get_recipe("long")
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    train, test, _ = loaders()
+    one = dataclasses.replace(SMOKE, epochs=1)
+    fit(fresh_model(), train, test, one, tmp_path, progress=False, identity={"model": "resnet20"})
+    with pytest.raises(CheckpointError, match="model 'resnet20', this run needs 'resnet32'"):
+        fit(
+            fresh_model(),
+            train,
+            test,
+            one,
+            tmp_path,
+            progress=False,
+            identity={"model": "resnet32"},
+        )
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["meta"] == {"model": "resnet20"} and ckpt["epoch"] == 1  # left as it was
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("epochs", -2), ("ft_epochs", -1)])
+def test_phase_without_epochs_is_refused(tmp_path, field, value):
+    train, test, _ = loaders()
+    recipe = dataclasses.replace(SMOKE, **{field: value})
+    phase = "train" if field == "epochs" else "finetune"
+    with pytest.raises(ValueError, match="must be at least"):
+        fit(fresh_model(), train, test, recipe, tmp_path, progress=False, phase=phase)
+    assert not (tmp_path / "checkpoint.pt").exists()

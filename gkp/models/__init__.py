@@ -6,6 +6,7 @@ Adding a model is one decorated function in one module of this package.
 
 from gkp.models import cifar_resnet, cifar_vgg, torchvision  # noqa: E402,F401  (registers)
 from gkp.models._registry import (
+    MODELS,
     ModelInfo,
     get_model,
     get_model_info,
@@ -15,6 +16,7 @@ from gkp.models._registry import (
 )
 
 __all__ = [
+    "MODELS",
     "ModelInfo",
     "get_model",
     "get_model_info",

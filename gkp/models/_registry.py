@@ -1,4 +1,8 @@
-"""The model registry and the per-family choice of layers that grouped-kernel methods prune."""
+"""The model registry and the per-family choice of layers that grouped-kernel methods prune.
+
+Names are case-insensitive (``ResNet20`` is ``resnet20``); ``ModelInfo.name`` is the canonical,
+lower-case spelling.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from gkp.api import UnknownNameError
+from gkp.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class ModelInfo:
     model_type: type[nn.Module]
 
 
-_MODELS: dict[str, ModelInfo] = {}
+MODELS: Registry[ModelInfo] = Registry("model")
 
 
 def register_model(
@@ -33,30 +37,24 @@ def register_model(
     family: str,
     targets: Callable[[nn.Module, bool], list[str]],
     model_type: type[nn.Module],
-):
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a builder ``fn(num_classes, in_channels) -> nn.Module``.
 
     ``model_type`` is the class the builder returns; it lets ``target_layers`` find the
     family's target rule from a model instance alone.
     """
-
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelInfo(name, family, fn, targets, model_type)
-        return fn
-
-    return deco
+    key = MODELS.normalise(name)
+    return MODELS.decorator(key, lambda fn: ModelInfo(key, family, fn, targets, model_type))
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    """Names of every registered model, sorted."""
+    return MODELS.names()
 
 
 def get_model_info(name: str) -> ModelInfo:
-    if name not in _MODELS:
-        raise UnknownNameError("model", name, sorted(_MODELS))
-    return _MODELS[name]
+    """The registered model ``name`` (any case); an unknown name raises UnknownNameError."""
+    return MODELS[name]
 
 
 def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -66,7 +64,7 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Modu
 
 def target_layers(model: nn.Module, all_bottleneck_convs: bool = False) -> list[str]:
     """Names of the convs a grouped-kernel method prunes in ``model``, by its family's rule."""
-    for info in _MODELS.values():
+    for info in MODELS.values():
         if isinstance(model, info.model_type):
             return info.targets(model, all_bottleneck_convs)
     raise ValueError(
