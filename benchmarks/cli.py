@@ -29,7 +29,9 @@ def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
     g = p.add_argument_group("common")
     g.add_argument("--model", default="resnet20", help="model name (see `gkp-bench models`)")
     g.add_argument("--dataset", default="fashion-mnist", help="dataset name")
-    g.add_argument("--recipe", default="short", help="smoke | short | paper (see README)")
+    g.add_argument(
+        "--recipe", default="quick", help="smoke | quick | short | paper (default quick; README)"
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
     g.add_argument(
@@ -56,7 +58,9 @@ def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
     r.add_argument("--batch-size", type=int, default=None)
     if method:
         m = p.add_argument_group("method")
-        m.add_argument("--method", default="gkp-l2", help="method name (see `gkp-bench methods`)")
+        m.add_argument(
+            "--method", default=None, help="method name (see `gkp-bench methods`; default gkp-l2)"
+        )
         m.add_argument(
             "--target",
             type=float,
@@ -109,9 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="instead, summarise a pytest-benchmark --benchmark-json file",
     )
-    _common(add("run", "the whole job: train, prune, fine-tune, evaluate, time, record, plot"))
-    p = add("leaderboard", "show or validate results/leaderboard.csv")
-    p.add_argument("action", choices=("show", "validate"))
+    p = add("run", "the main job: one baseline, methods compared at one MACs target, rows, plots")
+    _common(p)
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="'all' or a comma-separated list (default: one method per granularity and the "
+        "two random controls; --method M runs M alone); --target defaults to 0.436",
+    )
+    p = add("leaderboard", "show, validate or summarise results/leaderboard.csv")
+    p.add_argument(
+        "action",
+        choices=("show", "validate", "summary"),
+        help="summary: n, mean ± sd of top-1 and Δ vs dense, MACs removed and speed-ups per "
+        "(method, model, dataset, recipe, target), each run id counted once",
+    )
+    p.add_argument("--markdown", action="store_true", help="summary as a Markdown table")
     p.add_argument("--out", type=Path, default=Path("results"))
     p = add("plot", "regenerate results/figures/ from the CSVs")
     p.add_argument("--out", type=Path, default=Path("results"))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import leaderboard as lb
+from benchmarks.compare import comparison_text, method_list, per_method, run_all
 from benchmarks.environment import environment
 from benchmarks.leaderboard import LeaderboardError
 from benchmarks.measure import bench_from_json, latency_columns_from_json
@@ -102,7 +103,7 @@ def config(args: argparse.Namespace) -> RunConfig:
     )
     cfg.torch_device  # noqa: B018  (a device this machine lacks raises here)
     if hasattr(args, "method"):
-        cfg.method, cfg.target = get_method(args.method).info.name, args.target
+        cfg.method, cfg.target = get_method(args.method or "gkp-l2").info.name, args.target
         cfg.native = native_knobs(args)
         cfg.bench_batch, cfg.bench_rounds = args.bench_batch, args.bench_rounds
         cfg.threads = args.threads
@@ -218,14 +219,31 @@ def cmd_prune(args: argparse.Namespace) -> Result:
 
 
 def cmd_run(args: argparse.Namespace) -> Result:
+    """Train one baseline, then prune, fine-tune, time and record each method (see compare.py)."""
     cfg = config(args)
-    preflight(cfg, appends=True)
+    cfgs = per_method(cfg, method_list(args.methods, args.method))
+    for c in cfgs:  # every method's knobs, before the baseline's training
+        try:
+            preflight(c, appends=True)
+        except ValueError as err:
+            raise UsageError(f"{c.method}: {err}" if len(cfgs) > 1 else str(err)) from err
     train_baseline(cfg)
-    row = _record(cfg, prune_run(cfg))
+    board = cfg.results_dir / "leaderboard.csv"
+    recorded = {
+        r["run_id"]: r for r in lb.read_leaderboard(board).to_dict("records") if r["run_id"]
+    }
+
+    def record(c: RunConfig, row: dict[str, Any]) -> dict[str, Any]:
+        return row if recorded.get(row["run_id"]) is row else _record(c, row)
+
+    rows = run_all(cfgs, lambda c: prune_run(c, recorded), record)
     figures = _plot(cfg.results_dir)
-    text = _row_text(row) + f"\nrow appended to {cfg.results_dir / 'leaderboard.csv'}"
+    new = sum(1 for r in rows if recorded.get(r["run_id"]) is not r)
+    text = comparison_text(rows) + f"\n{new} row(s) appended to {board}"
+    if new < len(rows):
+        text += f"; {len(rows) - new} were already recorded (same run id)"
     text += f"\nfigures: {', '.join(str(f) for f in figures)}"
-    return {"row": row, "figures": [str(f) for f in figures]}, text
+    return {"rows": rows, "figures": [str(f) for f in figures]}, text
 
 
 def cmd_bench(args: argparse.Namespace) -> Result:
@@ -248,6 +266,12 @@ def cmd_bench(args: argparse.Namespace) -> Result:
 
 def cmd_leaderboard(args: argparse.Namespace) -> Result:
     path = args.out / "leaderboard.csv"
+    if args.action == "summary":
+        from benchmarks.summary import summarize, summary_markdown, summary_records, summary_text
+
+        table = summarize(lb.read_leaderboard(path))
+        text = summary_markdown(table) if args.markdown else summary_text(table)
+        return summary_records(table), text
     if args.action == "validate":
         problems = lb.validate_file(path)
         if problems:

@@ -1,69 +1,102 @@
 """Figures made only from the result CSVs, so anyone can regenerate them without re-running.
 
-Determinism: the same CSVs give byte-identical PNGs. Figures are drawn on plain ``Figure`` objects
-rendered by Agg (no pyplot state, no GUI backend), under matplotlib's default style (a user's
-matplotlibrc cannot change them), at a fixed size and dpi, with the PNG "Software" metadata removed
-(Agg writes no timestamp), and every iteration is over sorted keys.
+Accuracy (``acc_vs_macs_<model>_<dataset>.png``, one per model/dataset in either CSV): two panels,
+top-1 and Δ top-1 = ``top1 - top1_dense`` (each row against its own dense baseline), against MACs
+removed. Measured rows are grouped like ``benchmarks.summary.summarize`` (method, model, dataset,
+recipe, target; one row per ``run_id``): one marker at the means, with ± 1 sample-sd error bars
+when the group has more than one run. Reported rows (leaderboard rows with ``source`` reported,
+and ``literature.csv``) are hollow, one per row. Masked methods (``macs_nonzero < macs``: weights
+zeroed, the deployed model dense) sit at their *non-zero* MACs removed and are drawn half-filled,
+which the legend explains as "masked, no dense speed-up".
+
+Speed-up (``speedup_vs_theory.png``, measured rows with speed-ups): one panel per device and
+batch kind (batch 1, throughput batch N), measured speed-up (mean ± sd over runs) against the
+theoretical speed-up *of what runs*, ``macs_dense / macs``, with the ideal diagonal. Masked rows
+therefore sit at x = 1 (their deployed form does all dense MACs), half-filled: what a sparse kernel
+could reach (``macs_dense / macs_nonzero``) is not something this benchmark runs, and plotting it
+would credit them with a speed-up nobody measured.
+
+Colours: one per method, never shared: a method in ``colors`` (the registry's) keeps its colour;
+any other (e.g. a paper's name) gets a palette colour no given colour uses (``method_colors``).
+Markers: one per granularity. Determinism: the same CSVs give byte-identical PNGs. Figures are
+drawn on plain ``Figure`` objects rendered by Agg (no pyplot state, no GUI backend), under
+matplotlib's default style, at a fixed size and dpi, with the PNG "Software" metadata removed, and
+every iteration is over sorted keys.
 """
 
 from __future__ import annotations
 
+import colorsys
+import itertools
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import matplotlib.style
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from benchmarks.leaderboard import read_leaderboard, read_literature
+from benchmarks.summary import accuracy_points, speedup_points
 
-PALETTE = (  # tab10, then tab20's light shades: distinct first, then still distinguishable
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-    "#aec7e8",
-    "#ffbb78",
-    "#98df8a",
-    "#ff9896",
-    "#c5b0d5",
-    "#c49c94",
-    "#f7b6d2",
-    "#c7c7c7",
-    "#dbdb8d",
-    "#9edae5",
-)
+# tab10, then tab20's light shades: distinct first, then still distinguishable
+PALETTE = tuple(to_hex(c) for c in (*colormaps["tab10"].colors, *colormaps["tab20"].colors[1::2]))
 MARKERS = {"weight": "o", "kernel": "s", "grouped_kernel": "D", "filter": "^", "channel": "v"}
 OTHER_MARKER = "X"  # a granularity without a marker of its own
+MASKED_FILL = "left"  # masked rows: half-filled markers
 PANEL = (5.5, 4.5)  # inches per panel; fixed margins (no layout engine: faster, no reflow)
-LEGEND_WIDTH = 2.3  # inches to the right of the panels
+LEGEND_WIDTH = 2.6  # inches per legend column, to the right of the panels
+LEGEND_LINES = 20  # lines of text per legend column
 DPI = 100
-_X_ACC = "MACs removed (%): measured rows conv+linear (fvcore); reported rows as each paper counts"
+GREY = "#555555"
+_X_ACC = "MACs removed (%): measured conv+linear (fvcore), masked = non-zero; reported as published"
+MASKED_LABEL = "masked: zeroed weights, runs\ndense (no dense speed-up);\nx = non-zero MACs removed"
+BARS_LABEL = "± 1 sd over runs (n > 1)"
+
+
+def _candidates() -> Iterator[str]:
+    """Colours to hand out, in order: the palette, tab20b, tab20c, then golden-ratio hues."""
+    yield from PALETTE
+    for name in ("tab20b", "tab20c"):
+        yield from (to_hex(c) for c in colormaps[name].colors)
+    for i in itertools.count():
+        yield to_hex(colorsys.hsv_to_rgb((i * 0.618033988749895) % 1, 0.75, 0.8))
 
 
 def method_colors(methods: list[str], colors: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A colour per method: ``colors`` where given, else the palette in sorted-name order."""
+    """A distinct colour per method, in sorted-name order.
+
+    A method in ``colors`` keeps its colour, unless an alphabetically earlier method was given the
+    same one. Every other method gets the next candidate colour (the palette first) that no given
+    colour (of any method, plotted or not) and no colour handed out so far uses.
+    """
     given = dict(colors or {})
-    return {m: given.get(m, PALETTE[i % len(PALETTE)]) for i, m in enumerate(sorted(set(methods)))}
+    taken = {to_hex(c) for c in given.values()}
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    fresh = (c for c in _candidates() if to_hex(c) not in taken)
+    for method in sorted(set(methods)):
+        color = given.get(method)
+        if color is None or to_hex(color) in used:
+            color = next(c for c in fresh if to_hex(c) not in used)
+        out[method] = color
+        used.add(to_hex(color))
+    return out
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
-def _style(color: str, granularity: str, hollow: bool) -> dict:
-    """Line2D keywords: colour per method, marker per granularity, hollow for reported rows."""
-    return {
+def _style(color: str, granularity: str, hollow: bool, masked: bool = False) -> dict:
+    """Line2D keywords: colour per method, marker per granularity, hollow reported, half masked."""
+    style = {
         "linestyle": "none",
         "marker": MARKERS.get(granularity, OTHER_MARKER),
         "markersize": 8,
@@ -71,163 +104,160 @@ def _style(color: str, granularity: str, hollow: bool) -> dict:
         "color": color,
         "markerfacecolor": "none" if hollow else color,
     }
+    if masked:
+        style |= {"fillstyle": MASKED_FILL, "markerfacecoloralt": "white"}
+    return style
 
 
-def _accuracy_points(board: pd.DataFrame, literature: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy-vs-MACs points of both CSVs; ``hollow`` marks reported (not measured) rows."""
-    keys = ["model", "dataset", "method", "granularity"]
-    measured = board[keys].assign(
-        x=board["macs_reduction_pct"],
-        y=board["top1"],
-        hollow=board["source"] != "measured",
-        dense=board["top1_dense"],
-    )
-    reported = literature[keys].assign(
-        x=literature["macs_reduction_pct"], y=literature["top1"], hollow=True
-    )
-    frames = [f for f in (measured, reported) if not f.empty]
-    if not frames:
-        return pd.DataFrame(columns=[*keys, "x", "y", "hollow", "dense"])
-    points = pd.concat(frames, ignore_index=True).dropna(subset=["x", "y"])
-    return points.sort_values([*keys, "hollow", "x", "y"], kind="mergesort")
-
-
-def _speedup_points(board: pd.DataFrame) -> pd.DataFrame:
-    """Measured vs theoretical (macs_dense / macs) speed-up, one point per row and batch kind."""
-    parts = []
-    for column, batch in (("speedup_b1", "batch 1"), ("speedup_bN", "throughput batch")):
-        rows = board.dropna(subset=[column, "macs_dense", "macs"])
-        rows = rows[rows["macs"] > 0]
-        parts.append(
-            pd.DataFrame(
-                {
-                    "panel": rows["device"].where(rows["device"] != "", "device ?") + ", " + batch,
-                    "method": rows["method"],
-                    "granularity": rows["granularity"],
-                    "x": (rows["macs_dense"] / rows["macs"]).astype("float64"),
-                    "y": rows[column].astype("float64"),
-                    "hollow": rows["source"] != "measured",
-                }
+def _draw(ax: Axes, points: pd.DataFrame, palette: Mapping[str, str], y="y", yerr="yerr") -> None:
+    """One plot call per (method, granularity, hollow, masked) group, in sorted order, and
+    ± sd error bars for the markers that average more than one run."""
+    groups = points.groupby(["method", "granularity", "hollow", "masked"], sort=True)
+    for (method, granularity, hollow, masked), group in groups:
+        style = _style(palette[method], granularity, bool(hollow), bool(masked))
+        ax.plot(group["x"].to_numpy(), group[y].to_numpy(), **style)
+        bars = group[(group["n"] > 1) & group[yerr].notna()] if yerr in group else group.iloc[:0]
+        if len(bars):
+            ax.errorbar(
+                bars["x"].to_numpy(),
+                bars[y].to_numpy(),
+                yerr=bars[yerr].to_numpy(),
+                fmt="none",
+                ecolor=style["color"],
+                elinewidth=1.2,
+                capsize=3,
+                zorder=1.9,  # under the markers
             )
-        )
-    parts = [p for p in parts if not p.empty]
-    if not parts:
-        return pd.DataFrame(columns=["panel", "method", "granularity", "x", "y", "hollow"])
-    points = pd.concat(parts, ignore_index=True)
-    return points.sort_values(["panel", "method", "granularity", "x", "y"], kind="mergesort")
 
 
-def _draw(ax: Axes, points: pd.DataFrame, palette: Mapping[str, str]) -> None:
-    """One plot call per (method, granularity, hollow) group, in sorted order."""
-    for (method, granularity, hollow), group in points.groupby(
-        ["method", "granularity", "hollow"], sort=True
-    ):
-        ax.plot(
-            group["x"].to_numpy(),
-            group["y"].to_numpy(),
-            **_style(palette[method], granularity, bool(hollow)),
-        )
-
-
-def _legend(fig: Figure, points: pd.DataFrame, palette: Mapping[str, str]) -> None:
-    """One legend: methods (colour), granularities (marker), measured vs reported (fill)."""
-    grey = "#555555"
+def _handles(points: pd.DataFrame, palette: Mapping[str, str]) -> list[Line2D]:
+    """Legend entries: methods (colour), granularities (marker), source (fill), and, when
+    plotted, masked markers and error bars; section titles have no marker."""
+    masked, bars = points["masked"].any(), (points["n"] > 1).any()
     sections = {
         "method": [
             Line2D([], [], label=m, **_style(palette[m], "", False) | {"marker": "s"})
             for m in sorted(points["method"].unique())
         ],
         "granularity": [
-            Line2D([], [], label=g, **_style(grey, g, False))
+            Line2D([], [], label=g, **_style(GREY, g, False))
             for g in sorted(points["granularity"].unique())
         ],
         "source": [
-            Line2D([], [], label=label, **_style(grey, "", hollow) | {"marker": "o"})
-            for label, hollow in (("measured", False), ("reported", True))
+            Line2D([], [], label=label, **_style(GREY, "", hollow) | {"marker": "o"})
+            for label, hollow in (("measured (mean of runs)", False), ("reported", True))
             if hollow in set(points["hollow"])
         ],
+        "marks": [
+            Line2D([], [], label=MASKED_LABEL, **_style(GREY, "", False, True) | {"marker": "o"})
+        ][: int(masked)]
+        + [
+            Line2D(
+                [], [], color=GREY, marker="|", markersize=12, linestyle="none", label=BARS_LABEL
+            )
+        ][: int(bars)],
     }
-    handles, titles = [], []
+    handles = []
     for title, items in sections.items():
-        titles.append(len(handles))
-        handles += [Line2D([], [], linestyle="none", label=title), *items]
-    width = fig.get_figwidth()
-    legend = fig.legend(
-        handles=handles,
-        loc="upper left",
-        fontsize="small",
-        frameon=False,
-        bbox_to_anchor=(1 - LEGEND_WIDTH / width, 0.93),
-    )
-    for index in titles:
-        legend.get_texts()[index].set_fontweight("bold")
+        if items:
+            handles += [Line2D([], [], linestyle="none", label=title), *items]
+    return handles
 
 
-def _figure(panels: int) -> Figure:
-    """A figure of ``panels`` side-by-side axes with fixed margins and room for the legend."""
-    width = PANEL[0] * panels + LEGEND_WIDTH
+def _figure(panels: int, handles: list[Line2D]) -> Figure:
+    """Side-by-side axes with fixed margins, and the legend in columns to their right."""
+    lines = sum(h.get_label().count("\n") + 1 for h in handles)
+    columns = max(1, math.ceil(lines / LEGEND_LINES))
+    legend = LEGEND_WIDTH * columns
+    width = PANEL[0] * panels + legend
     fig = Figure(figsize=(width, PANEL[1]), dpi=DPI)
     fig.subplots_adjust(
-        left=0.9 / width, right=1 - (LEGEND_WIDTH + 0.1) / width, bottom=0.13, top=0.91, wspace=0.3
+        left=0.9 / width, right=1 - (legend + 0.1) / width, bottom=0.13, top=0.91, wspace=0.3
     )
+    text = fig.legend(
+        handles=handles,
+        loc="upper left",
+        ncol=columns,
+        fontsize="small",
+        frameon=False,
+        bbox_to_anchor=(1 - legend / width, 0.93),
+    )
+    for handle, label in zip(handles, text.get_texts(), strict=True):
+        if handle.get_marker() in ("None", None, ""):  # a section title
+            label.set_fontweight("bold")
     return fig
 
 
-def _accuracy_figure(
-    model: str, dataset: str, points: pd.DataFrame, palette: Mapping[str, str]
-) -> Figure:
-    fig = _figure(1)
-    ax = fig.add_subplot()
-    _draw(ax, points, palette)
-    dense = (
-        points.loc[~points["hollow"].astype(bool), "dense"].dropna() if "dense" in points else []
-    )
+def _accuracy_figure(model: str, dataset: str, points: pd.DataFrame, palette) -> Figure:
+    fig = _figure(2, _handles(points, palette))
+    top, delta = fig.subplots(1, 2)
+    _draw(top, points, palette)
+    _draw(delta, points.dropna(subset=["delta"]), palette, "delta", "delta_err")
+    dense = points.loc[~points["hollow"], "dense"].dropna()
     if len(dense):  # the measured dense baseline(s) the pruned rows started from
-        ax.axhline(float(pd.Series(dense).mean()), color="0.4", linestyle="--", linewidth=1)
-        ax.annotate(
-            "dense baseline (measured)",
-            (0.01, float(pd.Series(dense).mean())),
-            xycoords=("axes fraction", "data"),
-            fontsize="small",
-            color="0.3",
-            va="bottom",
-        )
-    ax.set(
-        title=f"{model} on {dataset}: top-1 accuracy vs MACs removed",
-        xlabel=_X_ACC,
-        ylabel="top-1 accuracy (%)",
-    )
-    ax.xaxis.label.set_fontsize("small")
-    ax.grid(alpha=0.3)
-    _legend(fig, points, palette)
+        level = float(dense.mean())
+        top.axhline(level, color="0.4", linestyle="--", linewidth=1)
+        top.annotate("dense (measured, mean)", (0.01, level), xycoords=("axes fraction", "data"))
+    delta.axhline(0, color="0.4", linestyle="--", linewidth=1)
+    delta.annotate("each row's own dense", (0.01, 0), xycoords=("axes fraction", "data"))
+    for ax, what in ((top, "top-1 accuracy (%)"), (delta, "Δ top-1 vs own dense (pp)")):
+        ax.set(title=f"{model} on {dataset}: {what.split(' (')[0]}", xlabel=_X_ACC, ylabel=what)
+        ax.xaxis.label.set_fontsize("x-small")
+        ax.grid(alpha=0.3)
+        for text in ax.texts:
+            text.set(fontsize="small", color="0.3", va="bottom")
     return fig
 
 
 def _speedup_figure(points: pd.DataFrame, palette: Mapping[str, str]) -> Figure:
-    panels = sorted(points["panel"].unique())
-    fig = _figure(len(panels))
+    panels = list(dict.fromkeys(points["panel"]))
+    fig = _figure(len(panels), _handles(points, palette))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels, strict=True):
         chosen = points[points["panel"] == panel]
-        top = max(chosen["x"].max(), chosen["y"].max(), 1.0) * 1.05
+        top = max(chosen["x"].max(), (chosen["y"] + chosen["yerr"].fillna(0)).max(), 1.0) * 1.05
         ax.plot([0, top], [0, top], "k--", linewidth=1, label="ideal: speed-up = MAC ratio")
+        ax.axhline(1, color="0.5", linestyle=":", linewidth=1, label="no speed-up")
         _draw(ax, chosen, palette)
         ax.set(
             title=panel,
             xlim=(0, top),
             ylim=(0, top),
-            xlabel="theoretical speed-up (macs_dense / macs)",
+            xlabel="theoretical speed-up of what runs (macs_dense / macs; masked = 1)",
             ylabel="measured speed-up (dense / pruned latency)",
         )
+        ax.xaxis.label.set_fontsize("small")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="upper left", fontsize="small")
-    _legend(fig, points, palette)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
-    return path
+def _figures(board: pd.DataFrame, literature: pd.DataFrame | None, colors) -> dict[str, Figure]:
+    """Every figure the frames support, by file name (call under the default style)."""
+    if literature is None:
+        columns = ["model", "dataset", "method", "granularity", "macs_reduction_pct", "top1"]
+        literature = board.iloc[0:0][[*columns, "top1_dense"]]
+    palette = method_colors([*board["method"], *literature["method"]], colors)
+    accuracy, speedup = accuracy_points(board, literature), speedup_points(board)
+    figures = {}
+    for (model, dataset), points in accuracy.groupby(["model", "dataset"], sort=True):
+        name = f"acc_vs_macs_{_slug(model)}_{_slug(dataset)}.png"
+        figures[name] = _accuracy_figure(model, dataset, points, palette)
+    if not speedup.empty:
+        figures["speedup_vs_theory.png"] = _speedup_figure(speedup, palette)
+    return figures
+
+
+def make_figures(
+    leaderboard_csv: str | os.PathLike,
+    literature_csv: str | os.PathLike | None,
+    colors: Mapping[str, str] | None = None,
+) -> dict[str, Figure]:
+    """The figures ``plot_all`` would write, by file name, unsaved (for inspection)."""
+    board = read_leaderboard(leaderboard_csv)
+    literature = read_literature(literature_csv) if literature_csv is not None else None
+    with matplotlib.style.context("default"):
+        return _figures(board, literature, colors)
 
 
 def plot_all(
@@ -239,26 +269,16 @@ def plot_all(
     """Write every figure the CSVs support into ``out_dir``; return the paths written.
 
     One ``acc_vs_macs_<model>_<dataset>.png`` per (model, dataset) with plottable points in either
-    CSV, and ``speedup_vs_theory.png`` when leaderboard rows carry speed-ups. No data, no files.
-    ``literature_csv`` may be None to leave the papers' numbers out.
+    CSV, and ``speedup_vs_theory.png`` when measured leaderboard rows carry speed-ups. No data, no
+    files. ``literature_csv`` may be None to leave the papers' numbers out.
     """
     board = read_leaderboard(leaderboard_csv)
     literature = read_literature(literature_csv) if literature_csv is not None else None
-    if literature is None:
-        literature = board.iloc[0:0][
-            ["model", "dataset", "method", "granularity", "macs_reduction_pct", "top1"]
-        ]
-    palette = method_colors([*board["method"], *literature["method"]], colors)
-    accuracy, speedup = _accuracy_points(board, literature), _speedup_points(board)
-    if accuracy.empty and speedup.empty:
-        return []
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     with matplotlib.style.context("default"):
-        for (model, dataset), points in accuracy.groupby(["model", "dataset"], sort=True):
-            name = f"acc_vs_macs_{_slug(model)}_{_slug(dataset)}.png"
-            written.append(_save(_accuracy_figure(model, dataset, points, palette), out / name))
-        if not speedup.empty:
-            written.append(_save(_speedup_figure(speedup, palette), out / "speedup_vs_theory.png"))
+        for name, fig in _figures(board, literature, colors).items():
+            out.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out / name, format="png", dpi=DPI, metadata={"Software": None})
+            written.append(out / name)
     return written

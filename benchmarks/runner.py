@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,15 +237,22 @@ def run_id(cfg: RunConfig, baseline_id: str, pruned_digest: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prune_run(cfg: RunConfig) -> dict[str, Any]:
-    """Prune the baseline, fine-tune, evaluate, time against dense; returns a leaderboard row."""
+def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dict[str, Any]:
+    """Prune the baseline, fine-tune, evaluate, time against dense; returns a leaderboard row.
+
+    ``recorded`` maps run ids to rows already in the leaderboard: a run found there (same
+    baseline, configuration, pruned model and fine-tuning) is returned as it is, not redone.
+    """
     method = get_method(cfg.method)
     dense, base = load_baseline(cfg)
     device = cfg.torch_device
-    train, test, _ = _data(cfg)
     pruned = _prune(cfg, dense, base, method.info)
     info = pruned.info
     digest = state_digest(pruned.model)
+    rid = run_id(cfg, file_digest(cfg.baseline_dir() / "final.pt"), digest)
+    if recorded and rid in recorded:
+        return recorded[rid]
+    train, test, _ = _data(cfg)
     before = evaluate(pruned.model.to(device), test, device)["top1"]
     trainable = training_form(pruned.model)  # same function, trains faster than the grouped form
     ft = fit(
@@ -277,7 +285,7 @@ def prune_run(cfg: RunConfig) -> dict[str, Any]:
     commit = git_commit()
     row = {
         "source": "measured",
-        "run_id": run_id(cfg, file_digest(cfg.baseline_dir() / "final.pt"), digest),
+        "run_id": rid,
         "method": cfg.method,
         "granularity": method.info.granularity.value,
         "faithfulness": method.info.faithfulness,

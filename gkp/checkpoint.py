@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from gkp.fsio import atomic_write, remove_orphaned_temps
+from gkp.masked import mask_layers, masked_layers
 from gkp.nn import GroupPlan, apply_plans, grouped_plans
+from gkp.structured import module_shapes, reshape_like
 
 FORMAT = "gkp-bench-checkpoint/2"
-STRUCTURE_KINDS = ("grouped_kernel",)
+STRUCTURE_KINDS = ("grouped_kernel", "masked", "shapes")
 
 
 class CheckpointError(RuntimeError):
@@ -84,8 +86,21 @@ def load_checkpoint(
 
 
 def structure_of(model: nn.Module) -> dict[str, Any]:
-    """The plain-data description of how ``model`` differs from its dense architecture."""
-    return {"grouped_kernel": {n: p.to_dict() for n, p in grouped_plans(model).items()}}
+    """The plain-data description of how ``model`` differs from its dense architecture.
+
+    ``grouped_kernel``: the ``GroupPlan`` of every grouped layer; ``masked``: the names of the
+    plan-less ``MaskedConv2d`` layers (their masks are buffers in the state dict); ``shapes``:
+    for a network without either (physically pruned filters/channels, or dense), the shape of
+    every conv, BN and linear layer.
+    """
+    plans, masked = grouped_plans(model), masked_layers(model)
+    out: dict[str, Any] = {
+        "grouped_kernel": {n: p.to_dict() for n, p in plans.items()},
+        "masked": masked,
+    }
+    if not plans and not masked:
+        out["shapes"] = module_shapes(model)
+    return out
 
 
 def rebuild(dense: nn.Module, structure: Mapping[str, Any], where: str = "checkpoint") -> nn.Module:
@@ -97,7 +112,10 @@ def rebuild(dense: nn.Module, structure: Mapping[str, Any], where: str = "checkp
         )
     try:
         plans = {n: GroupPlan.from_dict(d) for n, d in structure.get("grouped_kernel", {}).items()}
-        return apply_plans(dense, plans)
+        shapes = structure.get("shapes")
+        model = reshape_like(dense, shapes) if shapes is not None else dense
+        model = mask_layers(model, list(structure.get("masked", [])))
+        return apply_plans(model, plans)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise CheckpointError(f"{where}: its pruning plans do not fit this model ({err})") from err
 

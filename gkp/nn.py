@@ -297,7 +297,8 @@ class GroupedKernelConv2d(nn.Module):
         )
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted path) of ``model`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -317,7 +318,7 @@ def apply_plans(model: nn.Module, plans: Mapping[str, GroupPlan]) -> nn.Module:
     """A copy of ``model`` with every planned conv replaced by its ``GroupedKernelConv2d``."""
     out = copy.deepcopy(model)
     for name, plan in plans.items():
-        _set_module(out, name, GroupedKernelConv2d.from_conv(_conv(out, name), plan, name))
+        set_module(out, name, GroupedKernelConv2d.from_conv(_conv(out, name), plan, name))
     return out
 
 
@@ -342,7 +343,7 @@ def densify(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     for name, mod in list(out.named_modules()):
         if isinstance(mod, GroupedKernelConv2d):
-            _set_module(out, name, mod.to_dense())
+            set_module(out, name, mod.to_dense())
     return out
 
 

@@ -214,7 +214,11 @@ class GroupedSetup:
     sizes: dict[str, int]
 
 
-def _target_convs(model: nn.Module, knobs: Mapping[str, Any]) -> dict[str, nn.Conv2d]:
+def target_convs(model: nn.Module, knobs: Mapping[str, Any]) -> dict[str, nn.Conv2d]:
+    """The convs a method prunes: the ``layers`` knob, else the model family's target rule.
+
+    Each must be an ungrouped ``nn.Conv2d`` of the model; anything else raises UsageError.
+    """
     names = knobs.get("layers") or target_layers(model, bool(knobs["all_bottleneck_convs"]))
     convs = {}
     for name in names:
@@ -239,7 +243,7 @@ def grouped_setup(
     Raises UsageError before any planning: ``groups`` must divide every target layer's filters.
     """
     knobs = resolve_knobs(target, defaults)
-    convs = _target_convs(model, knobs)
+    convs = target_convs(model, knobs)
     groups = int(knobs["groups"])
     for name, conv in convs.items():
         if conv.out_channels % groups:

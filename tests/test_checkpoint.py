@@ -111,3 +111,40 @@ def test_save_is_atomic_and_cleans_orphans(tmp_path):
     save_checkpoint(path, {"kind": "progress", "epoch": 1})
     assert not orphan.exists() and orphaned_temps(path) == []
     assert load_checkpoint(path, "progress")["epoch"] == 1
+
+
+def test_masked_model_round_trips_with_its_masks(tmp_path):
+    torch.manual_seed(0)
+    ctx = PruneContext(example_inputs=X[:1])
+    pruned = get_method("weight-magnitude")(get_model("resnet20"), PruneTarget(0.5), ctx).model
+    path = tmp_path / "pruned.pt"
+    save_checkpoint(
+        path,
+        {"kind": "pruned", "structure": structure_of(pruned), "state_dict": pruned.state_dict()},
+    )
+    saved = load_checkpoint(path, "pruned")
+    assert saved["structure"]["masked"]  # the masked convs are named
+    again = load_weights(
+        rebuild(get_model("resnet20"), saved["structure"]), saved["state_dict"], "f"
+    )
+    assert torch.equal(again.eval()(X), pruned.eval()(X))
+    names = saved["structure"]["masked"]
+    for name in names:
+        assert torch.equal(again.get_submodule(name).mask, pruned.get_submodule(name).mask)
+
+
+def test_physically_pruned_model_round_trips_through_its_shapes(tmp_path):
+    torch.manual_seed(0)
+    ctx = PruneContext(example_inputs=X[:1])
+    pruned = get_method("filter-l1")(get_model("resnet20"), PruneTarget(0.5), ctx).model.eval()
+    path = tmp_path / "pruned.pt"
+    save_checkpoint(
+        path,
+        {"kind": "pruned", "structure": structure_of(pruned), "state_dict": pruned.state_dict()},
+    )
+    saved = load_checkpoint(path, "pruned")
+    assert saved["structure"]["shapes"]["layer1.0.conv1"][0] < 16  # filters were removed
+    again = load_weights(
+        rebuild(get_model("resnet20"), saved["structure"]), saved["state_dict"], "f"
+    )
+    assert torch.equal(again.eval()(X), pruned(X))

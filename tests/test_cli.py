@@ -31,6 +31,8 @@ def pipeline(tmp_path_factory):
         "--bench-rounds",
         "2",
         "--no-progress",
+        "--method",
+        "gkp-l2",
     ]
     assert main(["run", *args, "--json"]) == 0
     return root, args
@@ -143,7 +145,7 @@ def test_bench_from_pytest_benchmark_json(tmp_path, capsys):
 def test_overrides_and_retrained_baselines_are_not_mixed_up(pipeline, capsys):
     root, args = pipeline
     runs = root / "runs"
-    train_args = [a for a in args if a not in ("--bench-rounds", "2")]
+    train_args = [a for a in args if a not in ("--bench-rounds", "2", "--method", "gkp-l2")]
     # a recipe override trains into its own folder, never reusing the plain smoke baseline
     code, out, _ = run_cli(capsys, "train", *train_args, "--epochs", "1", "--json")
     assert code == 0
@@ -243,3 +245,30 @@ def test_tmi_without_snapshots_names_the_command(pipeline, capsys):
     finally:
         moved.rename(snaps)
     assert code == 2 and "needs training snapshots" in err and "gkp-bench train" in err
+
+
+def test_main_job_compares_one_method_per_granularity(tmp_path, capsys):
+    from benchmarks.compare import DEFAULT_METHODS, DEFAULT_TARGET
+
+    argv = ["run", "--dataset", "synthetic", "--recipe", "smoke", "--no-progress"]
+    argv += ["--bench-rounds", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    frame = read_leaderboard(tmp_path / "leaderboard.csv")
+    assert sorted(frame["method"]) == sorted(DEFAULT_METHODS)
+    assert set(frame["granularity"]) == {"weight", "kernel", "grouped_kernel", "filter", "channel"}
+    assert set(frame["target"]) == {DEFAULT_TARGET} and frame["run_id"].is_unique
+    assert frame["top1_dense"].nunique() == 1  # one baseline for all
+    for method in DEFAULT_METHODS:
+        assert any(line.startswith(method) for line in out.splitlines())
+    # every method met the common target within one point (masked ones in non-zero MACs)
+    masked = frame["macs_nonzero"] < frame["macs"]
+    removed = (1 - frame["macs_nonzero"] / frame["macs_dense"]).where(
+        masked, frame["macs_reduction_pct"] / 100
+    )
+    assert ((removed - DEFAULT_TARGET).abs() <= 0.012).all(), removed.tolist()
+    assert (frame.loc[masked, "macs"] == frame.loc[masked, "macs_dense"]).all()
+    # resumable: a second run finds every run already recorded and appends nothing
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "0 row(s) appended" in out
+    assert len(read_leaderboard(tmp_path / "leaderboard.csv")) == len(DEFAULT_METHODS)

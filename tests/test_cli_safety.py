@@ -109,7 +109,19 @@ def test_output_folders_must_be_writable_folders(capsys, tmp_path):
 
 
 def test_groups_are_checked_before_the_baseline_is_trained(capsys, tmp_path):
-    argv = ["run", *SMOKE, *BENCH, "--groups", "3", "--runs", tmp_path / "runs", "--out", tmp_path]
+    argv = [
+        "run",
+        *SMOKE,
+        *BENCH,
+        "--method",
+        "gkp-l2",
+        "--groups",
+        "3",
+        "--runs",
+        tmp_path / "runs",
+        "--out",
+        tmp_path,
+    ]
     err = one_line_error(*run_cli(capsys, *argv))
     assert "3 groups do not divide" in err
     assert not list(tmp_path.rglob("*.pt"))
@@ -223,3 +235,10 @@ def test_rows_record_run_id_and_commits(trained):
     assert row["prune_commit"] == ""  # pruned and fine-tuned by the same commit
     assert json.loads(row["prune_info"]) == {}
     assert json.loads(row["options"])["groups"] == 8
+
+
+def test_a_knob_one_compared_method_lacks_names_that_method(capsys, tmp_path):
+    argv = ["run", *SMOKE, *BENCH, "--groups", "4", "--runs", tmp_path, "--out", tmp_path]
+    err = one_line_error(*run_cli(capsys, *argv))
+    assert "weight-magnitude: unknown option(s) groups" in err
+    assert not list(tmp_path.rglob("*.pt"))
