@@ -25,7 +25,7 @@ from torch import nn
 from gkp.fsio import atomic_write, remove_orphaned_temps
 from gkp.masked import mask_layers, masked_layers
 from gkp.nn import GroupPlan, apply_plans, grouped_plans
-from gkp.structured import module_shapes, reshape_like
+from gkp.reshape import module_shapes, reshape_like
 
 FORMAT = "gkp-bench-checkpoint/2"
 STRUCTURE_KINDS = ("grouped_kernel", "masked", "shapes")

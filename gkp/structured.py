@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -29,97 +28,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from gkp.api import PruneContext, PruneResult, PruneTarget
+from gkp.depgraph import PrunableConv, first_sample, prunable_convs, remove_filters
 from gkp.errors import UsageError
-from gkp.models import target_layers
-from gkp.nn import conv_like
-from gkp.planning import layer_macs, resolve_knobs
+from gkp.planning import layer_macs, resolve_knobs, target_convs
 
 STRUCTURED_DEFAULTS: dict[str, Any] = {"rate": 0.4375, "all_bottleneck_convs": False}
 TOLERANCE = 0.01  # achieved MACs reduction must be within one percentage point of the target
 _GRID = 2000  # uniform fractions k / 2000 tried before the greedy correction
-
-
-@dataclass(frozen=True)
-class PrunableConv:
-    """A target conv whose filters can go without touching anything outside its block."""
-
-    name: str
-    c_out: int
-    bn: str | None  # the BatchNorm2d reading this conv's output directly, if any
-    consumers: tuple[str, ...]  # convs / linears whose input channels shrink with it
-
-
-def _graph(model: nn.Module, x: Tensor) -> tp.DependencyGraph:
-    """torch-pruning's graph of ``model`` (a copy: tracing puts it in eval mode)."""
-    flags = [p.requires_grad for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(True)  # tracing follows grad_fn: frozen weights would hide convs
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # forward_fn: without it torch-pruning calls model(*x) first, i.e. on x[0] unbatched
-            return tp.DependencyGraph().build_dependency(
-                model, x, forward_fn=lambda m, inp: m(inp), verbose=False
-            )
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-
-
-def _one_operand(node: Any) -> bool:
-    """An op reading one tensor: ``x + t`` counts two even when ``t`` is no graph node (a
-    model input or a buffer), which the dependency graph would miss."""
-    return len(node.inputs) <= 1 and len(getattr(node.grad_fn, "next_functions", ())) <= 1
-
-
-def _local(
-    dg: tp.DependencyGraph, conv: nn.Conv2d, names: Mapping[Any, str]
-) -> PrunableConv | None:
-    """``conv``'s group if it stays inside the block (see the module docstring), else None."""
-    if conv.groups != 1 or conv not in dg.module2node:
-        return None
-    group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, list(range(conv.out_channels)))
-    root, bn, consumers = dg.module2node[conv], None, []
-    for dep, _ in group:
-        node, mod, fn = dep.target, dep.target.module, dep.handler
-        if mod is conv and dg.is_out_channel_pruning_fn(fn):
-            continue
-        if node.type == tp.ops.OPTYPE.BN:
-            bn = names[mod] if bn is None and root in node.inputs else bn
-        elif node.type == tp.ops.OPTYPE.ELEMENTWISE and _one_operand(node):
-            continue  # ReLU, pooling, a scalar op: channels pass through
-        elif node.type == tp.ops.OPTYPE.RESHAPE:
-            continue  # flatten before a linear
-        elif node.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR) and (
-            dg.is_in_channel_pruning_fn(fn) and getattr(mod, "groups", 1) == 1
-        ):
-            consumers.append(names[mod])
-        else:
-            return None  # a residual add, concat, another conv's outputs, the model output
-    if not consumers:
-        return None
-    name = names[conv]
-    return PrunableConv(name, conv.out_channels, bn, tuple(dict.fromkeys(consumers)))
-
-
-def prunable_convs(
-    model: nn.Module, candidates: Sequence[str], x: Tensor
-) -> dict[str, PrunableConv]:
-    """Those of ``candidates`` (conv names) whose filters can be removed residual-safely."""
-    work = copy.deepcopy(model)
-    dg = _graph(work, _first(work, x))
-    names = {m: n for n, m in work.named_modules()}
-    found = (_local(dg, work.get_submodule(n), names) for n in candidates)
-    return {p.name: p for p in found if p is not None}
-
-
-def _first(model: nn.Module, x: Tensor) -> Tensor:
-    param = next(model.parameters(), None)
-    return x[:1].to(param.device) if param is not None else x[:1]
 
 
 @dataclass(frozen=True)
@@ -153,23 +71,6 @@ class StructuredSetup:
         return Fraction(self.total - self.macs_left(counts), self.total)
 
 
-def _target_convs(model: nn.Module, knobs: Mapping[str, Any]) -> dict[str, nn.Conv2d]:
-    names = knobs.get("layers") or target_layers(model, bool(knobs["all_bottleneck_convs"]))
-    convs = {}
-    for name in names:
-        try:
-            conv = model.get_submodule(name)
-        except AttributeError:
-            conv = None
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
-            raise UsageError(
-                f"option layers: {name[:80]!r} is not an ungrouped nn.Conv2d of "
-                f"{type(model).__name__}; name convs as model.named_modules() does"
-            )
-        convs[name] = conv
-    return convs
-
-
 def structured_setup(
     model: nn.Module,
     target: PruneTarget,
@@ -182,7 +83,7 @@ def structured_setup(
     ``need_bn``: only convs followed by a BatchNorm count as prunable (BN-scale ranking).
     """
     knobs = resolve_knobs(target, defaults)
-    convs = _target_convs(model, knobs)
+    convs = target_convs(model, knobs)
     names = list(convs)
     prunable = prunable_convs(model, names, example_inputs)
     if need_bn:
@@ -291,30 +192,6 @@ def per_layer(score: Score) -> Callable[[StructuredSetup, nn.Module, PruneContex
     return choose
 
 
-def remove_filters(model: nn.Module, removed: Mapping[str, Sequence[int]], x: Tensor) -> nn.Module:
-    """A deep copy of ``model`` without the ``removed`` filters of each named conv.
-
-    Each removal is one torch-pruning group (conv, its BN, the consumers' input channels); a
-    conv whose group is not local (see the module docstring) raises ValueError.
-    """
-    out = copy.deepcopy(model)
-    modes = [(m, m.training) for m in out.modules()]  # tracing switches to eval mode
-    dg = _graph(out, _first(out, x))
-    names = {m: n for n, m in out.named_modules()}
-    for name, idxs in removed.items():
-        conv = out.get_submodule(name)
-        if not isinstance(conv, nn.Conv2d) or _local(dg, conv, names) is None:
-            raise ValueError(f"{name}: its filters cannot be removed without leaving its block")
-        if idxs:
-            group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, sorted(idxs))
-            if not dg.check_pruning_group(group):
-                raise ValueError(f"{name}: removing {len(idxs)} filters leaves none")
-            group.prune()
-    for m, mode in modes:
-        m.training = mode
-    return out
-
-
 def masked_copy(
     model: nn.Module, prunable: Mapping[str, PrunableConv], removed: Mapping[str, Sequence[int]]
 ) -> nn.Module:
@@ -355,7 +232,7 @@ def _check_removed(setup: StructuredSetup, removed: Mapping[str, Sequence[int]])
 
 def _verify(model: nn.Module, pruned: nn.Module, reference: nn.Module, x: Tensor) -> None:
     """Deploy form against the masked copy on ``x``: same shape and values, else a bug."""
-    x = _first(model, x)
+    x = first_sample(model, x)
     modes = [(m, m.training) for net in (pruned, reference) for m in net.modules()]
     with torch.no_grad():
         got, want = pruned.eval()(x), reference.eval()(x)
@@ -419,83 +296,3 @@ def prune_structured(
         "prune_seconds": seconds,
     }
     return PruneResult(pruned, info, reference)
-
-
-_SHAPED = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
-
-
-def module_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Plain data for a checkpoint: every Conv2d's and Linear's weight shape (``[C_out,
-    C_in/groups, kh, kw]``, ``[out, in]``) and every BatchNorm2d's ``[num_features]``."""
-    return {
-        name: [m.num_features] if isinstance(m, nn.BatchNorm2d) else list(m.weight.shape)
-        for name, m in model.named_modules()
-        if isinstance(m, _SHAPED)
-    }
-
-
-def _shaped_like(old: nn.Module, shape: list[int], name: str) -> nn.Module:
-    if isinstance(old, nn.BatchNorm2d):
-        (n,) = shape
-        return type(old)(
-            n, old.eps, old.momentum, old.affine, old.track_running_stats,
-            device=_device(old), dtype=_dtype(old),
-        )  # fmt: skip
-    if isinstance(old, nn.Linear):
-        out_f, in_f = shape
-        return nn.Linear(
-            in_f, out_f, old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
-        )
-    if list(shape[2:]) != list(old.weight.shape[2:]):
-        raise ValueError(
-            f"{name}: kernel {shape[2:]} does not fit this model's {list(old.weight.shape[2:])}"
-        )
-    return conv_like(
-        old, in_channels=shape[1] * old.groups, out_channels=shape[0], groups=old.groups
-    )
-
-
-def _tensor(m: nn.Module) -> Tensor | None:
-    for t in (*m.parameters(), *m.buffers()):
-        return t
-    return None
-
-
-def _device(m: nn.Module) -> torch.device | None:
-    t = _tensor(m)
-    return t.device if t is not None else None
-
-
-def _dtype(m: nn.Module) -> torch.dtype | None:
-    t = next(iter(m.parameters()), None)
-    return t.dtype if t is not None else None
-
-
-def reshape_like(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> nn.Module:
-    """A deep copy of ``model`` (a fresh dense one) with its convs, BNs and linears replaced by
-    freshly initialised ones of the recorded ``shapes`` (:func:`module_shapes`), ready for the
-    pruned state dict. Shapes naming other modules, or missing one, raise ValueError."""
-    if not isinstance(shapes, Mapping):
-        raise ValueError(
-            f"module shapes must be a dict of name -> list of ints, got {shapes!r:.100}"
-        )
-    out = copy.deepcopy(model)
-    have = {n: m for n, m in out.named_modules() if isinstance(m, _SHAPED)}
-    if set(shapes) != set(have):
-        odd = sorted(set(shapes) ^ set(have))[:5]
-        raise ValueError(f"module shapes do not describe this model's layers (e.g. {odd})")
-    for name, shape in shapes.items():
-        old = have[name]
-        want = 1 if isinstance(old, nn.BatchNorm2d) else old.weight.dim()
-        ok = isinstance(shape, (list, tuple)) and len(shape) == want
-        if not ok or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape
-        ):
-            raise ValueError(f"{name}: shape {shape!r:.60} is not {want} positive integers")
-        parent, _, child = name.rpartition(".")
-        setattr(
-            out.get_submodule(parent) if parent else out,
-            child,
-            _shaped_like(old, list(shape), name),
-        )
-    return out

@@ -242,3 +242,31 @@ def test_a_knob_one_compared_method_lacks_names_that_method(capsys, tmp_path):
     err = one_line_error(*run_cli(capsys, *argv))
     assert "weight-magnitude: unknown option(s) groups" in err
     assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_row_records_the_commit_that_pruned_when_it_differs(trained, pruned_file, capsys):
+    _, args = trained
+    saved = load_checkpoint(pruned_file)
+    saved["commit"] = "0123abcd4567"  # pruned by another commit than the one fine-tuning now
+    save_checkpoint(pruned_file, {k: v for k, v in saved.items() if k != "format"})
+    code, out, err = run_cli(capsys, "prune", *args, "--json")
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["prune_commit"] == "0123abcd4567" and row["git_commit"] != row["prune_commit"]
+
+
+def test_dropped_candidates_and_snapshots_reach_prune_info():
+    from benchmarks.runner import decisions
+
+    info = {
+        "layers": {
+            "a": {"dropped_candidates": {"tsne_dbscan": "no eps gives 4 clusters"}},
+            "b": {"dropped_candidates": {}},
+        },
+        "snapshots": ["epoch_001.pt", "epoch_002.pt"],
+    }
+    assert decisions(info) == {
+        "dropped_candidates": {"a": {"tsne_dbscan": "no eps gives 4 clusters"}},
+        "snapshots": 2,
+    }
+    assert decisions({"layers": {"a": {"n_keep": 9}}}) == {}

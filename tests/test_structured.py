@@ -12,16 +12,12 @@ import torch
 from torch import nn
 
 from gkp.api import Granularity, PruneContext, PruneTarget, get_method
+from gkp.depgraph import prunable_convs
 from gkp.metrics import macs
 from gkp.models import get_model, target_layers
 from gkp.planning import layer_macs
-from gkp.structured import (
-    filter_counts,
-    module_shapes,
-    prunable_convs,
-    reshape_like,
-    structured_setup,
-)
+from gkp.reshape import module_shapes, reshape_like
+from gkp.structured import filter_counts, structured_setup
 
 X = torch.zeros(1, 3, 32, 32)
 METHODS = ("filter-l1", "filter-fpgm", "channel-bn", "filter-random")
