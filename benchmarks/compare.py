@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,7 +65,7 @@ def run_all(
     rows = []
     for i, c in enumerate(cfgs, 1):
         if c.progress:
-            print(f"[{i}/{len(cfgs)}] {c.method} at target {c.target}", flush=True)
+            print(f"[{i}/{len(cfgs)}] {c.method} at target {c.target}", file=sys.stderr, flush=True)
         rows.append(record(c, prune(c)))
     return rows
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -247,7 +248,8 @@ def fit(
             },
         )
         if progress and "test_top1" in row:
-            bar.write(f"{phase} epoch {epoch}/{epochs}: test top-1 {row['test_top1']:.2f}%")
+            msg = f"{phase} epoch {epoch}/{epochs}: test top-1 {row['test_top1']:.2f}%"
+            bar.write(msg, file=sys.stderr)  # stdout is kept for the result (and --json)
     bar.close()
     return summarize(history)
 

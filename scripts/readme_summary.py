@@ -1,7 +1,9 @@
 """Rewrite the generated result tables in README.md and results/README.md from the leaderboard.
 
-Each table sits between ``<!-- summary:start -->`` and ``<!-- summary:end -->`` and is exactly the
-output of ``gkp-bench leaderboard summary --markdown`` (tests/test_readme.py checks it):
+Each table sits between ``<!-- summary:start rows=N -->`` and ``<!-- summary:end -->`` and is
+exactly the output of ``gkp-bench leaderboard summary --markdown`` over the leaderboard's first
+``N`` rows (tests/test_readme.py checks it). The leaderboard is append-only, so rows a user adds
+later (the README's main job appends some) leave the committed tables checkable:
 
     .venv/bin/python scripts/readme_summary.py
 """
@@ -16,16 +18,23 @@ from benchmarks.leaderboard import read_leaderboard
 from benchmarks.summary import summarize, summary_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
+LEADERBOARD = ROOT / "results" / "leaderboard.csv"
 FILES = (ROOT / "README.md", ROOT / "results" / "README.md")
-BLOCK = re.compile(r"(<!-- summary:start -->\n).*?(<!-- summary:end -->)", re.S)
+BLOCK = re.compile(r"<!-- summary:start(?: rows=(\d+))? -->\n(.*?)<!-- summary:end -->", re.S)
 
 
-def generated() -> str:
-    return summary_markdown(summarize(read_leaderboard(ROOT / "results" / "leaderboard.csv")))
+def generated(rows: int | None = None) -> str:
+    """The summary table over the leaderboard's first ``rows`` rows (all rows when None)."""
+    frame = read_leaderboard(LEADERBOARD)
+    if rows is not None:
+        frame = frame.iloc[:rows]
+    return summary_markdown(summarize(frame))
 
 
 def main() -> int:
-    table = generated()
+    rows = len(read_leaderboard(LEADERBOARD))
+    table = generated(rows)
+    block = f"<!-- summary:start rows={rows} -->\n{table}<!-- summary:end -->"
     for path in FILES:
         text = path.read_text()
         if not BLOCK.search(text):
@@ -33,7 +42,7 @@ def main() -> int:
                 f"{path}: no <!-- summary:start --> ... <!-- summary:end --> block", file=sys.stderr
             )
             return 2
-        path.write_text(BLOCK.sub(lambda m: m.group(1) + table + m.group(2), text))
+        path.write_text(BLOCK.sub(lambda _m: block, text))
     return 0
 
 

@@ -270,3 +270,10 @@ def test_dropped_candidates_and_snapshots_reach_prune_info():
         "snapshots": 2,
     }
     assert decisions({"layers": {"a": {"n_keep": 9}}}) == {}
+
+
+def test_progress_never_reaches_stdout_under_json(capsys, tmp_path):
+    argv = ["train", "--dataset", "synthetic", "--recipe", "smoke", "--runs", tmp_path, "--json"]
+    code, out, err = run_cli(capsys, *argv)  # progress on: bars and epoch lines go to stderr
+    assert code == 0, err
+    assert json.loads(out)["top1"] is not None
