@@ -1,6 +1,7 @@
 """Latency of dense vs pruned networks, as ratios measured in one run.
 
-Latency needs no trained weights, so ``bench_untrained`` prunes a freshly initialised model.
+Latency needs no trained weights, so ``bench_untrained`` prunes a freshly initialised model
+(methods that calibrate on data get seeded random batches: only the structure is timed).
 The JSON that ``pytest benchmarks --benchmark-only --benchmark-json FILE`` writes is read by
 ``benchmarks.measure.bench_from_json`` (pure JSON handling, re-exported here).
 """
@@ -13,7 +14,7 @@ from benchmarks.measure import bench_from_json
 from benchmarks.runner import RunConfig, fresh_model
 from gkp import metrics
 from gkp.api import PruneContext, PruneTarget, get_method
-from gkp.data import example_input
+from gkp.data import example_input, random_calibration
 
 
 def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -22,7 +23,12 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
     result = get_method(cfg.method)(
         dense,
         PruneTarget(cfg.target, dict(cfg.native)),
-        PruneContext(example_inputs=x, seed=cfg.seed),
+        PruneContext(
+            example_inputs=x,
+            calib_batches=random_calibration(x.shape[1:], seed=cfg.seed),
+            teacher=dense,
+            seed=cfg.seed,
+        ),
     )
     rows = []
     for batch in (1, cfg.bench_batch):

@@ -10,6 +10,7 @@ Where files go is in :mod:`benchmarks.runconfig`. Every file is a state dict plu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -38,7 +39,9 @@ from gkp.data import example_input, get_dataset_spec, load_data
 from gkp.masked import deploy_form, training_form
 from gkp.models import get_model
 from gkp.recipes import Recipe
-from gkp.train import evaluate, fit, phase_recipe
+from gkp.train import Distill, evaluate, fit, phase_recipe
+
+CALIB_BATCHES = 4  # training batches drawn for methods that need calibration data ("calib")
 
 __all__ = ["RunConfig", "check_method", "fresh_model", "prune_run", "recipe_tag", "train_baseline"]
 
@@ -189,7 +192,13 @@ def _prune(cfg: RunConfig, dense: nn.Module, base: dict[str, Any], info: MethodI
             f"--recipe {cfg.recipe.name} --seed {cfg.seed} --restart"
         )
     x = example_input(cfg.dataset, 1)
-    ctx = PruneContext(example_inputs=x, snapshots=tuple(snaps), seed=cfg.seed)
+    ctx = PruneContext(
+        example_inputs=x,
+        snapshots=tuple(snaps),
+        calib_batches=calibration_batches(cfg) if "calib" in info.needs else (),
+        teacher=dense if "teacher" in info.needs else None,
+        seed=cfg.seed,
+    )
     t0 = time.perf_counter()
     result = get_method(cfg.method)(dense, PruneTarget(cfg.target, dict(cfg.native)), ctx)
     prune_info = plain({**result.info, "prune_seconds": time.perf_counter() - t0})
@@ -209,6 +218,20 @@ def _prune(cfg: RunConfig, dense: nn.Module, base: dict[str, Any], info: MethodI
     return pruned
 
 
+def calibration_batches(cfg: RunConfig, n: int = CALIB_BATCHES) -> tuple:
+    """The first ``n`` batches of the training set's first (seeded) epoch, on the CPU."""
+    train, _, _ = _data(cfg)
+    train.set_epoch(0)
+    return tuple((x.cpu(), y.cpu()) for x, y in itertools.islice(train, n))
+
+
+def distillation(info: MethodInfo, pruned: dict[str, Any]) -> Distill | None:
+    """The fine-tuning loss a method that needs a teacher gets: its recorded ``distill`` knobs."""
+    if "teacher" not in info.needs:
+        return None
+    return Distill(**pruned.get("distill", {}))
+
+
 def _window_used(info: dict[str, Any], recipe: Recipe) -> str:
     """'first-last of epochs' for the snapshots the method actually used ('' if none)."""
     epochs = [int(Path(n).stem.split("_")[1]) for n in info.get("snapshots", [])]
@@ -218,7 +241,8 @@ def _window_used(info: dict[str, Any], recipe: Recipe) -> str:
 def decisions(info: dict[str, Any]) -> dict[str, Any]:
     """What the method decided beyond its knobs, for the row's ``prune_info`` column.
 
-    Today: clustering candidates a method dropped (per layer) and snapshots it used.
+    Clustering candidates a method dropped (per layer), snapshots it used, the calibration
+    data it read and the distillation loss it fine-tunes with.
     """
     dropped = {
         name: layer["dropped_candidates"]
@@ -228,6 +252,9 @@ def decisions(info: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"dropped_candidates": dropped} if dropped else {}
     if info.get("snapshots"):
         out["snapshots"] = len(info["snapshots"])
+    for key in ("calibration", "distill"):
+        if info.get(key):
+            out[key] = info[key]
     return out
 
 
@@ -255,6 +282,7 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
     train, test, _ = _data(cfg)
     before = evaluate(pruned.model.to(device), test, device)["top1"]
     trainable = training_form(pruned.model)  # same function, trains faster than the grouped form
+    kd = distillation(method.info, info)
     ft = fit(
         trainable,
         train,
@@ -267,6 +295,8 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
         progress=cfg.progress,
         restart=cfg.restart,
         identity={**cfg.pruned_meta(), "pruned": digest},
+        teacher=dense if kd is not None else None,
+        distill=kd,
     )
     deployed = deploy_form(trainable)
     final = evaluate(deployed, test, device)  # the deployed network is what gets reported

@@ -113,6 +113,9 @@ RULES: dict[str, Rule] = {
     "beam_width": integer(1),
     "rerank_every": integer(1),
     "layers": layer_names,
+    "positions": integer(1),
+    "kd_alpha": real(0.0, 1.0),
+    "kd_temperature": real(0.0, None, open_ends=True),
 }
 
 

@@ -29,6 +29,8 @@ from gkp.recipes import Recipe
 
 __all__ = [
     "CheckpointError",
+    "Distill",
+    "distill_loss",
     "evaluate",
     "fit",
     "load_checkpoint",
@@ -111,13 +113,45 @@ def _optimizer(model: nn.Module, lr: float, recipe: Recipe, total_steps: int):
     return opt, sched
 
 
-def _train_epoch(model, loader, opt, sched, device, bar) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class Distill:
+    """Knowledge distillation from a teacher: ``loss = CE + α·T²·KL(p_teacher/T ‖ p_student/T)``.
+
+    As METHODS.md writes it for group-wise 2D-filter pruning [1] (the hard-label term is not
+    down-weighted by ``1-α``); α = 0.9 and T = 4 are its defaults.
+    """
+
+    alpha: float = 0.9
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"distillation alpha {self.alpha!r} is outside [0, 1]")
+        if not self.temperature > 0:
+            raise ValueError(f"distillation temperature {self.temperature!r} must be positive")
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, kd: Distill):
+    """The :class:`Distill` loss of one batch (``teacher`` logits carry no gradient)."""
+    t = kd.temperature
+    soft = F.kl_div(
+        F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean"
+    )
+    return F.cross_entropy(student, y) + kd.alpha * t * t * soft
+
+
+def _train_epoch(model, loader, opt, sched, device, bar, teacher=None, kd=None) -> dict[str, float]:
     model.train()
     n, loss_sum, correct = 0, 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
-        loss = F.cross_entropy(out, y)
+        if teacher is None:
+            loss = F.cross_entropy(out, y)
+        else:
+            with torch.no_grad():
+                soft_targets = teacher(x)
+            loss = distill_loss(out, soft_targets, y, kd)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -173,6 +207,8 @@ def fit(
     progress: bool = True,
     restart: bool = False,
     identity: Mapping[str, Any] | None = None,
+    teacher: nn.Module | None = None,
+    distill: Distill | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place for the phase's epochs ("train" or "finetune"), resumably.
 
@@ -183,6 +219,9 @@ def fit(
     ``identity`` (plain data: model, dataset, and for fine-tuning the pruned model's digest and
     the method's options) is stored in the progress checkpoint; resuming from a checkpoint with
     another identity raises CheckpointError instead of silently continuing another run.
+
+    ``teacher``: train against :func:`distill_loss` with ``distill`` (default :class:`Distill`)
+    instead of plain cross-entropy; the teacher stays in eval mode and is never updated.
     """
     identity = dict(identity or {})
     if phase not in ("train", "finetune"):
@@ -200,6 +239,9 @@ def fit(
         ckpt_path.unlink(missing_ok=True)
     seed_everything(seed)
     model.to(device)
+    kd = distill or Distill()
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
     opt, sched = _optimizer(model, lr, recipe, epochs * len(train_loader))
     start, history = _resume(ckpt_path, phase, recipe, identity, model, opt, sched)
     bar = tqdm(
@@ -216,7 +258,7 @@ def fit(
         train_loader.set_epoch(epoch - 1)
         row: dict[str, Any] = {
             "epoch": epoch,
-            **_train_epoch(model, train_loader, opt, sched, device, bar),
+            **_train_epoch(model, train_loader, opt, sched, device, bar, teacher, kd),
         }
         if (
             phase == "finetune"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gkp.api import PruneContext, PruneTarget, get_method
+from gkp.data import random_calibration
 from gkp.models import get_model
 
 X32 = torch.zeros(1, 3, 32, 32)
@@ -35,7 +36,13 @@ def prune_resnet56(resnet56_with_snapshots):
     def run(method, target=None, **native):
         key = (method, target, tuple(sorted(native.items())))
         if key not in cache:
-            ctx = PruneContext(example_inputs=X32, snapshots=paths, seed=0)
+            ctx = PruneContext(
+                example_inputs=X32,
+                snapshots=paths,
+                calib_batches=random_calibration(X32.shape[1:]),
+                teacher=model,
+                seed=0,
+            )
             cache[key] = get_method(method)(model, PruneTarget(target, native), ctx)
         return cache[key]
 

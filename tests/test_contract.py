@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gkp.api import Granularity, PruneContext, PruneTarget, get_method, list_methods
+from gkp.data import random_calibration
 from gkp.metrics import macs, macs_nonzero
 from gkp.models import get_model
 
@@ -66,7 +67,13 @@ def prune20(name, seed, tmp_path, **native):
     model = get_model("resnet20")
     path = tmp_path / "epoch_001.pt"
     torch.save({k: v * 0.9 for k, v in model.state_dict().items()}, path)
-    ctx = PruneContext(example_inputs=X, snapshots=(path, path), seed=seed)
+    ctx = PruneContext(
+        example_inputs=X,
+        snapshots=(path, path),
+        calib_batches=random_calibration(X.shape[1:], seed=seed),
+        teacher=model,
+        seed=seed,
+    )
     return get_method(name)(model, PruneTarget(native=native), ctx)
 
 
