@@ -35,6 +35,7 @@ from gkp.loaders import (
     Split,
     TensorLoader,
     check_subset_size,
+    random_calibration,
     random_crop_flip,
     stratified_subset,
     take_subset,
@@ -160,21 +161,6 @@ def example_input(name: str, batch: int = 1) -> Tensor:
     """Zeros shaped like one batch of the dataset, e.g. for counting MACs."""
     s = get_dataset_spec(name)
     return torch.zeros(batch, s.in_channels, s.image_size, s.image_size)
-
-
-def random_calibration(
-    input_shape: Sequence[int], batches: int = 2, batch_size: int = 8, seed: int = 0
-) -> tuple[tuple[Tensor, Tensor], ...]:
-    """Seeded Gaussian stand-ins for calibration batches (``PruneContext.calib_batches``).
-
-    For what needs only a pruned network's *structure* (latency benchmarks, tests); results
-    that report accuracy use batches the runner draws from the training set.
-    """
-    gen = torch.Generator().manual_seed(int(seed))
-    return tuple(
-        (torch.randn(batch_size, *input_shape, generator=gen), torch.zeros(batch_size).long())
-        for _ in range(batches)
-    )
 
 
 def tensor_loaders(

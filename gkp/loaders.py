@@ -29,6 +29,7 @@ __all__ = [
     "TensorLoader",
     "check_subset_size",
     "epoch_seed",
+    "random_calibration",
     "random_crop_flip",
     "seeded_subset",
     "stratified_subset",
@@ -216,3 +217,18 @@ def take_subset(split: Split, n: int | None, seed: int) -> Split:
         return split
     idx = stratified_subset(split[1], n, seed)
     return split[0][idx], split[1][idx]
+
+
+def random_calibration(
+    input_shape: Sequence[int], batches: int = 2, batch_size: int = 8, seed: int = 0
+) -> tuple[tuple[Tensor, Tensor], ...]:
+    """Seeded Gaussian stand-ins for calibration batches (``PruneContext.calib_batches``).
+
+    For what needs only a pruned network's *structure* (latency benchmarks, tests); results
+    that report accuracy use batches the runner draws from the training set.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    return tuple(
+        (torch.randn(batch_size, *input_shape, generator=gen), torch.zeros(batch_size).long())
+        for _ in range(batches)
+    )
