@@ -43,12 +43,18 @@ def latency_columns(
     rounds: int,
     device: torch.device,
     threads: int | None = None,
-) -> dict[str, float | int | str]:
-    """Median/IQR latency of pruned and dense at batch 1 and ``batch``, timed in one run."""
-    cols: dict[str, float | int | str] = {"device": device.type, "bench_batch": batch}
+    also: Mapping[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Median/IQR latency of pruned and dense at batch 1 and ``batch``, timed in one run.
+
+    ``also``: other forms of the pruned network (e.g. ``masked_dense``) timed in the same run;
+    their medians and speed-ups over dense come back under the key ``also`` (not a column).
+    """
+    cols: dict[str, Any] = {"device": device.type, "bench_batch": batch}
+    extra: dict[str, dict[str, float]] = {name: {} for name in also or {}}
     for tag, b in (("b1", 1), ("bN", batch)):
         stats = metrics.compare_latency(
-            {"dense": dense, "pruned": pruned},
+            {"dense": dense, "pruned": pruned, **(also or {})},
             (b, *sample_shape),
             rounds=rounds,
             device=device,
@@ -59,6 +65,11 @@ def latency_columns(
         cols[f"latency_{tag}_iqr_ms"] = stats["pruned"].iqr_ms
         cols[f"latency_{tag}_dense_ms"] = stats["dense"].median_ms
         cols[f"speedup_{tag}"] = stats["dense"].median_ms / stats["pruned"].median_ms
+        for name in extra:
+            extra[name][f"latency_{tag}_ms"] = stats[name].median_ms
+            extra[name][f"speedup_{tag}"] = stats["dense"].median_ms / stats[name].median_ms
+    if extra:
+        cols["also"] = extra
     return cols
 
 

@@ -26,6 +26,7 @@ from benchmarks.environment import git_commit
 from benchmarks.measure import latency_columns, latency_columns_from_json, size_columns
 from benchmarks.runconfig import RunConfig, file_digest, recipe_tag
 from gkp.api import MethodInfo, PruneContext, PruneTarget, get_method
+from gkp.budget import FineTuneBudget
 from gkp.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -36,8 +37,9 @@ from gkp.checkpoint import (
     structure_of,
 )
 from gkp.data import example_input, get_dataset_spec, load_data
-from gkp.masked import deploy_form, training_form
+from gkp.masked import MaskedConv2d, deploy_form, training_form
 from gkp.models import get_model
+from gkp.nn import densify, grouped_plans, per_group_plans
 from gkp.recipes import Recipe
 from gkp.train import Distill, evaluate, fit, phase_recipe
 
@@ -192,16 +194,19 @@ def _prune(cfg: RunConfig, dense: nn.Module, base: dict[str, Any], info: MethodI
             f"--recipe {cfg.recipe.name} --seed {cfg.seed} --restart"
         )
     x = example_input(cfg.dataset, 1)
+    budget = finetune_budget(cfg) if "finetune" in info.needs else None
     ctx = PruneContext(
         example_inputs=x,
         snapshots=tuple(snaps),
         calib_batches=calibration_batches(cfg) if "calib" in info.needs else (),
         teacher=dense if "teacher" in info.needs else None,
         seed=cfg.seed,
+        finetune=budget,
     )
     t0 = time.perf_counter()
     result = get_method(cfg.method)(dense, PruneTarget(cfg.target, dict(cfg.native)), ctx)
-    prune_info = plain({**result.info, "prune_seconds": time.perf_counter() - t0})
+    spent = {"finetune_budget": budget.record()} if budget is not None else {}
+    prune_info = plain({**result.info, **spent, "prune_seconds": time.perf_counter() - t0})
     pruned = Pruned(result.model, prune_info, git_commit())
     save_checkpoint(
         path,
@@ -223,6 +228,21 @@ def calibration_batches(cfg: RunConfig, n: int = CALIB_BATCHES) -> tuple:
     train, _, _ = _data(cfg)
     train.set_epoch(0)
     return tuple((x.cpu(), y.cpu()) for x, y in itertools.islice(train, n))
+
+
+def finetune_budget(cfg: RunConfig) -> FineTuneBudget:
+    """The run's whole fine-tuning budget (``ft_epochs`` epochs of steps), for a method that
+    fine-tunes while it prunes; the global fine-tune gets what it leaves."""
+    train, _, _ = _data(cfg)
+    return FineTuneBudget(
+        train, cfg.recipe, cfg.recipe.ft_epochs * len(train), cfg.torch_device, cfg.progress
+    )
+
+
+def global_steps(info: dict[str, Any]) -> int | None:
+    """Steps left for the global fine-tune when the method spent some while pruning."""
+    budget = info.get("finetune_budget")
+    return None if not budget else int(budget["global_steps"])
 
 
 def distillation(info: MethodInfo, pruned: dict[str, Any]) -> Distill | None:
@@ -252,7 +272,7 @@ def decisions(info: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"dropped_candidates": dropped} if dropped else {}
     if info.get("snapshots"):
         out["snapshots"] = len(info["snapshots"])
-    for key in ("calibration", "distill"):
+    for key in ("calibration", "distill", "finetune_budget"):
         if info.get(key):
             out[key] = info[key]
     return out
@@ -283,6 +303,7 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
     before = evaluate(pruned.model.to(device), test, device)["top1"]
     trainable = training_form(pruned.model)  # same function, trains faster than the grouped form
     kd = distillation(method.info, info)
+    steps = global_steps(info)
     ft = fit(
         trainable,
         train,
@@ -294,9 +315,14 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
         seed=cfg.seed,
         progress=cfg.progress,
         restart=cfg.restart,
-        identity={**cfg.pruned_meta(), "pruned": digest},
+        identity={
+            **cfg.pruned_meta(),
+            "pruned": digest,
+            **({"steps": steps} if steps is not None else {}),
+        },
         teacher=dense if kd is not None else None,
         distill=kd,
+        steps=steps,
     )
     deployed = deploy_form(trainable)
     final = evaluate(deployed, test, device)  # the deployed network is what gets reported
@@ -313,6 +339,10 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
     )
     x = example_input(cfg.dataset, 1)
     commit = git_commit()
+    latency = _latency(cfg, dense, deployed, x, device)
+    timed = {"timed_form": timed_form(deployed)}
+    if "also" in latency:
+        timed["latency_masked_dense"] = latency.pop("also")["masked_dense"]
     row = {
         "source": "measured",
         "run_id": rid,
@@ -321,7 +351,7 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
         "faithfulness": method.info.faithfulness,
         "reference": method.info.reference,
         "options": json.dumps(info.get("options", {}), sort_keys=True, default=str),
-        "prune_info": json.dumps(decisions(info), sort_keys=True),
+        "prune_info": json.dumps({**decisions(info), **timed}, sort_keys=True),
         "model": cfg.model,
         "dataset": cfg.dataset,
         "recipe": cfg.recipe.name,
@@ -340,7 +370,7 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
         "git_commit": commit,
         "prune_commit": pruned.commit if pruned.commit != commit else "",
         **size_columns(dense.cpu(), deployed.cpu(), x),
-        **_latency(cfg, dense, deployed, x, device),
+        **latency,
     }
     return row
 
@@ -354,6 +384,16 @@ def _latency(cfg: RunConfig, dense: nn.Module, pruned: nn.Module, x, device) -> 
             input_shape=x.shape[1:],
             device=device.type,
         )
+    also = {"masked_dense": densify(pruned)} if per_group_plans(pruned) else None
     return latency_columns(
-        dense, pruned, x.shape[1:], cfg.bench_batch, cfg.bench_rounds, device, cfg.threads
+        dense, pruned, x.shape[1:], cfg.bench_batch, cfg.bench_rounds, device, cfg.threads, also
     )
+
+
+def timed_form(model: nn.Module) -> str:
+    """Which form of the pruned layers the latency columns timed."""
+    if per_group_plans(model):
+        return "per-group convs (one conv per group); masked-dense timed beside it"
+    if grouped_plans(model):
+        return "grouped conv"
+    return "masked dense" if any(isinstance(m, MaskedConv2d) for m in model.modules()) else "dense"

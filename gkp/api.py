@@ -48,7 +48,7 @@ class Granularity(str, Enum):
 
 
 FAITHFULNESS = ("faithful", "reconstructed", "variant", "baseline")
-NEEDS = ("calib", "snapshots", "teacher", "sparse_training")
+NEEDS = ("calib", "snapshots", "teacher", "finetune", "sparse_training")
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,22 @@ class PruneTarget:
 
 @dataclass(frozen=True)
 class PruneContext:
-    """What a method may use besides the model."""
+    """What a method may use besides the model.
+
+    What the runner fills in follows the method's ``needs``: ``calib`` → ``calib_batches``
+    (training batches, their number recorded), ``snapshots`` → the baseline's training
+    snapshots, ``teacher`` → the unpruned network (its fine-tune distils from it),
+    ``finetune`` → ``finetune(model, steps)``, a :class:`gkp.budget.FineTuneBudget` that trains
+    in place and takes its steps from the run's fine-tuning budget. A method must also run
+    without a ``finetune`` (None: tests, benchmarks, API use) and record that it skipped it.
+    """
 
     example_inputs: Tensor
     calib_batches: Sequence[tuple[Tensor, Tensor]] = ()
     snapshots: Sequence[Path] = ()
     teacher: nn.Module | None = None
     seed: int = 0
+    finetune: Callable[..., dict[str, Any]] | None = None
 
 
 @dataclass

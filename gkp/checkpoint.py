@@ -24,11 +24,11 @@ from torch import nn
 
 from gkp.fsio import atomic_write, remove_orphaned_temps
 from gkp.masked import mask_layers, masked_layers
-from gkp.nn import GroupPlan, apply_plans, grouped_plans
+from gkp.nn import GroupPlan, apply_per_group, apply_plans, grouped_plans, per_group_plans
 from gkp.reshape import module_shapes, reshape_like
 
 FORMAT = "gkp-bench-checkpoint/2"
-STRUCTURE_KINDS = ("grouped_kernel", "masked", "shapes")
+STRUCTURE_KINDS = ("grouped_kernel", "per_group", "masked", "shapes")
 
 
 class CheckpointError(RuntimeError):
@@ -88,7 +88,8 @@ def load_checkpoint(
 def structure_of(model: nn.Module) -> dict[str, Any]:
     """The plain-data description of how ``model`` differs from its dense architecture.
 
-    ``grouped_kernel``: the ``GroupPlan`` of every grouped layer; ``masked``: the names of the
+    ``grouped_kernel``: the ``GroupPlan`` of every grouped layer; ``per_group`` (only when there
+    are any): the plans of the ``PerGroupConv2d`` layers; ``masked``: the names of the
     plan-less ``MaskedConv2d`` layers (their masks are buffers in the state dict); ``shapes``:
     for a network without either (physically pruned filters/channels, or dense), the shape of
     every conv, BN and linear layer.
@@ -98,7 +99,10 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
         "grouped_kernel": {n: p.to_dict() for n, p in plans.items()},
         "masked": masked,
     }
-    if not plans and not masked:
+    split = per_group_plans(model)
+    if split:  # only when present, so older models keep their digests
+        out["per_group"] = {n: p.to_dict() for n, p in split.items()}
+    if not plans and not masked and not split:
         out["shapes"] = module_shapes(model)
     return out
 
@@ -115,7 +119,8 @@ def rebuild(dense: nn.Module, structure: Mapping[str, Any], where: str = "checkp
         shapes = structure.get("shapes")
         model = reshape_like(dense, shapes) if shapes is not None else dense
         model = mask_layers(model, list(structure.get("masked", [])))
-        return apply_plans(model, plans)
+        split = {n: GroupPlan.from_dict(d) for n, d in structure.get("per_group", {}).items()}
+        return apply_per_group(apply_plans(model, plans), split)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise CheckpointError(f"{where}: its pruning plans do not fit this model ({err})") from err
 

@@ -116,6 +116,10 @@ RULES: dict[str, Rule] = {
     "positions": integer(1),
     "kd_alpha": real(0.0, 1.0),
     "kd_temperature": real(0.0, None, open_ends=True),
+    "step": real(0.0, 1.0, open_ends=True),
+    "restarts": integer(1),
+    "fc_cap": real(0.0, 1.0, open_ends=True),
+    "local_share": real(0.0, 1.0, open_ends=True),
 }
 
 

@@ -27,10 +27,18 @@ from fractions import Fraction
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkp.api import Check, PruneContext, PruneResult, PruneTarget
-from gkp.nn import GroupedKernelConv2d, GroupPlan, conv_like, set_module
+from gkp.nn import (
+    DEPLOY_FORMS,
+    GroupedKernelConv2d,
+    GroupPlan,
+    PerGroupConv2d,
+    conv_like,
+    set_module,
+)
 from gkp.planning import exact_rate, layer_macs, resolve_knobs, target_convs
 
 MASKED_DEFAULTS: dict[str, Any] = {"rate": 0.4375, "all_bottleneck_convs": False}
@@ -44,14 +52,16 @@ class MaskedConv2d(nn.Conv2d):
     """
 
     plan: GroupPlan | None = None
+    deploy: type[GroupedKernelConv2d] | type[PerGroupConv2d] = GroupedKernelConv2d
     mask: Tensor
 
     @classmethod
-    def from_grouped(cls, g: GroupedKernelConv2d) -> MaskedConv2d:
+    def from_grouped(cls, g: GroupedKernelConv2d | PerGroupConv2d) -> MaskedConv2d:
         c = g.to_dense()
         new = conv_like(c, cls=cls)
         new.load_state_dict(c.state_dict())
         new.plan = g.plan()
+        new.deploy = type(g)
         new.register_buffer(
             "mask", new.plan.mask(c.out_channels, c.in_channels).to(c.weight.device)
         )
@@ -101,17 +111,53 @@ class MaskedConv2d(nn.Conv2d):
                 conv.bias.copy_(self.bias)
         return conv
 
-    def to_grouped(self) -> GroupedKernelConv2d:
+    def to_grouped(self) -> GroupedKernelConv2d | PerGroupConv2d:
+        """The deploy form it came from (grouped, or one conv per group)."""
         if self.plan is None:
             raise ValueError("a MaskedConv2d without a GroupPlan has no grouped form")
-        return GroupedKernelConv2d.from_conv(self.to_dense(), self.plan)
+        return self.deploy.from_conv(self.to_dense(), self.plan)
 
     def to_deploy(self) -> nn.Module:
         """The grouped form when the layer carries a plan, else the plain dense conv."""
         return self.to_dense() if self.plan is None else self.to_grouped()
 
 
-def _swap(model: nn.Module, kind: type, convert: Callable[[Any], nn.Module]) -> nn.Module:
+class MaskedLinear(nn.Linear):
+    """``Linear`` computing with ``weight * mask`` (bool, the weight's shape); masked weights
+    get zero gradient. Deploys as a plain ``nn.Linear`` holding the zeros (e.g. SG-CNN's FC)."""
+
+    mask: Tensor
+
+    @classmethod
+    def from_linear(cls, fc: nn.Linear, mask: Tensor | None = None) -> MaskedLinear:
+        w = fc.weight
+        full = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(w.device)
+        if full.dtype != torch.bool or full.shape != w.shape:
+            raise ValueError(f"a linear mask must be bool of shape {tuple(w.shape)}")
+        new = cls(fc.in_features, fc.out_features, fc.bias is not None, w.device, w.dtype)
+        new.register_buffer("mask", full.clone())
+        with torch.no_grad():
+            new.weight.copy_(w * full.to(w.dtype))
+            if fc.bias is not None:
+                new.bias.copy_(fc.bias)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask.to(self.weight.dtype), self.bias)
+
+    def to_deploy(self) -> nn.Linear:
+        fc = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        fc.to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            fc.weight.copy_(self.weight * self.mask.to(self.weight.dtype))
+            if self.bias is not None:
+                fc.bias.copy_(self.bias)
+        return fc
+
+
+def _swap(
+    model: nn.Module, kind: type | tuple[type, ...], convert: Callable[[Any], nn.Module]
+) -> nn.Module:
     out = copy.deepcopy(model)
     for name, mod in list(out.named_modules()):
         if isinstance(mod, kind):
@@ -120,11 +166,11 @@ def _swap(model: nn.Module, kind: type, convert: Callable[[Any], nn.Module]) -> 
 
 
 def training_form(model: nn.Module) -> nn.Module:
-    """A copy with every ``GroupedKernelConv2d`` as an equivalent ``MaskedConv2d``.
+    """A copy with every grouped (or per-group) conv as an equivalent ``MaskedConv2d``.
 
     Plan-less ``MaskedConv2d`` layers (weight/kernel pruning) already train masked: kept as is.
     """
-    return _swap(model, GroupedKernelConv2d, MaskedConv2d.from_grouped)
+    return _swap(model, DEPLOY_FORMS, MaskedConv2d.from_grouped)
 
 
 def deploy_form(model: nn.Module) -> nn.Module:
@@ -133,29 +179,39 @@ def deploy_form(model: nn.Module) -> nn.Module:
     A plan-carrying layer goes back to its grouped deploy form; a plan-less one becomes a plain
     ``nn.Conv2d`` with ``weight * mask`` (dense: the zeros are still computed).
     """
-    return _swap(model, MaskedConv2d, MaskedConv2d.to_deploy)
+    convs = _swap(model, MaskedConv2d, MaskedConv2d.to_deploy)
+    return _swap(convs, MaskedLinear, MaskedLinear.to_deploy)
 
 
 def masked_layers(model: nn.Module) -> list[str]:
-    """Names of the plan-less ``MaskedConv2d`` layers of ``model`` (to save and rebuild it)."""
-    return [n for n, m in model.named_modules() if isinstance(m, MaskedConv2d) and m.plan is None]
+    """Names of the plan-less ``MaskedConv2d`` and the ``MaskedLinear`` layers of ``model``
+    (to save and rebuild it)."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if (isinstance(m, MaskedConv2d) and m.plan is None) or isinstance(m, MaskedLinear)
+    ]
 
 
 def mask_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
     """A copy of ``model`` with the named convs as plan-less ``MaskedConv2d`` (all-True masks).
 
-    ``load_state_dict`` then restores the saved weights and masks. A name that is not a plain
-    ``nn.Conv2d`` of the model raises ValueError.
+    Named ``nn.Linear`` layers become ``MaskedLinear``. ``load_state_dict`` then restores the
+    saved weights and masks. A name that is not a plain ``nn.Conv2d`` or ``nn.Linear`` raises
+    ValueError.
     """
     out = copy.deepcopy(model)
     for name in names:
         try:
-            conv = out.get_submodule(name)
+            layer = out.get_submodule(name)
         except AttributeError:
-            conv = None
-        if not isinstance(conv, nn.Conv2d) or isinstance(conv, MaskedConv2d):
+            layer = None
+        if type(layer) is nn.Linear:
+            set_module(out, name, MaskedLinear.from_linear(layer))
+            continue
+        if not isinstance(layer, nn.Conv2d) or isinstance(layer, MaskedConv2d):
             raise ValueError(f"masked layer {name!r} is not a plain nn.Conv2d of the model")
-        set_module(out, name, MaskedConv2d.from_conv(conv))
+        set_module(out, name, MaskedConv2d.from_conv(layer))
     return out
 
 

@@ -7,8 +7,10 @@ A layer whose ``C_out`` filters are split into ``G`` equal groups, each keeping 
 2. ``Conv2d(G*n_keep, C_out, groups=G)`` whose block ``g`` is ``W[filters of g][:, K_g]``,
 3. putting the outputs back into the original filter order.
 
-Gather and un-permute cost no MACs (memory traffic only). Both index vectors are buffers, so the
-module survives ``state_dict``, ``torch.save``, ``deepcopy``, ``.to()`` and ``torch.export``.
+Gather and un-permute cost no MACs (memory traffic only). A plan whose groups differ in size or
+kept count (SG-CNN) deploys as ``PerGroupConv2d``, one conv per group, exact in the same way.
+Both index vectors are buffers, so the modules survive ``state_dict``, ``torch.save``,
+``deepcopy``, ``.to()`` and ``torch.export``.
 """
 
 from __future__ import annotations
@@ -83,11 +85,25 @@ class GroupPlan:
     def n_keep(self) -> int:
         return len(self.kept[0]) if self.kept else 0
 
-    def validate(self, out_channels: int, in_channels: int, layer: str = "layer") -> None:
-        """Raise ValueError, naming the layer, unless the plan fits a (C_out, C_in) conv."""
+    @property
+    def uniform(self) -> bool:
+        """Equal group sizes and equal kept counts: the shared grouped deploy form applies."""
+        return len({len(g) for g in self.groups}) == 1 and len({len(k) for k in self.kept}) == 1
+
+    def validate(
+        self, out_channels: int, in_channels: int, layer: str = "layer", *, equal: bool = True
+    ) -> None:
+        """Raise ValueError, naming the layer, unless the plan fits a (C_out, C_in) conv.
+
+        ``equal=False`` (the per-group form) allows groups of any size and kept sets of any
+        length (>= 1); the groups must still partition the filters.
+        """
         g = self.n_groups
         if g < 1 or len(self.kept) != g:
             raise ValueError(f"{layer}: plan has {g} groups but {len(self.kept)} kept sets")
+        if not equal:
+            self._validate_partition(out_channels, in_channels, layer)
+            return
         if out_channels % g:
             raise ValueError(
                 f"{layer}: {g} groups do not divide its {out_channels} filters; "
@@ -103,6 +119,19 @@ class GroupPlan:
         sizes = {len(k) for k in self.kept}
         if len(sizes) != 1 or self.n_keep < 1:
             raise ValueError(f"{layer}: every group must keep the same number (>= 1) of channels")
+        self._check_kept(in_channels, layer)
+
+    def _validate_partition(self, out_channels: int, in_channels: int, layer: str) -> None:
+        flat = sorted(o for grp in self.groups for o in grp)
+        if flat != list(range(out_channels)) or any(not grp for grp in self.groups):
+            raise ValueError(
+                f"{layer}: groups must split its {out_channels} filters into non-empty parts"
+            )
+        if any(not k for k in self.kept):
+            raise ValueError(f"{layer}: every group must keep at least one input channel")
+        self._check_kept(in_channels, layer)
+
+    def _check_kept(self, in_channels: int, layer: str) -> None:
         for k in self.kept:
             if len(set(k)) != len(k) or min(k) < 0 or max(k) >= in_channels:
                 raise ValueError(
@@ -297,6 +326,114 @@ class GroupedKernelConv2d(nn.Module):
         )
 
 
+class PerGroupConv2d(nn.Module):
+    """One conv per group: the deploy form of a plan whose groups differ in size or kept count.
+
+    SG-CNN's clusters hold different numbers of filters and keep different numbers of input
+    channels, so one grouped conv cannot hold them. Group ``g`` is ``Conv2d(|K_g|, |g|)``
+    reading the gathered channels ``K_g``; the outputs go back to the original filter order.
+    MACs are ``sum_g |g|·|K_g|`` kernels' worth; the output equals the masked dense conv.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        group_sizes: Sequence[int],
+        keep_counts: Sequence[int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if len(group_sizes) != len(keep_counts) or sum(group_sizes) != out_channels:
+            raise ValueError(
+                f"group sizes {list(group_sizes)} must sum to {out_channels} filters and match "
+                f"the {len(keep_counts)} kept counts"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.group_sizes = [int(d) for d in group_sizes]
+        self.keep_counts = [int(k) for k in keep_counts]
+        geometry = ConvGeometry(kernel_size, stride, padding, dilation, bias, device, dtype)
+        self.convs = nn.ModuleList(
+            conv_like(geometry, in_channels=k, out_channels=d)
+            for d, k in zip(self.group_sizes, self.keep_counts, strict=True)
+        )
+        index = {"dtype": torch.long, "device": device}
+        self.register_buffer("gather_index", torch.zeros(sum(self.keep_counts), **index))
+        self.register_buffer("output_index", torch.arange(out_channels, **index))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, plan: GroupPlan, layer: str = "layer") -> PerGroupConv2d:
+        """Build the per-group form of ``conv`` under ``plan`` (weights copied, not shared)."""
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"{layer}: only ungrouped convs with numeric zero padding split")
+        plan.validate(conv.out_channels, conv.in_channels, layer, equal=False)
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            group_sizes=[len(g) for g in plan.groups],
+            keep_counts=[len(k) for k in plan.kept],
+            **ConvGeometry.of(conv).kwargs(),
+        )
+        dev = conv.weight.device
+        order = torch.tensor([o for grp in plan.groups for o in grp], device=dev)
+        with torch.no_grad():
+            for sub, grp, k in zip(new.convs, plan.groups, plan.kept, strict=True):
+                rows, cols = torch.tensor(grp, device=dev), torch.tensor(k, device=dev)
+                sub.weight.copy_(conv.weight[rows][:, cols])
+                if conv.bias is not None:
+                    sub.bias.copy_(conv.bias[rows])
+        new.gather_index.copy_(torch.tensor([c for k in plan.kept for c in k], device=dev))
+        new.output_index.copy_(torch.argsort(order))
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = x.index_select(1, self.gather_index).split(self.keep_counts, dim=1)
+        y = torch.cat([conv(p) for conv, p in zip(self.convs, parts, strict=True)], dim=1)
+        return y.index_select(1, self.output_index)
+
+    def plan(self) -> GroupPlan:
+        """Recover the GroupPlan this module implements."""
+        order = torch.argsort(self.output_index).tolist()
+        gather = self.gather_index.tolist()
+        groups, kept, o, c = [], [], 0, 0
+        for d, k in zip(self.group_sizes, self.keep_counts, strict=True):
+            groups.append(order[o : o + d])
+            kept.append(gather[c : c + k])
+            o, c = o + d, c + k
+        return GroupPlan.from_lists(groups, kept)
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent masked dense ``Conv2d`` (zeros where a group dropped a channel)."""
+        dense = conv_like(
+            self.convs[0], in_channels=self.in_channels, out_channels=self.out_channels
+        )
+        plan = self.plan()
+        with torch.no_grad():
+            dense.weight.zero_()
+            for sub, grp, k in zip(self.convs, plan.groups, plan.kept, strict=True):
+                rows, cols = torch.tensor(grp), torch.tensor(k)
+                dense.weight[rows.unsqueeze(1), cols.unsqueeze(0)] = sub.weight
+                if sub.bias is not None:
+                    dense.bias[rows] = sub.bias
+        return dense
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_channels}, out={self.out_channels}, group_sizes={self.group_sizes}, "
+            f"keep_counts={self.keep_counts}"
+        )
+
+
+DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule ``name`` (dotted path) of ``model`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
@@ -331,18 +468,31 @@ def masked_reference(model: nn.Module, plans: Mapping[str, GroupPlan]) -> nn.Mod
     out = copy.deepcopy(model)
     for name, plan in plans.items():
         conv = _conv(out, name)
-        plan.validate(conv.out_channels, conv.in_channels, name)
+        plan.validate(conv.out_channels, conv.in_channels, name, equal=plan.uniform)
         mask = plan.mask(conv.out_channels, conv.in_channels).to(conv.weight.device)
         with torch.no_grad():
             conv.weight.mul_(mask[:, :, None, None].to(conv.weight.dtype))
     return out
 
 
+def apply_per_group(model: nn.Module, plans: Mapping[str, GroupPlan]) -> nn.Module:
+    """A copy of ``model`` with every planned conv replaced by its ``PerGroupConv2d``."""
+    out = copy.deepcopy(model)
+    for name, plan in plans.items():
+        set_module(out, name, PerGroupConv2d.from_conv(_conv(out, name), plan, name))
+    return out
+
+
+def per_group_plans(model: nn.Module) -> dict[str, GroupPlan]:
+    """The plans of every ``PerGroupConv2d`` in ``model`` (to save and rebuild it)."""
+    return {n: m.plan() for n, m in model.named_modules() if isinstance(m, PerGroupConv2d)}
+
+
 def densify(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``GroupedKernelConv2d`` replaced by ``to_dense()``."""
+    """A copy of ``model`` with every grouped or per-group conv replaced by ``to_dense()``."""
     out = copy.deepcopy(model)
     for name, mod in list(out.named_modules()):
-        if isinstance(mod, GroupedKernelConv2d):
+        if isinstance(mod, DEPLOY_FORMS):
             set_module(out, name, mod.to_dense())
     return out
 

@@ -9,6 +9,7 @@ last finished epoch without repeating it; a finished phase returns at once.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import sys
@@ -34,9 +35,11 @@ __all__ = [
     "evaluate",
     "fit",
     "load_checkpoint",
+    "make_optimizer",
     "phase_recipe",
     "resolve_device",
     "summarize",
+    "train_batches",
 ]
 
 FINETUNE_FIELDS = ("ft_epochs", "ft_lr")  # recipe fields only the fine-tuning phase reads
@@ -101,7 +104,9 @@ def lr_factor(recipe: Recipe, step: int, total: int) -> float:
     raise ValueError(f"unknown schedule {recipe.schedule!r}; use 'step' or 'cosine'")
 
 
-def _optimizer(model: nn.Module, lr: float, recipe: Recipe, total_steps: int):
+def make_optimizer(model: nn.Module, lr: float, recipe: Recipe, total_steps: int | None):
+    """SGD with the recipe's momentum and weight decay; the recipe's lr schedule over
+    ``total_steps`` steps, or a constant lr when ``total_steps`` is None."""
     opt = torch.optim.SGD(
         model.parameters(),
         lr=lr,
@@ -109,6 +114,8 @@ def _optimizer(model: nn.Module, lr: float, recipe: Recipe, total_steps: int):
         weight_decay=recipe.weight_decay,
         nesterov=False,
     )
+    if total_steps is None:
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(recipe, s, total_steps))
     return opt, sched
 
@@ -140,7 +147,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, 
     return F.cross_entropy(student, y) + kd.alpha * t * t * soft
 
 
-def _train_epoch(model, loader, opt, sched, device, bar, teacher=None, kd=None) -> dict[str, float]:
+def train_batches(model, loader, opt, sched, device, bar, teacher=None, kd=None) -> dict:
+    """One pass over ``loader`` (any iterable of batches): forward, loss, step; mean loss/acc."""
     model.train()
     n, loss_sum, correct = 0, 0.0, 0
     for x, y in loader:
@@ -209,6 +217,7 @@ def fit(
     identity: Mapping[str, Any] | None = None,
     teacher: nn.Module | None = None,
     distill: Distill | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place for the phase's epochs ("train" or "finetune"), resumably.
 
@@ -222,6 +231,11 @@ def fit(
 
     ``teacher``: train against :func:`distill_loss` with ``distill`` (default :class:`Distill`)
     instead of plain cross-entropy; the teacher stays in eval mode and is never updated.
+
+    ``steps``: train this many optimizer steps instead of the phase's ``epochs × batches``
+    (what is left of a fine-tuning budget a method spent partly while pruning, see
+    :class:`gkp.budget.FineTuneBudget`); the last epoch stops early, the lr schedule spans
+    ``steps``. The caller puts ``steps`` into ``identity``.
     """
     identity = dict(identity or {})
     if phase not in ("train", "finetune"):
@@ -242,11 +256,17 @@ def fit(
     kd = distill or Distill()
     if teacher is not None:
         teacher = teacher.to(device).eval()
-    opt, sched = _optimizer(model, lr, recipe, epochs * len(train_loader))
+    per_epoch = len(train_loader)
+    total = epochs * per_epoch if steps is None else int(steps)
+    if steps is not None:
+        if total < 0:
+            raise ValueError(f"steps must be at least 0, got {steps}")
+        epochs = math.ceil(total / per_epoch)
+    opt, sched = make_optimizer(model, lr, recipe, total)
     start, history = _resume(ckpt_path, phase, recipe, identity, model, opt, sched)
     bar = tqdm(
-        total=epochs * len(train_loader),
-        initial=start * len(train_loader),
+        total=total,
+        initial=min(total, start * per_epoch),
         desc=f"{phase} {run_dir.name}",
         unit="batch",
         disable=not progress,
@@ -256,9 +276,10 @@ def fit(
         bar.set_description(f"{phase} {run_dir.name} epoch {epoch}/{epochs}")
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch - 1)
+        batches = itertools.islice(train_loader, min(per_epoch, total - (epoch - 1) * per_epoch))
         row: dict[str, Any] = {
             "epoch": epoch,
-            **_train_epoch(model, train_loader, opt, sched, device, bar, teacher, kd),
+            **train_batches(model, batches, opt, sched, device, bar, teacher, kd),
         }
         if (
             phase == "finetune"

@@ -89,9 +89,12 @@ def test_same_seed_same_model(name, tmp_path):
 def test_bad_knobs_raise(name, tmp_path):
     with pytest.raises(ValueError, match="outside"):
         PruneTarget(macs=1.2)
-    if get_method(name).info.granularity == Granularity.GROUPED_KERNEL:
+    info = get_method(name).info
+    if info.granularity == Granularity.GROUPED_KERNEL:
+        # SG-CNN's unequal clusters need no divisor; its equal-groups variant does
+        equal = {"equalize": True} if "equalize" in info.native_knobs else {}
         with pytest.raises(ValueError, match="do not divide"):
-            prune20(name, 0, tmp_path, groups=5)
+            prune20(name, 0, tmp_path, groups=5, **equal)
     with pytest.raises(ValueError, match="outside"):
         prune20(name, 0, tmp_path, rate=1.0)
     with pytest.raises(ValueError, match="unknown option"):
