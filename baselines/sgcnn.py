@@ -51,7 +51,7 @@ from gkp.api import Granularity, MethodInfo, PruneContext, PruneResult, PruneTar
 from gkp.grouping import equal_size_kmeans
 from gkp.masked import MASKED_DEFAULTS, MaskedConv2d, MaskedLinear, masked_setup
 from gkp.nn import GroupPlan, apply_per_group, apply_plans, masked_reference, set_module
-from gkp.planning import grouped_setup, n_keep_for
+from gkp.planning import exact_rate, grouped_setup, n_keep_for
 
 DEFAULTS: dict[str, Any] = {
     **MASKED_DEFAULTS,
@@ -152,9 +152,9 @@ def prune_layer(
 
 def schedule(target: Fraction, step: float) -> list[float]:
     """``step, 2·step, …`` below the target, then the target itself."""
-    ps, i = [], 1
-    while Fraction(step) * i < target - Fraction(1, 10**9):
-        ps.append(float(Fraction(step) * i))
+    ps, i, exact = [], 1, exact_rate(step)
+    while exact * i < target:
+        ps.append(float(exact * i))
         i += 1
     return [*ps, float(target)]
 
