@@ -51,6 +51,7 @@ MARKERS = {"weight": "o", "kernel": "s", "grouped_kernel": "D", "filter": "^", "
 OTHER_MARKER = "X"  # a granularity without a marker of its own
 MASKED_FILL = "left"  # masked rows: half-filled markers
 PANEL = (5.5, 4.5)  # inches per panel; fixed margins (no layout engine: faster, no reflow)
+TAGGED = ("reconstructed", "variant")  # faithfulness labels the legends carry
 LEGEND_WIDTH = 2.6  # inches per legend column, to the right of the panels
 LEGEND_LINES = 20  # lines of text per legend column
 DPI = 100
@@ -130,13 +131,17 @@ def _draw(ax: Axes, points: pd.DataFrame, palette: Mapping[str, str], y="y", yer
             )
 
 
-def _handles(points: pd.DataFrame, palette: Mapping[str, str]) -> list[Line2D]:
-    """Legend entries: methods (colour), granularities (marker), source (fill), and, when
-    plotted, masked markers and error bars; section titles have no marker."""
+def _handles(
+    points: pd.DataFrame, palette: Mapping[str, str], tags: Mapping[str, str] | None = None
+) -> list[Line2D]:
+    """Legend entries: methods (colour; ``tags`` adds e.g. "[reconstructed]"), granularities
+    (marker), source (fill), and, when plotted, masked markers and error bars; section titles
+    have no marker."""
+    tags = tags or {}
     masked, bars = points["masked"].any(), (points["n"] > 1).any()
     sections = {
         "method": [
-            Line2D([], [], label=m, **_style(palette[m], "", False) | {"marker": "s"})
+            Line2D([], [], label=tags.get(m, m), **_style(palette[m], "", False) | {"marker": "s"})
             for m in sorted(points["method"].unique())
         ],
         "granularity": [
@@ -188,8 +193,8 @@ def _figure(panels: int, handles: list[Line2D]) -> Figure:
     return fig
 
 
-def _accuracy_figure(model: str, dataset: str, points: pd.DataFrame, palette) -> Figure:
-    fig = _figure(2, _handles(points, palette))
+def _accuracy_figure(model: str, dataset: str, points: pd.DataFrame, palette, tags) -> Figure:
+    fig = _figure(2, _handles(points, palette, tags))
     top, delta = fig.subplots(1, 2)
     _draw(top, points, palette)
     _draw(delta, points.dropna(subset=["delta"]), palette, "delta", "delta_err")
@@ -209,9 +214,9 @@ def _accuracy_figure(model: str, dataset: str, points: pd.DataFrame, palette) ->
     return fig
 
 
-def _speedup_figure(points: pd.DataFrame, palette: Mapping[str, str]) -> Figure:
+def _speedup_figure(points: pd.DataFrame, palette: Mapping[str, str], tags) -> Figure:
     panels = list(dict.fromkeys(points["panel"]))
-    fig = _figure(len(panels), _handles(points, palette))
+    fig = _figure(len(panels), _handles(points, palette, tags))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels, strict=True):
         chosen = points[points["panel"] == panel]
@@ -239,13 +244,23 @@ def _figures(board: pd.DataFrame, literature: pd.DataFrame | None, colors) -> di
         literature = board.iloc[0:0][[*columns, "top1_dense"]]
     palette = method_colors([*board["method"], *literature["method"]], colors)
     accuracy, speedup = accuracy_points(board, literature), speedup_points(board)
+    tags = method_tags(board)
     figures = {}
     for (model, dataset), points in accuracy.groupby(["model", "dataset"], sort=True):
         name = f"acc_vs_macs_{_slug(model)}_{_slug(dataset)}.png"
-        figures[name] = _accuracy_figure(model, dataset, points, palette)
+        figures[name] = _accuracy_figure(model, dataset, points, palette, tags)
     if not speedup.empty:
-        figures["speedup_vs_theory.png"] = _speedup_figure(speedup, palette)
+        figures["speedup_vs_theory.png"] = _speedup_figure(speedup, palette, tags)
     return figures
+
+
+def method_tags(board: pd.DataFrame) -> dict[str, str]:
+    """Legend labels that carry a measured method's label when it is not the paper's method
+    as published: "group2d [reconstructed]", "gkp-l2 [variant]"."""
+    if "faithfulness" not in board:
+        return {}
+    first = board.dropna(subset=["faithfulness"]).groupby("method")["faithfulness"].first()
+    return {m: f"{m} [{f}]" for m, f in first.items() if f in TAGGED}
 
 
 def make_figures(

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gkp import fused
+
 
 def _index(value: object, where: str) -> int:
     """``value`` as a non-negative int; floats only when integral (JSON may write 3.0)."""
@@ -229,7 +231,15 @@ def conv_like(
 
 
 class GroupedKernelConv2d(nn.Module):
-    """gather → grouped conv → un-permute; equal to the masked dense conv it came from."""
+    """gather → grouped conv → un-permute; equal to the masked dense conv it came from.
+
+    ``backend``: ``"torch"`` (the three PyTorch ops) or ``"fused"`` (the one-op CPU kernel of
+    :mod:`gkp.fused`, used for float32 CPU inputs when autograd is off, e.g. under
+    ``torch.inference_mode``; otherwise the PyTorch ops). Set it with :func:`set_backend`; it is
+    not part of the state dict, so checkpoints do not depend on it.
+    """
+
+    backend: str = "torch"
 
     def __init__(
         self,
@@ -291,6 +301,12 @@ class GroupedKernelConv2d(nn.Module):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend == "fused" and _fusable(x):
+            c = self.conv
+            return fused.grouped_kernel_conv(
+                x, c.weight, c.bias, self.gather_index, self.output_index,
+                c.stride, c.padding, c.dilation, self.n_groups,
+            )  # fmt: skip
         y = self.conv(x.index_select(1, self.gather_index))
         return y.index_select(1, self.output_index)
 
@@ -432,6 +448,29 @@ class PerGroupConv2d(nn.Module):
 
 
 DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
+
+
+def _fusable(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+BACKENDS = ("torch", "fused")
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Run every ``GroupedKernelConv2d`` of ``model`` with ``backend``; returns how many.
+
+    ``"fused"`` builds (or loads) the fused op first; when that is impossible (no compiler) it
+    warns, leaves the layers on ``"torch"`` and returns 0. Unknown names raise ValueError.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "fused" and not fused.load():
+        backend = "torch"
+    layers = [m for m in model.modules() if isinstance(m, GroupedKernelConv2d)]
+    for layer in layers:
+        layer.backend = backend
+    return len(layers) if backend == "fused" else 0
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

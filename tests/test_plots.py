@@ -218,12 +218,27 @@ def _marker_lines(ax) -> list[tuple[str, tuple[float, ...]]]:
 
 
 def _legend_methods(fig) -> dict[str, str]:
-    """Method name -> hex colour, read from the figure legend's "method" section."""
+    """Method name -> hex colour, read from the figure legend's "method" section (a label's
+    "[reconstructed]"/"[variant]" tag dropped)."""
     legend = fig.legends[0]
     labels = [t.get_text() for t in legend.get_texts()]
     section = labels[labels.index("method") + 1 : labels.index("granularity")]
     handles = dict(zip(labels, legend.legend_handles, strict=True))
-    return {m: to_hex(handles[m].get_color()) for m in section}
+    return {m.split(" [")[0]: to_hex(handles[m].get_color()) for m in section}
+
+
+def test_legends_carry_reconstructed_and_variant_labels(tmp_path: Path) -> None:
+    path = tmp_path / "leaderboard.csv"
+    append_row(path, _row("kpgp", "grouped_kernel", "resnet20", 560, 90.0))
+    append_row(
+        path, _row("sgcnn", "grouped_kernel", "resnet20", 560, 90.0, faithfulness="faithful")
+    )
+    append_row(
+        path, _row("gkp-l2", "grouped_kernel", "resnet20", 560, 90.0, faithfulness="variant")
+    )
+    fig = make_figures(path, None)["acc_vs_macs_resnet20_cifar10.png"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"kpgp [reconstructed]", "sgcnn", "gkp-l2 [variant]"} <= set(labels)
 
 
 def test_masked_rows_are_half_filled_at_non_zero_macs(mixed: Path) -> None:

@@ -1,0 +1,104 @@
+"""The fused CPU kernel of the grouped-kernel layer, custom op ``gkp_fused::grouped_kernel_conv``.
+
+One op does gather → grouped conv → un-permute (``gkp/csrc/grouped_kernel_conv.cpp``): the kept
+input channels are read through the index table into a padded buffer once per (image, group),
+register-blocked FMA loops (8-wide vectors, compiler-vectorised) accumulate every kernel tap,
+and each filter's output is written straight to its final channel. float32, NCHW, CPU,
+inference only (no autograd: training uses the masked dense form, ``gkp.masked``).
+
+:func:`load` builds it with ``torch.utils.cpp_extension`` (``-O3 -march=native``, OpenMP through
+ATen's thread pool) on first use and caches the build (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``); a later process loads the cached library in well under a second.
+Without a working C++ compiler it warns once and returns False, and
+:class:`gkp.nn.GroupedKernelConv2d` keeps its pure-PyTorch form. The op has a fake (meta)
+implementation, so ``torch.compile`` and ``torch.export`` trace through it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "grouped_kernel_conv", "load"]
+
+SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
+FLAGS = ["-O3", "-march=native"]
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (or load the cached build of) the fused op; True when ``torch.ops.gkp_fused`` works.
+
+    ``GKP_FUSED=0`` in the environment turns it off (the pure-PyTorch form is used).
+    """
+    if os.environ.get("GKP_FUSED", "1") == "0":
+        return False
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _build(verbose)
+        return _state["ok"]
+
+
+def _build(verbose: bool) -> bool:
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(
+            name="gkp_fused",
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as err:  # no compiler, no headers, a failed build: fall back, loudly
+        warnings.warn(
+            f"gkp: the fused grouped-kernel CPU op could not be built ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}); grouped layers "
+            "use the pure-PyTorch form (gather -> grouped conv -> un-permute). It needs a C++20 "
+            "compiler (g++); `python -c 'import gkp.fused as f; f.load(verbose=True)'` shows the "
+            "build log.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    _register_fake()
+    return True
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("gkp_fused::grouped_kernel_conv")
+    def _fake(x, weight, bias, gather_index, output_index, stride, padding, dilation, groups):
+        n, _, h, w = x.shape
+        kh, kw = weight.shape[2], weight.shape[3]
+        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return x.new_empty((n, weight.shape[0], ho, wo))
+
+
+def available() -> bool:
+    """Whether the op has been built and loaded in this process (does not build it)."""
+    return _state.get("ok", False)
+
+
+def grouped_kernel_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gather_index: Tensor,
+    output_index: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> Tensor:
+    """``conv2d(x[:, gather_index], weight, bias, groups=groups)[:, output_index]`` in one op."""
+    return torch.ops.gkp_fused.grouped_kernel_conv(
+        x, weight, bias, gather_index, output_index, list(stride), list(padding),
+        list(dilation), groups,
+    )  # fmt: skip

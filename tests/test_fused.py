@@ -1,0 +1,140 @@
+"""The fused CPU op of the grouped-kernel layer: exact against the masked dense conv over random
+shapes, the same as the PyTorch form inside networks, traceable by torch.compile and
+torch.export, and a warned fallback when it cannot be built."""
+
+import random
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gkp import fused
+from gkp.nn import GroupedKernelConv2d, GroupPlan, apply_plans, masked_conv, set_backend
+
+
+@pytest.fixture(scope="module")
+def op():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the fused op falls back to PyTorch (tested below)")
+    assert fused.load(), "a compiler is installed, so the fused op must build"
+    return fused.grouped_kernel_conv
+
+
+def random_case(rng):
+    """Shapes, strides (also unequal), paddings, dilations, odd sizes, batch 1, repeats."""
+    n, c_in, groups = rng.choice([1, 2, 3]), rng.choice([3, 8, 17]), rng.choice([1, 2, 4])
+    d, n_keep = rng.choice([1, 2, 3, 4, 8]), rng.randint(1, c_in)
+    k = (rng.choice([1, 3, 5]), rng.choice([1, 3]))
+    stride = (rng.choice([1, 2, 3]), rng.choice([1, 2]))
+    pad = (rng.choice([0, 1, 2]), rng.choice([0, 1]))
+    dil = (1, rng.choice([1, 2]))
+    h = rng.randint(max(1, dil[0] * (k[0] - 1) + 1 - 2 * pad[0]), 19)
+    w = rng.randint(max(1, dil[1] * (k[1] - 1) + 1 - 2 * pad[1]), 37)
+    x = torch.randn(n, c_in, h, w)
+    weight = torch.randn(groups * d, n_keep, *k)
+    bias = torch.randn(groups * d) if rng.random() < 0.5 else None
+    gather = torch.tensor([rng.randrange(c_in) for _ in range(groups * n_keep)])  # repeats too
+    return x, weight, bias, gather, torch.randperm(groups * d), stride, pad, dil, groups
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_op_equals_gather_grouped_conv_unpermute(op, seed):
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(random.Random(seed))
+    want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+    got = op(x, weight, bias, gather, out_idx, stride, pad, dil, groups)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors(op):
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
+    gather, out = torch.tensor([0, 1, 2, 3]), torch.arange(4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(x, w, None, torch.tensor([0, 1, 2, 9]), out, (1, 1), (1, 1), (1, 1), 2)
+    with pytest.raises(RuntimeError, match="permutation"):
+        op(x, w, None, gather, torch.tensor([0, 0, 1, 2]), (1, 1), (1, 1), (1, 1), 2)
+    with pytest.raises(RuntimeError, match="groups must divide"):
+        op(x, w, None, gather, out, (1, 1), (1, 1), (1, 1), 3)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(x.double(), w.double(), None, gather, out, (1, 1), (1, 1), (1, 1), 2)
+
+
+def grouped_net(seed=0):
+    """conv -> GKP layer (stride 2, overlapping kept sets) -> GKP layer, from random plans."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, bias=True),
+    ).eval()  # fmt: skip
+    plans = {}
+    for name, c_in, c_out, g in (("2", 16, 16, 8), ("5", 16, 32, 4)):
+        order = list(range(c_out))
+        rng.shuffle(order)
+        d = c_out // g
+        groups = [order[i * d : (i + 1) * d] for i in range(g)]
+        plans[name] = GroupPlan.from_lists(groups, [rng.sample(range(c_in), 9) for _ in range(g)])
+    return model, plans, apply_plans(model, plans).eval()
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_fused_layers_equal_the_masked_dense_network(op, batch):
+    model, plans, pruned = grouped_net()
+    x = torch.randn(batch, 3, 15, 15)
+    with torch.inference_mode():
+        plain = pruned(x)
+        assert set_backend(pruned, "fused") == 2
+        got = pruned(x)
+    assert torch.allclose(got, plain, atol=1e-5)
+    conv = model[2]
+    with torch.inference_mode():
+        mid = torch.relu(model[0](x))
+        assert torch.allclose(
+            pruned[2](mid), masked_conv(mid, conv, plans["2"].mask(16, 16)), atol=1e-5
+        )
+
+
+def test_autograd_and_training_use_the_pytorch_ops(op):
+    _, _, pruned = grouped_net()
+    set_backend(pruned, "fused")
+    x = torch.randn(2, 3, 15, 15)
+    pruned(x).sum().backward()  # grad mode: the fused op (no autograd) is not used
+    assert pruned[2].conv.weight.grad is not None
+
+
+def test_compile_and_export_trace_through_the_op(op):
+    _, _, pruned = grouped_net()
+    set_backend(pruned, "fused")
+    x = torch.randn(2, 3, 15, 15)
+    with torch.no_grad():
+        want = pruned(x)
+        compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
+        assert torch.allclose(compiled(x), want, atol=1e-5)
+        exported = torch.export.export(pruned, (x,))
+    graph = str(exported.graph)
+    assert "gkp_fused.grouped_kernel_conv" in graph
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x), want, atol=1e-5)
+
+
+def test_without_a_compiler_it_warns_and_keeps_pytorch(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'gkp_fused'")
+
+    monkeypatch.setattr(fused, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    _, _, pruned = grouped_net()
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch form"):
+        assert set_backend(pruned, "fused") == 0
+    assert {m.backend for m in pruned.modules() if isinstance(m, GroupedKernelConv2d)} == {"torch"}
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("GKP_FUSED", "0")
+    assert fused.load() is False
+    with pytest.raises(ValueError, match="unknown backend"):
+        set_backend(nn.Sequential(), "cuda-magic")
