@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.measure import bench_from_json
+from benchmarks.measure import bench_from_json, deployed_as
 from benchmarks.runner import RunConfig, fresh_model
 from gkp import metrics
 from gkp.api import PruneContext, PruneTarget, get_method
@@ -30,10 +30,13 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
             seed=cfg.seed,
         ),
     )
+    macs_dense, macs = metrics.macs(dense, x), metrics.macs(result.model, x)
     rows = []
     for batch in (1, cfg.bench_batch):
+        shape = (batch, *x.shape[1:])
+        timed, picked = deployed_as(result.model, cfg.deploy, shape, cfg.torch_device, cfg.threads)
         stats = metrics.compare_latency(
-            {"dense": dense, "pruned": result.model},
+            {"dense": dense, "pruned": timed},
             (batch, *x.shape[1:]),
             rounds=cfg.bench_rounds,
             device=cfg.torch_device,
@@ -52,6 +55,12 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
                 "dense_iqr_ms": d.iqr_ms,
                 "pruned_iqr_ms": p.iqr_ms,
                 "speedup": d.median_ms / p.median_ms,
+                "macs_dense": macs_dense,
+                "macs": macs,
+                "ideal": macs_dense / macs,
+                "fraction_of_ideal": d.median_ms / p.median_ms / (macs_dense / macs),
+                "deploy": cfg.deploy,
+                "deploy_choices": picked,
                 "threads": p.threads,
                 "device": p.device,
                 "rounds": p.rounds,

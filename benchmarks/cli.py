@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import commands
+from benchmarks.measure import DEPLOYS
 from gkp.checkpoint import CheckpointError
 from gkp.data import DatasetNotFoundError
 
@@ -80,6 +81,14 @@ def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
         b.add_argument("--bench-batch", type=int, default=32, help="throughput batch size")
         b.add_argument("--bench-rounds", type=int, default=30, help="timed rounds per model")
         b.add_argument("--threads", type=int, default=None, help="torch threads while timing")
+        b.add_argument(
+            "--deploy",
+            choices=DEPLOYS,
+            default="torch",
+            help="how grouped layers run when timed: torch (gather, grouped conv, un-permute; "
+            "the default, as every row so far), fused (the one-op CPU kernel) or autotune "
+            "(per layer the fastest of torch, fused and masked dense, tuned per batch size)",
+        )
         b.add_argument(
             "--latency-json",
             type=Path,

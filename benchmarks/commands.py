@@ -107,6 +107,7 @@ def config(args: argparse.Namespace) -> RunConfig:
         cfg.native = native_knobs(args)
         cfg.bench_batch, cfg.bench_rounds = args.bench_batch, args.bench_rounds
         cfg.threads = args.threads
+        cfg.deploy = args.deploy
         cfg.latency_json = getattr(args, "latency_json", None)
     return cfg
 
@@ -259,6 +260,7 @@ def cmd_bench(args: argparse.Namespace) -> Result:
         f"{r['model']} {r['method']} batch {r['batch']} {r.get('memory_format', 'nchw')}: "
         f"dense {r['dense_ms']:.2f} ms,"
         f" pruned {r['pruned_ms']:.2f} ms, speed-up x{r['speedup']:.2f}"
+        + (f" (ideal x{r['ideal']:.2f}, deploy {r['deploy']})" if "ideal" in r else "")
         for r in rows
     )
     return rows, text

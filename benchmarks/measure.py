@@ -6,6 +6,7 @@ pytest-benchmark latency suite writes (pure JSON handling, no model code).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,32 @@ def size_columns(dense: nn.Module, pruned: nn.Module, x: torch.Tensor) -> dict[s
     return cols
 
 
+DEPLOYS = ("torch", "fused", "autotune")
+
+
+def deployed_as(
+    model: nn.Module, deploy: str, shape: Sequence[int], device, threads: int | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``model`` whose grouped layers run as ``deploy`` says, and what was chosen.
+
+    ``autotune`` tunes every grouped layer for an input of ``shape`` (:mod:`gkp.autotune`);
+    ``fused`` falls back to ``torch`` (with a warning) where the op cannot be built.
+    """
+    from gkp.autotune import autotune
+    from gkp.nn import set_backend
+
+    if deploy not in DEPLOYS:
+        raise ValueError(f"unknown --deploy {deploy!r}; choose one of {', '.join(DEPLOYS)}")
+    out = copy.deepcopy(model).to(device).eval()
+    if deploy == "torch":
+        return out, {}
+    if deploy == "fused":
+        return out, {"fused_layers": set_backend(out, "fused")}
+    choices = autotune(out, torch.randn(*shape, device=device), threads=threads)
+    picked = [c["backend"] for c in choices.values()]
+    return out, {"autotune": {b: picked.count(b) for b in sorted(set(picked))}}
+
+
 def latency_columns(
     dense: nn.Module,
     pruned: nn.Module,
@@ -44,17 +71,24 @@ def latency_columns(
     device: torch.device,
     threads: int | None = None,
     also: Mapping[str, nn.Module] | None = None,
+    deploy: str = "torch",
 ) -> dict[str, Any]:
     """Median/IQR latency of pruned and dense at batch 1 and ``batch``, timed in one run.
 
     ``also``: other forms of the pruned network (e.g. ``masked_dense``) timed in the same run;
     their medians and speed-ups over dense come back under the key ``also`` (not a column).
+    ``deploy``: how the grouped layers run (:data:`DEPLOYS`; autotuned per batch); what it
+    chose comes back under the key ``deploy`` (not a column).
     """
     cols: dict[str, Any] = {"device": device.type, "bench_batch": batch}
     extra: dict[str, dict[str, float]] = {name: {} for name in also or {}}
+    chosen: dict[str, Any] = {"deploy": deploy}
     for tag, b in (("b1", 1), ("bN", batch)):
+        timed, picked = deployed_as(pruned, deploy, (b, *sample_shape), device, threads)
+        if picked:
+            chosen[tag] = picked
         stats = metrics.compare_latency(
-            {"dense": dense, "pruned": pruned, **(also or {})},
+            {"dense": dense, "pruned": timed, **(also or {})},
             (b, *sample_shape),
             rounds=rounds,
             device=device,
@@ -70,6 +104,7 @@ def latency_columns(
             extra[name][f"speedup_{tag}"] = stats["dense"].median_ms / stats[name].median_ms
     if extra:
         cols["also"] = extra
+    cols["deploy"] = chosen
     return cols
 
 

@@ -46,6 +46,7 @@ class RunConfig:
     bench_batch: int = 32
     bench_rounds: int = 30
     threads: int | None = None
+    deploy: str = "torch"  # how grouped layers run when timed (benchmarks.measure.DEPLOYS)
     latency_json: Path | None = None  # take latency columns from a pytest-benchmark JSON
     progress: bool = True
     restart: bool = False

@@ -343,6 +343,9 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
     timed = {"timed_form": timed_form(deployed)}
     if "also" in latency:
         timed["latency_masked_dense"] = latency.pop("also")["masked_dense"]
+    deploy = latency.pop("deploy", {"deploy": "torch"})
+    if deploy["deploy"] != "torch":  # rows timed with the PyTorch ops say nothing (as before)
+        timed["deploy"] = deploy
     row = {
         "source": "measured",
         "run_id": rid,
@@ -386,8 +389,9 @@ def _latency(cfg: RunConfig, dense: nn.Module, pruned: nn.Module, x, device) -> 
         )
     also = {"masked_dense": densify(pruned)} if per_group_plans(pruned) else None
     return latency_columns(
-        dense, pruned, x.shape[1:], cfg.bench_batch, cfg.bench_rounds, device, cfg.threads, also
-    )
+        dense, pruned, x.shape[1:], cfg.bench_batch, cfg.bench_rounds, device, cfg.threads, also,
+        cfg.deploy,
+    )  # fmt: skip
 
 
 def timed_form(model: nn.Module) -> str:

@@ -16,6 +16,7 @@ implementation, so ``torch.compile`` and ``torch.export`` trace through it.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -46,6 +47,8 @@ def load(verbose: bool = False) -> bool:
 
 
 def _build(verbose: bool) -> bool:
+    # importing cpp_extension logs a CUDA_HOME warning on CPU-only machines: not ours to show
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
     try:

@@ -233,9 +233,11 @@ def conv_like(
 class GroupedKernelConv2d(nn.Module):
     """gather → grouped conv → un-permute; equal to the masked dense conv it came from.
 
-    ``backend``: ``"torch"`` (the three PyTorch ops) or ``"fused"`` (the one-op CPU kernel of
-    :mod:`gkp.fused`, used for float32 CPU inputs when autograd is off, e.g. under
-    ``torch.inference_mode``; otherwise the PyTorch ops). Set it with :func:`set_backend`; it is
+    ``backend``: how inference runs (autograd off, e.g. under ``torch.inference_mode``; with
+    autograd on it is always the PyTorch ops): ``"torch"`` (gather → grouped conv → un-permute),
+    ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs) or ``"dense"``
+    (the equivalent masked dense conv, zeros included, built from the weights on first use).
+    All three are exact. Set it with :func:`set_backend` or :func:`gkp.autotune.autotune`; it is
     not part of the state dict, so checkpoints do not depend on it.
     """
 
@@ -301,14 +303,25 @@ class GroupedKernelConv2d(nn.Module):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.backend == "fused" and _fusable(x):
-            c = self.conv
-            return fused.grouped_kernel_conv(
-                x, c.weight, c.bias, self.gather_index, self.output_index,
-                c.stride, c.padding, c.dilation, self.n_groups,
-            )  # fmt: skip
+        if self.backend != "torch" and not torch.is_grad_enabled():
+            if self.backend == "fused" and x.device.type == "cpu" and x.dtype == torch.float32:
+                c = self.conv
+                return fused.grouped_kernel_conv(
+                    x, c.weight, c.bias, self.gather_index, self.output_index,
+                    c.stride, c.padding, c.dilation, self.n_groups,
+                )  # fmt: skip
+            if self.backend == "dense":
+                return self._dense_copy(x)(x)
         y = self.conv(x.index_select(1, self.gather_index))
         return y.index_select(1, self.output_index)
+
+    def _dense_copy(self, x: Tensor) -> nn.Conv2d:
+        """The masked dense conv, built on first use and kept outside the module's state."""
+        cached = self.__dict__.get("_dense")
+        if cached is None or cached.weight.device != x.device or cached.weight.dtype != x.dtype:
+            cached = self.to_dense().to(x.device, x.dtype)
+            object.__setattr__(self, "_dense", cached)  # not a submodule: no state-dict keys
+        return cached
 
     def plan(self) -> GroupPlan:
         """Recover the GroupPlan this module implements."""
@@ -450,11 +463,7 @@ class PerGroupConv2d(nn.Module):
 DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
 
 
-def _fusable(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-
-
-BACKENDS = ("torch", "fused")
+BACKENDS = ("torch", "fused", "dense")
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
@@ -466,11 +475,12 @@ def set_backend(model: nn.Module, backend: str) -> int:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "fused" and not fused.load():
-        backend = "torch"
+        return 0
     layers = [m for m in model.modules() if isinstance(m, GroupedKernelConv2d)]
     for layer in layers:
         layer.backend = backend
-    return len(layers) if backend == "fused" else 0
+        layer.__dict__.pop("_dense", None)
+    return len(layers)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

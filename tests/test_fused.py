@@ -138,3 +138,63 @@ def test_switched_off_by_environment(monkeypatch):
     assert fused.load() is False
     with pytest.raises(ValueError, match="unknown backend"):
         set_backend(nn.Sequential(), "cuda-magic")
+
+
+# ------------------------------------------------------------------ backends and autotuning
+
+
+def test_dense_backend_is_exact_and_not_saved():
+    _, _, pruned = grouped_net()
+    x = torch.randn(3, 3, 15, 15)
+    with torch.inference_mode():
+        want = pruned(x)
+        keys = set(pruned.state_dict())
+        assert set_backend(pruned, "dense") == 2
+        got = pruned(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert set(pruned.state_dict()) == keys  # the dense copy is a cache, not state
+
+
+def test_autotune_times_every_candidate_and_keeps_the_output():
+    from gkp.autotune import autotune, candidates
+
+    _, _, pruned = grouped_net()
+    x = torch.randn(4, 3, 15, 15)
+    with torch.inference_mode():
+        want = pruned(x)
+    choices = autotune(pruned, x, rounds=3, threads=1)
+    assert set(choices) == {"2", "5"}
+    for name, c in choices.items():
+        assert set(c["ms"]) == set(candidates(x)) and c["backend"] == min(c["ms"], key=c["ms"].get)
+        assert pruned.get_submodule(name).backend == c["backend"]
+    with torch.inference_mode():
+        assert torch.allclose(pruned(x), want, atol=1e-5)
+    with pytest.raises(ValueError, match="eval"):
+        autotune(pruned.train(), x)
+
+
+def test_autotune_keeps_the_fastest(monkeypatch):
+    from gkp import autotune as tune
+
+    fake = {"torch": 3.0, "fused": 2.0, "dense": 1.0}
+    monkeypatch.setattr(
+        tune, "_median_ms", lambda layer, backends, x, rounds: {b: fake[b] for b in backends}
+    )
+    _, _, pruned = grouped_net()
+    choices = tune.autotune(pruned, torch.randn(1, 3, 15, 15))
+    assert {c["backend"] for c in choices.values()} == {"dense"}
+
+
+def test_bench_reports_ideal_and_how_it_deployed(capsys):
+    import json
+
+    from benchmarks.cli import main
+
+    argv = ["bench", "--dataset", "synthetic", "--method", "gkp-l2", "--bench-rounds", "2",
+            "--bench-batch", "2", "--deploy", "autotune", "--threads", "1", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for r in rows:
+        assert r["ideal"] == pytest.approx(r["macs_dense"] / r["macs"]) and r["ideal"] > 1.5
+        assert r["fraction_of_ideal"] == pytest.approx(r["speedup"] / r["ideal"])
+        assert r["deploy"] == "autotune" and sum(r["deploy_choices"]["autotune"].values()) == 18
