@@ -183,6 +183,16 @@ def _local_steps(ctx: PruneContext, knobs: dict, n_steps: int) -> int:
     return int(float(knobs["local_share"]) * budget) // n_steps
 
 
+def _local_status(knobs: dict, ctx: PruneContext, per_step: int, n_steps: int) -> str:
+    if not knobs["local_finetune"]:
+        return "off (global-only variant)"
+    if ctx.finetune is None:
+        return "skipped: no fine-tuning budget in PruneContext"
+    if per_step == 0:
+        return "skipped: the local share of the budget is under one step per pruning step"
+    return f"done: {per_step} steps after each of the {n_steps} pruning steps"
+
+
 def _fc_name(model: nn.Module) -> str | None:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
@@ -237,13 +247,7 @@ def sgcnn(model: nn.Module, target: PruneTarget, ctx: PruneContext) -> PruneResu
         "target": target.macs,
         "schedule": ps,
         "steps": steps,
-        "local_finetune": "done"
-        if local and per_step
-        else (
-            "skipped: no fine-tuning budget in PruneContext"
-            if knobs["local_finetune"]
-            else "off (global-only variant)"
-        ),
+        "local_finetune": _local_status(knobs, ctx, per_step, len(ps)),
         "variant": "equalize (not the paper's method)" if knobs["equalize"] else "",
         "plans": {n: p.to_dict() for n, p in plans.items()},
         "layers": {

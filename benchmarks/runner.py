@@ -351,7 +351,7 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
         "run_id": rid,
         "method": cfg.method,
         "granularity": method.info.granularity.value,
-        "faithfulness": method.info.faithfulness,
+        "faithfulness": "variant" if info.get("variant") else method.info.faithfulness,
         "reference": method.info.reference,
         "options": json.dumps(info.get("options", {}), sort_keys=True, default=str),
         "prune_info": json.dumps({**decisions(info), **timed}, sort_keys=True),

@@ -171,7 +171,10 @@ def test_local_fine_tunes_take_their_share_of_the_budget(pruned20):
     n = len(result.info["schedule"])
     assert n == 8  # 0.1 ... 0.7, then 0.75
     assert calls == [(100 // 4 // n, f"sgcnn step {s + 1}") for s in range(n)]
-    assert result.info["local_finetune"] == "done"
+    assert (
+        result.info["local_finetune"]
+        == f"done: {100 // 4 // n} steps after each of the 8 pruning steps"
+    )
 
 
 def test_target_met_and_deploy_equals_reference(pruned20):
@@ -258,3 +261,8 @@ def test_runner_records_the_budget_split_and_both_latencies(tmp_path):
     assert info["timed_form"].startswith("per-group")
     assert info["latency_masked_dense"]["speedup_b1"] > 0
     assert row["faithfulness"] == "faithful"
+    variant = ["--method", "sgcnn", "--target", "0.436", "--option", "equalize=true"]
+    assert main(["prune", *args, *out, *variant]) == 0
+    row = read_leaderboard(tmp_path / "results" / "leaderboard.csv").iloc[1]
+    assert row["faithfulness"] == "variant" and '"equalize": true' in row["options"]
+    assert json.loads(row["prune_info"])["timed_form"] == "grouped conv"

@@ -109,13 +109,15 @@ void tile(const Block& b, const Geo& g, int64_t oy, int64_t ox0, int64_t last_la
         store8(b.out[f] + (oy + r) * g.Wo + ox0 + 8 * t, acc[f][r][t], t == T - 1 ? last_lanes : 8);
 }
 
-// One band of R output rows: chunks of up to TMAX vectors, the last chunk shorter.
+// One band of R output rows: chunks of at most TMAX vectors, as equal as possible (4 vectors
+// run as 2 + 2, not 3 + 1: a one-vector chunk reuses each weight broadcast too little).
 template <int D, int R>
 void band(const Block& b, const Geo& g, int64_t oy) {
   constexpr int TMAX = (12 / (D * R)) < 4 ? (12 / (D * R)) : 4;
   const int64_t nvec = (g.Wo + 7) / 8;
+  const int64_t chunks = (nvec + TMAX - 1) / TMAX, even = (nvec + chunks - 1) / chunks;
   for (int64_t v = 0; v < nvec;) {
-    const int64_t t = nvec - v < TMAX ? nvec - v : TMAX;
+    const int64_t t = nvec - v < even ? nvec - v : even;
     const int64_t lanes = v + t == nvec ? g.Wo - 8 * (nvec - 1) : 8;
     const int64_t ox0 = 8 * v;
     switch (t) {

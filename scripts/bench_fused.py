@@ -1,0 +1,110 @@
+"""Layer-level speed of the grouped-kernel layer's deploy forms against the dense conv.
+
+For the 3x3 layers of ResNet-56 (32x32 input) and of ResNet-50's stages (224x224 input), G = 8
+groups keeping n_keep = 9/16 of the input channels (p = 0.4375), times in one interleaved run
+(``gkp.metrics.compare_latency``: eval, inference_mode, warm-up, fixed threads, median):
+the dense conv, the PyTorch deploy form (gather -> grouped conv -> un-permute) and the fused
+op (``gkp.fused``). Prints a Markdown table (GMAC/s of the MACs each form must do, and speed-up
+against dense) and writes it as CSV.
+
+    taskset -c 0 .venv/bin/python scripts/bench_fused.py --threads 1 --out results/fused_kernel.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gkp import fused  # noqa: E402
+from gkp.metrics import compare_latency  # noqa: E402
+from gkp.nn import GroupedKernelConv2d, GroupPlan, set_backend  # noqa: E402
+
+# (network, channels, spatial size, batch)
+LAYERS = [
+    ("resnet56", 16, 32, 1), ("resnet56", 32, 16, 1), ("resnet56", 64, 8, 1),
+    ("resnet56", 16, 32, 64), ("resnet56", 32, 16, 64), ("resnet56", 64, 8, 64),
+    ("resnet50", 64, 56, 1), ("resnet50", 128, 28, 1), ("resnet50", 256, 14, 1),
+    ("resnet50", 512, 7, 1), ("resnet50", 64, 56, 16), ("resnet50", 128, 28, 16),
+    ("resnet50", 256, 14, 16), ("resnet50", 512, 7, 16),
+]  # fmt: skip
+GROUPS = 8
+
+
+def layer_pair(c: int, seed: int) -> tuple[nn.Conv2d, GroupedKernelConv2d, int]:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+    n_keep = c * 9 // 16
+    order = list(range(c))
+    rng.shuffle(order)
+    d = c // GROUPS
+    plan = GroupPlan.from_lists(
+        [order[g * d : (g + 1) * d] for g in range(GROUPS)],
+        [rng.sample(range(c), n_keep) for _ in range(GROUPS)],
+    )
+    return conv, GroupedKernelConv2d.from_conv(conv, plan), n_keep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=None, help="CSV file to write")
+    args = ap.parse_args()
+    if not fused.load():
+        sys.exit("the fused op could not be built (see the warning above)")
+    rows = []
+    for net, c, hw, batch in LAYERS:
+        conv, grouped, n_keep = layer_pair(c, seed=c + hw)
+        fast = GroupedKernelConv2d.from_conv(conv, grouped.plan())
+        set_backend(fast, "fused")
+        stats = compare_latency(
+            {"dense": conv, "torch": grouped, "fused": fast},
+            (batch, c, hw, hw),
+            rounds=args.rounds,
+            threads=args.threads,
+        )
+        dense_macs = batch * c * c * 9 * hw * hw
+        kept = dense_macs * n_keep // c
+        ms = {k: v.median_ms for k, v in stats.items()}
+        rows.append(
+            {
+                "network": net, "channels": c, "size": hw, "batch": batch, "groups": GROUPS,
+                "n_keep": n_keep, "threads": args.threads,
+                "dense_ms": ms["dense"], "torch_ms": ms["torch"], "fused_ms": ms["fused"],
+                "dense_gmacs": dense_macs / ms["dense"] / 1e6,
+                "torch_gmacs": kept / ms["torch"] / 1e6, "fused_gmacs": kept / ms["fused"] / 1e6,
+                "ideal": c / n_keep, "torch_speedup": ms["dense"] / ms["torch"],
+                "fused_speedup": ms["dense"] / ms["fused"],
+            }
+        )  # fmt: skip
+    if args.out is not None:
+        with args.out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    print(f"threads {args.threads}, G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1")
+    print(
+        "| layer | batch | dense GMAC/s | torch grouped GMAC/s (x dense) "
+        "| fused GMAC/s (x dense) | ideal |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['network']} C={r['channels']} {r['size']}x{r['size']} | {r['batch']} | "
+            f"{r['dense_gmacs']:.1f} | {r['torch_gmacs']:.1f} (x{r['torch_speedup']:.2f}) | "
+            f"{r['fused_gmacs']:.1f} (x{r['fused_speedup']:.2f}) | x{r['ideal']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
