@@ -5,8 +5,9 @@ top-1 and Δ top-1 = ``top1 - top1_dense`` (each row against its own dense basel
 removed. Measured rows are grouped like ``benchmarks.summary.summarize`` (method, model, dataset,
 recipe, target; one row per ``run_id``): one marker at the means, with ± 1 sample-sd error bars
 when the group has more than one run. Reported rows (leaderboard rows with ``source`` reported,
-and ``literature.csv``) are hollow, one per row. Masked methods (``macs_nonzero < macs``: weights
-zeroed, the deployed model dense) sit at their *non-zero* MACs removed and are drawn half-filled,
+and ``literature.csv``) are hollow, one per row. Masked methods (most removed MACs are zeros
+that still run, see ``benchmarks.summary``: the deployed model is dense) sit at their *non-zero*
+MACs removed and are drawn half-filled,
 which the legend explains as "masked, no dense speed-up".
 
 Speed-up (``speedup_vs_theory.png``, measured rows with speed-ups): one panel per device and

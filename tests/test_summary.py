@@ -123,6 +123,14 @@ def test_masked_rows_count_non_zero_macs() -> None:
     assert "40.00 |" in summary_markdown(summary)
 
 
+def test_a_few_masked_weights_beside_physical_pruning_are_not_a_masked_row() -> None:
+    """SG-CNN: per-group convs remove 400 MACs physically, its masked FC zeroes 5 more."""
+    sg = row("sgcnn", 0, 90.0, granularity="grouped_kernel", macs=600, macs_nonzero=595)
+    got = only(summarize(frame(sg)), "sgcnn")
+    assert not got["masked"] and got["macs_removed_pct_mean"] == pytest.approx(40.0)
+    assert got["theory_speedup"] == pytest.approx(1000 / 600)
+
+
 def test_groups_and_deterministic_order() -> None:
     rows = [
         row("b", 0, 90.0, target=0.5),
