@@ -59,7 +59,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None, help="CSV file to write")
+    ap.add_argument("--table", type=Path, default=None, help="print the table of this CSV")
     args = ap.parse_args()
+    if args.table is not None:
+        with args.table.open(newline="") as handle:
+            print_table([{k: _num(v) for k, v in r.items()} for r in csv.DictReader(handle)])
+        return
     if not fused.load():
         sys.exit("the fused op could not be built (see the warning above)")
     rows = []
@@ -92,7 +97,21 @@ def main() -> None:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    print(f"threads {args.threads}, G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1")
+    print_table(rows)
+
+
+def _num(v: str):
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"threads {rows[0]['threads']}, G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1")
     print(
         "| layer | batch | dense GMAC/s | torch grouped GMAC/s (x dense) "
         "| fused GMAC/s (x dense) | ideal |"

@@ -44,6 +44,7 @@ struct Geo {
   int64_t Wq;     // entries per phase plane row: ceil((W + 2 pw) / sw)
   int64_t row;    // floats per padded row: sw * Wq
   int64_t plane;  // floats per gathered channel: (H + 2 ph) * row
+  int64_t tap[32];  // offset of kernel column kx in the buffer row: phase plane + shift
 };
 
 // Copy the kept channels of one image into the padded, phase-split buffer. Borders are never
@@ -57,10 +58,11 @@ void fill(float* buf, const float* img, const int64_t* chans, int64_t n_keep, co
       const float* srow = src + iy * g.W;
       if (g.sw == 1) {
         std::memcpy(drow + g.pw, srow, sizeof(float) * g.W);
-      } else {
-        for (int64_t ix = 0; ix < g.W; ++ix) {
-          const int64_t c = ix + g.pw;
-          drow[(c % g.sw) * g.Wq + c / g.sw] = srow[ix];
+      } else {  // padded column c goes to phase c % sw, entry c / sw
+        for (int64_t phase = 0; phase < g.sw; ++phase) {
+          int64_t ix = (phase - g.pw % g.sw + g.sw) % g.sw;  // first ix with (ix + pw) % sw == phase
+          float* dphase = drow + phase * g.Wq + (ix + g.pw) / g.sw;
+          for (; ix < g.W; ix += g.sw) *dphase++ = srow[ix];
         }
       }
     }
@@ -71,7 +73,7 @@ struct Block {
   const float* buf;    // the task's gathered, padded input
   const float* w;      // D consecutive filters, n_keep * kh * kw each
   const float* bias;   // D values or nullptr
-  float* out[4];       // D output planes (Ho * Wo), already in final channel order
+  float* out[8];       // D output planes (Ho * Wo), already in final channel order
   int64_t n_keep;
 };
 
@@ -90,7 +92,7 @@ void tile(const Block& b, const Geo& g, int64_t oy, int64_t ox0, int64_t last_la
       const float* rows[R];
       for (int r = 0; r < R; ++r) rows[r] = chan + ((oy + r) * g.sh + ky * g.dh) * g.row;
       for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t col = kx * g.dw, at = (col % g.sw) * g.Wq + ox0 + col / g.sw;
+        const int64_t at = g.tap[kx] + ox0;
         v8 xv[R][T];
         for (int r = 0; r < R; ++r)
           for (int t = 0; t < T; ++t) xv[r][t] = load8(rows[r] + at + 8 * t);
@@ -113,7 +115,7 @@ void tile(const Block& b, const Geo& g, int64_t oy, int64_t ox0, int64_t last_la
 // run as 2 + 2, not 3 + 1: a one-vector chunk reuses each weight broadcast too little).
 template <int D, int R>
 void band(const Block& b, const Geo& g, int64_t oy) {
-  constexpr int TMAX = (12 / (D * R)) < 4 ? (12 / (D * R)) : 4;
+  constexpr int TMAX = (12 / (D * R)) < 1 ? 1 : ((12 / (D * R)) < 4 ? (12 / (D * R)) : 4);
   const int64_t nvec = (g.Wo + 7) / 8;
   const int64_t chunks = (nvec + TMAX - 1) / TMAX, even = (nvec + chunks - 1) / chunks;
   for (int64_t v = 0; v < nvec;) {
@@ -135,6 +137,17 @@ void plane(const Block& b, const Geo& g) {
   int64_t oy = 0;
   for (; oy + R <= g.Ho; oy += R) band<D, R>(b, g, oy);
   for (; oy < g.Ho; ++oy) band<D, 1>(b, g, oy);
+}
+
+// About 12 accumulator vectors (of AVX2's 16 registers): D filters x R rows x T vectors, more
+// rows when the output is narrow (an 8-column output has one vector per row).
+template <int D>
+void plane_rows(const Block& b, const Geo& g) {
+  const int64_t nvec = (g.Wo + 7) / 8, t = nvec < 4 ? nvec : 4;
+  const int64_t r = 12 / (D * t);
+  if (r >= 3) plane<D, 3>(b, g);
+  else if (r == 2) plane<D, 2>(b, g);
+  else plane<D, 1>(b, g);
 }
 
 at::Tensor grouped_kernel_conv_cpu(
@@ -168,6 +181,11 @@ at::Tensor grouped_kernel_conv_cpu(
   g.Wq = (g.W + 2 * g.pw + g.sw - 1) / g.sw;
   g.row = g.sw * g.Wq;
   g.plane = (g.H + 2 * g.ph) * g.row;
+  TORCH_CHECK(g.kw <= 32, "gkp_fused: kernels wider than 32 columns are not supported");
+  for (int64_t kx = 0; kx < g.kw; ++kx) {
+    const int64_t col = kx * g.dw;
+    g.tap[kx] = (col % g.sw) * g.Wq + col / g.sw;
+  }
 
   const int64_t d = C_out / groups;
   std::vector<int64_t> pos(C_out, -1);  // grouped filter q -> final channel o
@@ -188,7 +206,7 @@ at::Tensor grouped_kernel_conv_cpu(
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const int64_t* gp = gather.data_ptr<int64_t>();
   float* yp = y.data_ptr<float>();
-  const int D = d % 4 == 0 ? 4 : (d % 2 == 0 ? 2 : 1);
+  const int D = d % 8 == 0 ? 8 : (d % 4 == 0 ? 4 : (d % 2 == 0 ? 2 : 1));
   const int64_t slack = 8 * 4 + 8;  // vector loads may run past a plane's end into this
 
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
@@ -199,9 +217,10 @@ at::Tensor grouped_kernel_conv_cpu(
       for (int64_t q = grp * d; q < (grp + 1) * d; q += D) {
         Block b{buf.data(), wp + q * n_keep * g.kh * g.kw, bp ? bp + q : nullptr, {}, n_keep};
         for (int f = 0; f < D; ++f) b.out[f] = yp + (n * C_out + pos[q + f]) * g.Ho * g.Wo;
-        if (D == 4) plane<4, 1>(b, g);
-        else if (D == 2) plane<2, 2>(b, g);
-        else plane<1, 2>(b, g);
+        if (D == 8) plane<8, 1>(b, g);
+        else if (D == 4) plane_rows<4>(b, g);
+        else if (D == 2) plane_rows<2>(b, g);
+        else plane_rows<1>(b, g);
       }
     }
   });
