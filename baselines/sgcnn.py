@@ -138,14 +138,11 @@ def prune_layer(
     new = old & torch.from_numpy(keep[labels])
     groups = [np.flatnonzero(labels == g).tolist() for g in range(len(centroids))]
     kept = [np.flatnonzero(keep[g]).tolist() for g in range(len(centroids))]
-    plain = layer.to_dense() if isinstance(layer, MaskedConv2d) else layer
-    if isinstance(layer, MaskedLinear):
-        plain = layer.to_deploy()
-    if isinstance(plain, nn.Linear):
-        set_module(model, name, MaskedLinear.from_linear(plain, new.to(plain.weight.device)))
+    new = new.to(layer.weight.device)  # masked weights are already zero: masks only shrink
+    if isinstance(layer, nn.Linear):
+        set_module(model, name, MaskedLinear.from_linear(layer, new))
     else:
-        mask = new[:, :, None, None].expand_as(plain.weight).to(plain.weight.device)
-        set_module(model, name, MaskedConv2d.from_conv(plain, mask))
+        set_module(model, name, MaskedConv2d.from_conv(layer, new[:, :, None, None]))
     info = {"threshold": t, "clusters": len(groups), "kept_fraction": float(new.double().mean())}
     return GroupPlan.from_lists(groups, kept), info
 

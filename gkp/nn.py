@@ -230,6 +230,28 @@ def conv_like(
     )
 
 
+def _check_splittable(conv: nn.Conv2d, layer: str) -> None:
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"{layer}: only ungrouped convs with numeric zero padding can be grouped")
+
+
+def _dense_from(
+    like: nn.Conv2d, in_channels: int, plan: GroupPlan, weights: Sequence[Tensor], biases
+) -> nn.Conv2d:
+    """The masked dense conv of a plan whose group ``g`` holds ``weights[g]`` (|g| x |K_g|)."""
+    out_channels = sum(len(g) for g in plan.groups)
+    dense = conv_like(like, in_channels=in_channels, out_channels=out_channels, groups=1)
+    dev = dense.weight.device
+    with torch.no_grad():
+        dense.weight.zero_()
+        for w, b, grp, k in zip(weights, biases, plan.groups, plan.kept, strict=True):
+            rows, cols = torch.tensor(grp, device=dev), torch.tensor(k, device=dev)
+            dense.weight[rows.unsqueeze(1), cols.unsqueeze(0)] = w
+            if b is not None:
+                dense.bias[rows] = b
+    return dense
+
+
 class GroupedKernelConv2d(nn.Module):
     """gather → grouped conv → un-permute; equal to the masked dense conv it came from.
 
@@ -276,10 +298,7 @@ class GroupedKernelConv2d(nn.Module):
         cls, conv: nn.Conv2d, plan: GroupPlan, layer: str = "layer"
     ) -> GroupedKernelConv2d:
         """Build the deploy form of ``conv`` under ``plan`` (weights copied, not shared)."""
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(
-                f"{layer}: only ungrouped convs with numeric zero padding can be grouped"
-            )
+        _check_splittable(conv, layer)
         plan.validate(conv.out_channels, conv.in_channels, layer)
         geometry = ConvGeometry.of(conv).kwargs()  # built with conv_like, on conv's device/dtype
         new = cls(
@@ -334,19 +353,10 @@ class GroupedKernelConv2d(nn.Module):
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent masked dense ``Conv2d`` (zeros where a group dropped a channel)."""
-        c = self.conv
-        dense = conv_like(c, in_channels=self.in_channels, groups=1)
-        order = torch.argsort(self.output_index)
-        d = self.out_channels // self.n_groups
-        with torch.no_grad():
-            dense.weight.zero_()
-            for g in range(self.n_groups):
-                rows = order[g * d : (g + 1) * d]
-                cols = self.gather_index[g * self.n_keep : (g + 1) * self.n_keep]
-                dense.weight[rows.unsqueeze(1), cols.unsqueeze(0)] = c.weight[g * d : (g + 1) * d]
-            if c.bias is not None:
-                dense.bias.copy_(c.bias[self.output_index])
-        return dense
+        c, d = self.conv, self.out_channels // self.n_groups
+        blocks = [slice(g * d, (g + 1) * d) for g in range(self.n_groups)]
+        return _dense_from(c, self.in_channels, self.plan(), [c.weight[b] for b in blocks],
+                           [None if c.bias is None else c.bias[b] for b in blocks])  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -400,8 +410,7 @@ class PerGroupConv2d(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, plan: GroupPlan, layer: str = "layer") -> PerGroupConv2d:
         """Build the per-group form of ``conv`` under ``plan`` (weights copied, not shared)."""
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"{layer}: only ungrouped convs with numeric zero padding split")
+        _check_splittable(conv, layer)
         plan.validate(conv.out_channels, conv.in_channels, layer, equal=False)
         new = cls(
             conv.in_channels,
@@ -440,18 +449,8 @@ class PerGroupConv2d(nn.Module):
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent masked dense ``Conv2d`` (zeros where a group dropped a channel)."""
-        dense = conv_like(
-            self.convs[0], in_channels=self.in_channels, out_channels=self.out_channels
-        )
-        plan = self.plan()
-        with torch.no_grad():
-            dense.weight.zero_()
-            for sub, grp, k in zip(self.convs, plan.groups, plan.kept, strict=True):
-                rows, cols = torch.tensor(grp), torch.tensor(k)
-                dense.weight[rows.unsqueeze(1), cols.unsqueeze(0)] = sub.weight
-                if sub.bias is not None:
-                    dense.bias[rows] = sub.bias
-        return dense
+        weights, biases = [c.weight for c in self.convs], [c.bias for c in self.convs]
+        return _dense_from(self.convs[0], self.in_channels, self.plan(), weights, biases)
 
     def extra_repr(self) -> str:
         return (
