@@ -1,10 +1,11 @@
 """The fused CPU kernel of the grouped-kernel layer, custom op ``gkp_fused::grouped_kernel_conv``.
 
-One op does gather → grouped conv → un-permute (``gkp/csrc/grouped_kernel_conv.cpp``): the kept
-input channels are read through the index table into a padded buffer once per (image, group),
-register-blocked FMA loops (8-wide vectors, compiler-vectorised) accumulate every kernel tap,
-and each filter's output is written straight to its final channel. float32, NCHW, CPU,
-inference only (no autograd: training uses the masked dense form, ``gkp.masked``).
+One op does gather → grouped conv → un-permute (``gkp/csrc/grouped_kernel_conv.cpp``): every
+input plane is zero-padded once, each (image, group) task reads its kept channels from it through
+the index table, register-blocked FMA tiles (8-wide vectors, compiler-vectorised; the tile shape
+picked per layer by a cost model) accumulate every kernel tap, and each filter's output is
+written straight to its final channel. float32, NCHW, CPU, inference only (no autograd: training
+uses the masked dense form, ``gkp.masked``).
 
 :func:`load` builds it with ``torch.utils.cpp_extension`` (``-O3 -march=native``, OpenMP through
 ATen's thread pool) on first use and caches the build (``TORCH_EXTENSIONS_DIR``, by default

@@ -198,3 +198,26 @@ def test_bench_reports_ideal_and_how_it_deployed(capsys):
         assert r["ideal"] == pytest.approx(r["macs_dense"] / r["macs"]) and r["ideal"] > 1.5
         assert r["fraction_of_ideal"] == pytest.approx(r["speedup"] / r["ideal"])
         assert r["deploy"] == "autotune" and sum(r["deploy_choices"]["autotune"].values()) == 18
+
+
+TILES = ["1,3,4", "1,6,2", "1,8,1", "2,1,4", "2,2,3", "2,3,2", "2,6,1", "4,1,3", "4,1,2", "4,3,1",
+         "4,2,1", "8,1,1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_every_tile_shape_is_exact(op, tile, monkeypatch):
+    """Each register-tile shape (forced; normally the cost model picks one) on the three code
+    paths: 3x3 and 1x1 with unit stride (unrolled taps) and a strided, dilated 3x3 (generic)."""
+    monkeypatch.setenv("GKP_FUSED_TILE", tile)
+    gen = torch.Generator().manual_seed(len(tile) + sum(map(int, tile.split(","))))
+    for k, stride, pad, dil, hw in [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)),
+                                    (3, 2, 2, 2, (17, 19))]:  # fmt: skip
+        x = torch.randn(2, 12, *hw, generator=gen)
+        weight = torch.randn(16, 5, k, k, generator=gen)
+        bias = torch.randn(16, generator=gen)
+        gather = torch.randint(0, 12, (10,), generator=gen)
+        out_idx = torch.randperm(16, generator=gen)
+        args = ((stride, stride), (pad, pad), (dil, dil), 2)
+        want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
+        got = op(x, weight, bias, gather, out_idx, *args)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tile, k, stride)

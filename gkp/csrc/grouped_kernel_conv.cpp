@@ -4,18 +4,25 @@
 //
 // with g = q / (C_out / groups); i.e. exactly GroupedKernelConv2d.forward, float32, NCHW.
 //
-// Per (image, group) task the group's kept input channels are copied once into a zero-padded
-// buffer (the gather folded into that copy; for stride s each padded row is stored as s phase
-// planes so every kernel tap reads contiguous memory). Then blocks of D filters x R output rows x
-// T vectors of 8 output columns accumulate in registers over every (kept channel, ky, kx): each
-// input vector load feeds D filters and each weight broadcast feeds R*T vectors. The result is
-// written straight to the filter's final channel (the un-permute costs nothing). Tasks run on
-// ATen's intra-op thread pool, so torch.set_num_threads applies.
+// Every input plane is copied once into a zero-padded buffer (for stride s each padded row is
+// stored as s phase planes, so every kernel tap reads contiguous memory); each (image, group)
+// task then reads its kept channels from that buffer through the index table (the gather costs
+// one pointer per channel). Tiles of D filters x R output rows x T vectors of 8 output columns
+// accumulate in registers over every (kept channel, ky, kx): each input vector load feeds D
+// filters and each weight broadcast feeds R*T vectors. The tile shape is chosen per layer by a
+// small cost model (FMA throughput, loads, FMA latency, edge waste; GKP_FUSED_TILE="D,R,T" forces
+// one, for kernel tuning only); 3x3 and 1x1 kernels with unit stride and dilation get fully
+// unrolled tap loops. Weights are packed once per call as [block][kept channel][tap][D] so a
+// tile's broadcasts are sequential. Results go straight to each filter's final channel (the
+// un-permute costs nothing). Work runs on ATen's intra-op thread pool (torch.set_num_threads).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -29,125 +36,136 @@ inline v8 load8(const float* p) {
   return v;
 }
 
-inline void store8(float* p, const v8& v, int64_t lanes) {
-  if (lanes == 8) {
-    std::memcpy(p, &v, sizeof(v));
-  } else {
-    float tmp[8];
-    std::memcpy(tmp, &v, sizeof(v));
-    std::memcpy(p, tmp, sizeof(float) * lanes);
-  }
-}
-
 struct Geo {
   int64_t H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
   int64_t Wq;     // entries per phase plane row: ceil((W + 2 pw) / sw)
   int64_t row;    // floats per padded row: sw * Wq
-  int64_t plane;  // floats per gathered channel: (H + 2 ph) * row
+  int64_t rows;   // padded rows per plane: the padded input, or more for the last band's reads
+  int64_t plane;  // floats per padded channel: rows * row
   int64_t tap[32];  // offset of kernel column kx in the buffer row: phase plane + shift
 };
 
-// Copy the kept channels of one image into the padded, phase-split buffer. Borders are never
-// written, so a buffer zeroed once stays a valid zero padding for every task that reuses it.
-void fill(float* buf, const float* img, const int64_t* chans, int64_t n_keep, const Geo& g) {
-  for (int64_t j = 0; j < n_keep; ++j) {
-    const float* src = img + chans[j] * g.H * g.W;
-    float* dst = buf + j * g.plane;
-    for (int64_t iy = 0; iy < g.H; ++iy) {
-      float* drow = dst + (iy + g.ph) * g.row;
-      const float* srow = src + iy * g.W;
-      if (g.sw == 1) {
-        std::memcpy(drow + g.pw, srow, sizeof(float) * g.W);
-      } else {  // padded column c goes to phase c % sw, entry c / sw
-        for (int64_t phase = 0; phase < g.sw; ++phase) {
-          int64_t ix = (phase - g.pw % g.sw + g.sw) % g.sw;  // first ix with (ix + pw) % sw == phase
-          float* dphase = drow + phase * g.Wq + (ix + g.pw) / g.sw;
-          for (; ix < g.W; ix += g.sw) *dphase++ = srow[ix];
-        }
+// Copy one input plane into its zero-padded, phase-split buffer plane (rows beyond the padded
+// input, read by the last band of tiles, are zeros too).
+void pad_plane(float* dst, const float* src, const Geo& g) {
+  for (int64_t py = 0; py < g.rows; ++py) {
+    float* __restrict drow = dst + py * g.row;
+    const int64_t iy = py - g.ph;
+    if (iy < 0 || iy >= g.H) {
+      std::memset(drow, 0, sizeof(float) * g.row);
+      continue;
+    }
+    const float* __restrict srow = src + iy * g.W;
+    if (g.sw == 1) {
+      for (int64_t c = 0; c < g.pw; ++c) drow[c] = 0.f;
+      for (int64_t ix = 0; ix < g.W; ++ix) drow[g.pw + ix] = srow[ix];
+      for (int64_t c = g.pw + g.W; c < g.row; ++c) drow[c] = 0.f;
+    } else {  // padded column c goes to phase c % sw, entry c / sw
+      std::memset(drow, 0, sizeof(float) * g.row);
+      for (int64_t phase = 0; phase < g.sw; ++phase) {
+        int64_t ix = (phase - g.pw % g.sw + g.sw) % g.sw;  // first ix with (ix + pw) % sw == phase
+        float* dphase = drow + phase * g.Wq + (ix + g.pw) / g.sw;
+        for (; ix < g.W; ix += g.sw) *dphase++ = srow[ix];
       }
     }
   }
 }
 
-struct Block {
-  const float* buf;    // the task's gathered, padded input
-  const float* w;      // D consecutive filters, n_keep * kh * kw each
-  const float* bias;   // D values or nullptr
-  float* out[8];       // D output planes (Ho * Wo), already in final channel order
-  int64_t n_keep;
-};
-
-template <int D, int R, int T>
-void tile(const Block& b, const Geo& g, int64_t oy, int64_t ox0, int64_t last_lanes) {
+// One tile: D filters x R output rows x T vectors from output column ox0. K > 0: a K x K kernel
+// with unit stride and dilation (tap offsets are compile-time); K == 0: any kernel, stride and
+// dilation. w holds the block's packed weights [n_keep][taps][D]. Rows and columns past the
+// output are computed (the buffer covers their reads) but not stored.
+template <int D, int R, int T, int K>
+void tile(const float* const* chan, const float* w, const float* bias, float* const* out,
+          int64_t n_keep, const Geo& g, int64_t oy, int64_t ox0) {
   v8 acc[D][R][T];
   for (int f = 0; f < D; ++f) {
-    const float init = b.bias ? b.bias[f] : 0.f;
+    const float init = bias ? bias[f] : 0.f;
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[f][r][t] = (v8){} + init;
   }
-  const int64_t taps = g.kh * g.kw, wstride = b.n_keep * taps;
-  for (int64_t j = 0; j < b.n_keep; ++j) {
-    const float* chan = b.buf + j * g.plane;
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const float* rows[R];
-      for (int r = 0; r < R; ++r) rows[r] = chan + ((oy + r) * g.sh + ky * g.dh) * g.row;
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t at = g.tap[kx] + ox0;
+  const int64_t kh = K ? K : g.kh, kw = K ? K : g.kw, taps = kh * kw;
+  const int64_t rstep = K ? g.row : g.sh * g.row;  // buffer floats between output rows
+  const int64_t start = oy * rstep + ox0;
+  for (int64_t j = 0; j < n_keep; ++j, w += taps * D) {
+    const float* base = chan[j] + start;
+    for (int64_t ky = 0; ky < kh; ++ky) {
+      for (int64_t kx = 0; kx < kw; ++kx) {
+        const float* at = base + (K ? ky * g.row + kx : ky * g.dh * g.row + g.tap[kx]);
         v8 xv[R][T];
         for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t) xv[r][t] = load8(rows[r] + at + 8 * t);
-        const int64_t widx = j * taps + ky * g.kw + kx;
+          for (int t = 0; t < T; ++t) xv[r][t] = load8(at + r * rstep + 8 * t);
+        const float* wt = w + (ky * kw + kx) * D;
         for (int f = 0; f < D; ++f) {
-          const float wf = b.w[f * wstride + widx];
+          const float wf = wt[f];
           for (int r = 0; r < R; ++r)
             for (int t = 0; t < T; ++t) acc[f][r][t] += wf * xv[r][t];
         }
       }
     }
   }
+  const bool full = oy + R <= g.Ho && ox0 + 8 * T <= g.Wo;
   for (int f = 0; f < D; ++f)
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t)
-        store8(b.out[f] + (oy + r) * g.Wo + ox0 + 8 * t, acc[f][r][t], t == T - 1 ? last_lanes : 8);
-}
-
-// One band of R output rows: chunks of at most TMAX vectors, as equal as possible (4 vectors
-// run as 2 + 2, not 3 + 1: a one-vector chunk reuses each weight broadcast too little).
-template <int D, int R>
-void band(const Block& b, const Geo& g, int64_t oy) {
-  constexpr int TMAX = (12 / (D * R)) < 1 ? 1 : ((12 / (D * R)) < 4 ? (12 / (D * R)) : 4);
-  const int64_t nvec = (g.Wo + 7) / 8;
-  const int64_t chunks = (nvec + TMAX - 1) / TMAX, even = (nvec + chunks - 1) / chunks;
-  for (int64_t v = 0; v < nvec;) {
-    const int64_t t = nvec - v < even ? nvec - v : even;
-    const int64_t lanes = v + t == nvec ? g.Wo - 8 * (nvec - 1) : 8;
-    const int64_t ox0 = 8 * v;
-    switch (t) {
-      case 1: tile<D, R, 1>(b, g, oy, ox0, lanes); break;
-      case 2: tile<D, R, 2>(b, g, oy, ox0, lanes); break;
-      case 3: if constexpr (TMAX >= 3) tile<D, R, 3>(b, g, oy, ox0, lanes); break;
-      default: if constexpr (TMAX >= 4) tile<D, R, 4>(b, g, oy, ox0, lanes); break;
+    for (int r = 0; r < R; ++r) {
+      if (!full && oy + r >= g.Ho) break;
+      float* dst = out[f] + (oy + r) * g.Wo + ox0;
+      for (int t = 0; t < T; ++t) {
+        const int64_t lanes = full ? 8 : std::min<int64_t>(8, g.Wo - ox0 - 8 * t);
+        if (lanes == 8) {
+          std::memcpy(dst + 8 * t, &acc[f][r][t], sizeof(v8));
+        } else if (lanes > 0) {
+          float tmp[8];
+          std::memcpy(tmp, &acc[f][r][t], sizeof(v8));
+          std::memcpy(dst + 8 * t, tmp, sizeof(float) * lanes);
+        }
+      }
     }
-    v += t;
+}
+
+using TileFn = void (*)(const float* const*, const float*, const float*, float* const*, int64_t,
+                        const Geo&, int64_t, int64_t);
+
+struct Shape {
+  int D, R, T;
+  TileFn fn[3];  // 3x3 unit stride, 1x1 unit stride, anything
+};
+
+#define GKP_SHAPE(D, R, T) \
+  { D, R, T, { &tile<D, R, T, 3>, &tile<D, R, T, 1>, &tile<D, R, T, 0> } }
+// 8 to 12 accumulators (of AVX2's 16 vector registers), one set per filter count D.
+const Shape SHAPES[] = {
+    GKP_SHAPE(1, 3, 4), GKP_SHAPE(1, 6, 2), GKP_SHAPE(1, 8, 1), GKP_SHAPE(2, 1, 4),
+    GKP_SHAPE(2, 2, 3), GKP_SHAPE(2, 3, 2), GKP_SHAPE(2, 6, 1), GKP_SHAPE(4, 1, 3),
+    GKP_SHAPE(4, 1, 2), GKP_SHAPE(4, 3, 1), GKP_SHAPE(4, 2, 1), GKP_SHAPE(8, 1, 1),
+};
+#undef GKP_SHAPE
+
+// Modelled cycles of one filter group's plane with a tile shape: per tap the larger of FMA
+// issue (2 per cycle), loads (2 per cycle) and FMA latency (4 cycles per accumulator chain),
+// plus a fixed cost per tile; partial tiles at the bottom and right edges cost in full.
+double cost(const Shape& s, int64_t d, int64_t n_keep, const Geo& g) {
+  const double acc = s.D * s.R * s.T, loads = s.R * s.T + s.D;
+  const double per_tap = std::max({acc / 2, loads / 2, 4.0}) + 0.5;
+  const int64_t nvec = (g.Wo + 7) / 8;
+  const double tiles = double(d / s.D) * ((g.Ho + s.R - 1) / s.R) * ((nvec + s.T - 1) / s.T);
+  return tiles * (n_keep * g.kh * g.kw * per_tap + 2 * acc + 20);
+}
+
+const Shape& choose(int64_t d, int64_t n_keep, const Geo& g) {
+  const Shape* best = nullptr;
+  double best_cost = 0;
+  if (const char* force = std::getenv("GKP_FUSED_TILE")) {  // "D,R,T": for kernel tuning only
+    int D = 0, R = 0, T = 0;
+    if (std::sscanf(force, "%d,%d,%d", &D, &R, &T) == 3)
+      for (const Shape& s : SHAPES)
+        if (s.D == D && s.R == R && s.T == T && d % D == 0) return s;
   }
-}
-
-template <int D, int R>
-void plane(const Block& b, const Geo& g) {
-  int64_t oy = 0;
-  for (; oy + R <= g.Ho; oy += R) band<D, R>(b, g, oy);
-  for (; oy < g.Ho; ++oy) band<D, 1>(b, g, oy);
-}
-
-// About 12 accumulator vectors (of AVX2's 16 registers): D filters x R rows x T vectors, more
-// rows when the output is narrow (an 8-column output has one vector per row).
-template <int D>
-void plane_rows(const Block& b, const Geo& g) {
-  const int64_t nvec = (g.Wo + 7) / 8, t = nvec < 4 ? nvec : 4;
-  const int64_t r = 12 / (D * t);
-  if (r >= 3) plane<D, 3>(b, g);
-  else if (r == 2) plane<D, 2>(b, g);
-  else plane<D, 1>(b, g);
+  for (const Shape& s : SHAPES) {
+    if (d % s.D != 0) continue;
+    const double c = cost(s, d, n_keep, g);
+    if (!best || c < best_cost) best = &s, best_cost = c;
+  }
+  return *best;  // D = 1 shapes always qualify
 }
 
 at::Tensor grouped_kernel_conv_cpu(
@@ -166,9 +184,9 @@ at::Tensor grouped_kernel_conv_cpu(
   TORCH_CHECK(groups >= 1 && C_out % groups == 0, "gkp_fused: groups must divide the filters");
   TORCH_CHECK(gather.numel() == groups * n_keep, "gkp_fused: gather_index has the wrong length");
   TORCH_CHECK(outidx.numel() == C_out, "gkp_fused: output_index has the wrong length");
-  TORCH_CHECK(gather.numel() == 0 || (gather.min().item<int64_t>() >= 0 &&
-                                      gather.max().item<int64_t>() < C_in),
-              "gkp_fused: gather_index out of range");
+  const int64_t* gp = gather.data_ptr<int64_t>();
+  for (int64_t i = 0; i < gather.numel(); ++i)
+    TORCH_CHECK(gp[i] >= 0 && gp[i] < C_in, "gkp_fused: gather_index out of range");
   Geo g{};
   g.H = x.size(2); g.W = x.size(3); g.kh = weight.size(2); g.kw = weight.size(3);
   g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1];
@@ -178,10 +196,9 @@ at::Tensor grouped_kernel_conv_cpu(
   g.Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
   TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "gkp_fused: the output would be empty");
+  TORCH_CHECK(g.kw <= 32, "gkp_fused: kernels wider than 32 columns are not supported");
   g.Wq = (g.W + 2 * g.pw + g.sw - 1) / g.sw;
   g.row = g.sw * g.Wq;
-  g.plane = (g.H + 2 * g.ph) * g.row;
-  TORCH_CHECK(g.kw <= 32, "gkp_fused: kernels wider than 32 columns are not supported");
   for (int64_t kx = 0; kx < g.kw; ++kx) {
     const int64_t col = kx * g.dw;
     g.tap[kx] = (col % g.sw) * g.Wq + col / g.sw;
@@ -201,26 +218,56 @@ at::Tensor grouped_kernel_conv_cpu(
     bias = bias_->to(at::kFloat).contiguous();
   }
   at::Tensor y = at::empty({N, C_out, g.Ho, g.Wo}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const int64_t* gp = gather.data_ptr<int64_t>();
-  float* yp = y.data_ptr<float>();
-  const int D = d % 8 == 0 ? 8 : (d % 4 == 0 ? 4 : (d % 2 == 0 ? 2 : 1));
-  const int64_t slack = 8 * 4 + 8;  // vector loads may run past a plane's end into this
+  if (y.numel() == 0) return y;
 
+  const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
+  const int variant = unit && g.kh == 3 && g.kw == 3 ? 0 : (unit && g.kh == 1 && g.kw == 1 ? 1 : 2);
+  const Shape& s = choose(d, n_keep, g);
+  const TileFn run = s.fn[variant];
+  // buffer rows: the padded input, or more when the last band of R rows reads past it
+  const int64_t bands = (g.Ho + s.R - 1) / s.R, nvec = (g.Wo + 7) / 8;
+  g.rows = std::max(g.H + 2 * g.ph, (bands * s.R - 1) * g.sh + (g.kh - 1) * g.dh + 1);
+  g.plane = g.rows * g.row;
+  const int64_t cols = ((nvec + s.T - 1) / s.T) * s.T * 8;  // columns the tiles compute
+  const int64_t slack = g.row + g.tap[g.kw - 1] + cols + 8;  // reads past the last plane
+
+  // weights packed per block of D grouped filters: [block][kept channel][tap][D]
+  const int64_t taps = g.kh * g.kw, per_filter = n_keep * taps;
+  at::Tensor packed = at::empty({C_out * per_filter}, weight.options());
+  const float* wp = weight.data_ptr<float>();
+  float* pk = packed.data_ptr<float>();
+  at::parallel_for(0, C_out / s.D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      for (int64_t f = 0; f < s.D; ++f) {
+        const float* src = wp + (blk * s.D + f) * per_filter;
+        float* dst = pk + blk * s.D * per_filter + f;
+        for (int64_t i = 0; i < per_filter; ++i) dst[i * s.D] = src[i];
+      }
+  });
+
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  // every input plane padded once (groups read their kept channels from it by index)
+  at::Tensor padded = at::empty({N * C_in * g.plane + slack}, x.options());
+  float* pp = padded.data_ptr<float>();
+  std::memset(pp + N * C_in * g.plane, 0, sizeof(float) * slack);
+  at::parallel_for(0, N * C_in, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) pad_plane(pp + p * g.plane, xp + p * g.H * g.W, g);
+  });
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(n_keep * g.plane + slack, 0.f);
+    std::vector<const float*> chan(n_keep);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / groups, grp = task % groups;
-      fill(buf.data(), xp + n * C_in * g.H * g.W, gp + grp * n_keep, n_keep, g);
-      for (int64_t q = grp * d; q < (grp + 1) * d; q += D) {
-        Block b{buf.data(), wp + q * n_keep * g.kh * g.kw, bp ? bp + q : nullptr, {}, n_keep};
-        for (int f = 0; f < D; ++f) b.out[f] = yp + (n * C_out + pos[q + f]) * g.Ho * g.Wo;
-        if (D == 8) plane<8, 1>(b, g);
-        else if (D == 4) plane_rows<4>(b, g);
-        else if (D == 2) plane_rows<2>(b, g);
-        else plane_rows<1>(b, g);
+      for (int64_t j = 0; j < n_keep; ++j) chan[j] = pp + (n * C_in + gp[grp * n_keep + j]) * g.plane;
+      for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
+        float* out[8];
+        for (int f = 0; f < s.D; ++f) out[f] = yp + (n * C_out + pos[q + f]) * g.Ho * g.Wo;
+        const float* w = pk + q * per_filter;
+        const float* b = bp ? bp + q : nullptr;
+        for (int64_t oy = 0; oy < g.Ho; oy += s.R)
+          for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += 8 * s.T)
+            run(chan.data(), w, b, out, n_keep, g, oy, ox0);
       }
     }
   });
