@@ -169,14 +169,14 @@ def _positive_int(name: str, value: object, least: int) -> int:
     return int(value)
 
 
-def _time_cpu(model: nn.Module, x: Tensor) -> float:
+def _time_cpu(model: Callable[[Tensor], object], x: Tensor) -> float:
     """Wall time of one forward pass, in milliseconds."""
     t0 = time.perf_counter()
     model(x)
     return (time.perf_counter() - t0) * 1000.0
 
 
-def _time_cuda(model: nn.Module, x: Tensor) -> float:
+def _time_cuda(model: Callable[[Tensor], object], x: Tensor) -> float:
     """GPU time of one forward pass between two CUDA events, in milliseconds.
 
     Synchronise first so earlier queued work is not counted; wait for the end event before
@@ -255,13 +255,36 @@ def compare_latency(
     prepared = [
         (k, copy.deepcopy(m).to(device).eval().to(memory_format=fmt)) for k, m in models.items()
     ]
+    return time_interleaved(
+        dict(prepared), x, rounds=rounds, warmup=warmup, threads=threads, device=device
+    )
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[Tensor], object]],
+    x: Tensor,
+    *,
+    rounds: int,
+    warmup: int,
+    threads: int,
+    device: str | torch.device = "cpu",
+) -> dict[str, LatencyStats]:
+    """Median/IQR of several ready-to-run callables on ``x``, rounds interleaved and rotated.
+
+    The core of :func:`compare_latency`, for anything that runs a batch: prepared modules, a
+    compiled model, an ONNX Runtime or OpenVINO session wrapped as ``fn(x)``. Runs under
+    ``inference_mode`` with ``threads`` intra-op threads (PyTorch's; a runtime session fixes its
+    own when it is built).
+    """
+    device = torch.device(device)
+    items = list(fns.items())
     time_once = _time_cuda if device.type == "cuda" else _time_cpu
-    times: dict[str, list[float]] = {k: [] for k, _ in prepared}
+    times: dict[str, list[float]] = {k: [] for k, _ in items}
     with _timing_settings(threads, device), torch.inference_mode():
         for r in range(warmup):
-            for _, m in _rotated(prepared, r):
-                m(x)
+            for _, fn in _rotated(items, r):
+                fn(x)
         for r in range(rounds):
-            for k, m in _rotated(prepared, r):
-                times[k].append(time_once(m, x))
-    return {k: _stats(v, int(input_shape[0]), threads, device) for k, v in times.items()}
+            for k, fn in _rotated(items, r):
+                times[k].append(time_once(fn, x))
+    return {k: _stats(v, int(x.shape[0]), threads, device) for k, v in times.items()}

@@ -1,0 +1,158 @@
+"""Latency backends: one network made ready to run by each engine people deploy with.
+
+Each backend turns an eval-mode model into ``fn(x) -> output`` for a fixed input shape; the dense
+network is prepared by the same backend, so every speed-up compares like with like:
+
+- ``eager``: PyTorch eager, grouped layers as gather → grouped conv → un-permute (``torch``).
+- ``fused``: eager with the fused CPU op (:mod:`gkp.fused`) in every grouped layer.
+- ``autotune``: eager, each grouped layer the fastest of its exact forms for this shape and thread
+  count (:mod:`gkp.autotune`: PyTorch ops, fused op, masked dense).
+- ``compile``: ``torch.compile`` (inductor) of the deployed network.
+- ``onnxruntime`` / ``openvino``: the deployed network exported to ONNX (opset 17, the PyTorch
+  ops form: the fused op is not an ONNX op) and run by ONNX Runtime (``CPUExecutionProvider``,
+  all graph optimisations) or OpenVINO (``CPU``, latency hint).
+
+For ``compile`` and the two runtimes a grouped network has two exact forms: its grouped deploy
+form and the masked dense form (``gkp.nn.densify``: the removed kernels as zeros, i.e. dense
+cost). Like ``autotune`` does per layer, the backend times both (a few rounds) and keeps the
+faster for the whole network; ``form`` in the returned info says which ran (``grouped``,
+``per-group``, ``masked-dense`` or ``dense`` for networks with one form).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gkp import fused, metrics
+from gkp.nn import densify, grouped_plans, per_group_plans, set_backend
+
+__all__ = ["BACKENDS", "Prepared", "missing", "prepare", "version"]
+
+BACKENDS = ("eager", "fused", "autotune", "compile", "onnxruntime", "openvino")
+_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+Prepared = tuple[Callable[[Tensor], Any], dict[str, Any]]
+
+
+def missing(backend: str) -> str | None:
+    """Why ``backend`` cannot run here (None when it can); ValueError for an unknown name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    module = _MODULES.get(backend)
+    if module and importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install {module})"
+    if backend == "fused" and not fused.load():
+        return "the fused op could not be built (no C++ compiler?)"
+    return None
+
+
+def version(backend: str) -> str:
+    """The engine's version string, for the results (PyTorch's for the PyTorch backends)."""
+    module = _MODULES.get(backend)
+    if module is None:
+        return f"torch {torch.__version__}"
+    return f"{module} {importlib.import_module(module).__version__}"
+
+
+def _form(model: nn.Module) -> str:
+    if per_group_plans(model):
+        return "per-group"
+    return "grouped" if grouped_plans(model) else "dense"
+
+
+def prepare(backend: str, model: nn.Module, example: Tensor, threads: int) -> Prepared:
+    """``model`` (not modified) ready to run on ``backend`` for inputs shaped like ``example``.
+
+    Returns ``(fn, info)``: ``info["form"]`` is the form that runs, ``info["forms_ms"]`` the
+    medians that chose it where there was a choice, ``info["autotune"]`` the per-layer picks.
+    Raises RuntimeError (with the fix) when the backend cannot run here.
+    """
+    why = missing(backend)
+    if why:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    model = copy.deepcopy(model).to(example.device).eval()
+    form = _form(model)
+    if backend in ("eager", "fused", "autotune"):
+        info: dict[str, Any] = {"form": form}
+        if backend == "fused":
+            set_backend(model, "fused")
+        elif backend == "autotune" and form == "grouped":
+            from gkp.autotune import autotune
+
+            picks = [c["backend"] for c in autotune(model, example, threads=threads).values()]
+            info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
+        return model, info
+    build = {"compile": _compiled, "onnxruntime": _ort, "openvino": _openvino}[backend]
+    if form == "dense":
+        return build(model, example, threads), {"form": form}
+    candidates = {form: build(model, example, threads)}
+    candidates["masked-dense"] = build(densify(model), example, threads)
+    stats = metrics.time_interleaved(candidates, example, rounds=5, warmup=2, threads=threads)
+    best = min(stats, key=lambda k: stats[k].median_ms)
+    return candidates[best], {
+        "form": best,
+        "forms_ms": {k: round(s.median_ms, 4) for k, s in stats.items()},
+    }
+
+
+def _compiled(model: nn.Module, example: Tensor, threads: int) -> Callable[[Tensor], Any]:
+    fn = torch.compile(model, dynamic=False)
+    with torch.inference_mode():
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            fn(example)  # compile now, not inside the timed rounds
+        finally:
+            torch.set_num_threads(old)
+    return fn
+
+
+def _onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
+    """The model as ONNX (opset 17, TorchScript exporter: static shapes, plain Conv/Gather ops)."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "model.onnx"
+        set_backend(model, "torch")
+        torch.onnx.export(
+            model, (example,), str(path), opset_version=17, dynamo=False,
+            input_names=["x"], output_names=["y"],
+        )  # fmt: skip
+        return path.read_bytes()
+
+
+def _ort(model: nn.Module, example: Tensor, threads: int) -> Callable[[Tensor], Any]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(
+        _onnx_bytes(model, example), opts, providers=["CPUExecutionProvider"]
+    )
+    return lambda x: session.run(None, {"x": x.numpy()})[0]
+
+
+def _openvino(model: nn.Module, example: Tensor, threads: int) -> Callable[[Tensor], Any]:
+    import openvino as ov
+
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(_onnx_bytes(model, example))
+        net = core.read_model(str(path))
+    compiled = core.compile_model(
+        net, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                     "INFERENCE_PRECISION_HINT": "f32"},
+    )  # fmt: skip
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x.numpy()})[compiled.output(0)]
