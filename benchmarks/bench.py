@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor, nn
+
 from benchmarks.measure import bench_from_json, deployed_as
 from benchmarks.runner import RunConfig, fresh_model
 from gkp import metrics
@@ -17,7 +19,8 @@ from gkp.api import PruneContext, PruneTarget, get_method
 from gkp.data import example_input, random_calibration
 
 
-def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
+def prune_untrained(cfg: RunConfig) -> tuple[nn.Module, nn.Module, Tensor]:
+    """(dense, pruned, one example input) for ``cfg`` with freshly initialised weights."""
     dense = fresh_model(cfg).eval()
     x = example_input(cfg.dataset, 1)
     result = get_method(cfg.method)(
@@ -30,11 +33,27 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
             seed=cfg.seed,
         ),
     )
-    macs_dense, macs = metrics.macs(dense, x), metrics.macs(result.model, x)
+    return dense, result.model.eval(), x
+
+
+def bench_backends(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Long-format latency rows (``results/latency.csv``) of the untrained pruned network on
+    ``cfg.backends`` at batch 1 and ``cfg.bench_batch``."""
+    from benchmarks.latency import untrained_run_id
+    from benchmarks.runner import backend_latency
+
+    dense, pruned, x = prune_untrained(cfg)
+    rid = untrained_run_id(cfg.model, cfg.bench_key(), x.shape[1:])
+    return backend_latency(cfg, dense, pruned, x.shape[1:], rid)
+
+
+def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
+    dense, pruned, x = prune_untrained(cfg)
+    macs_dense, macs = metrics.macs(dense, x), metrics.macs(pruned, x)
     rows = []
     for batch in (1, cfg.bench_batch):
         shape = (batch, *x.shape[1:])
-        timed, picked = deployed_as(result.model, cfg.deploy, shape, cfg.torch_device, cfg.threads)
+        timed, picked = deployed_as(pruned, cfg.deploy, shape, cfg.torch_device, cfg.threads)
         stats = metrics.compare_latency(
             {"dense": dense, "pruned": timed},
             (batch, *x.shape[1:]),

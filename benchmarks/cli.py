@@ -90,6 +90,14 @@ def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
             "(per layer the fastest of torch, fused and masked dense, tuned per batch size)",
         )
         b.add_argument(
+            "--backends",
+            default=None,
+            metavar="LIST",
+            help="also time pruned vs dense on these backends (comma-separated: eager, fused, "
+            "autotune, compile, onnxruntime, openvino; or all = every one installed except "
+            "compile) at batch 1 and --bench-batch, rows appended to <out>/latency.csv",
+        )
+        b.add_argument(
             "--latency-json",
             type=Path,
             default=None,

@@ -12,10 +12,11 @@ from typing import Any
 from benchmarks import leaderboard as lb
 from benchmarks.compare import comparison_text, method_list, per_method, run_all
 from benchmarks.environment import environment
+from benchmarks.latency import append_rows as append_latency
 from benchmarks.leaderboard import LeaderboardError
 from benchmarks.measure import bench_from_json, latency_columns_from_json
 from benchmarks.plots import plot_all
-from benchmarks.runner import RunConfig, check_method, prune_run, train_baseline
+from benchmarks.runner import LATENCY_ROWS, RunConfig, check_method, prune_run, train_baseline
 from gkp.api import get_method, list_methods
 from gkp.data import example_input, get_dataset_spec, list_datasets
 from gkp.errors import UsageError
@@ -109,6 +110,7 @@ def config(args: argparse.Namespace) -> RunConfig:
         cfg.threads = args.threads
         cfg.deploy = args.deploy
         cfg.latency_json = getattr(args, "latency_json", None)
+        cfg.backends = backend_list(args.backends)
     return cfg
 
 
@@ -197,9 +199,31 @@ def cmd_train(args: argparse.Namespace) -> Result:
 
 
 def _record(cfg: RunConfig, row: dict[str, Any]) -> dict[str, Any]:
+    """Append the leaderboard row, then its long-format latency rows (``--backends``)."""
+    extra = row.pop(LATENCY_ROWS, [])
     full = {**lb.empty_row(), **row, **environment(cfg.torch_device), "date": lb.utc_now()}
     lb.append_row(cfg.results_dir / "leaderboard.csv", full)
+    append_latency(cfg.results_dir / "latency.csv", extra)
     return full
+
+
+def backend_list(text: str | None) -> tuple[str, ...]:
+    """``--backends a,b`` (or ``all``: every backend that can run here), each checked."""
+    from benchmarks.backends import BACKENDS, missing
+
+    if not text:
+        return ()
+    if text.strip() == "all":
+        return tuple(b for b in BACKENDS if b != "compile" and missing(b) is None)
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        if name not in BACKENDS:
+            raise UsageError(f"--backends: unknown backend {name!r}; choose from "
+                             f"{', '.join(BACKENDS)} or all")  # fmt: skip
+        why = missing(name)
+        if why:
+            raise UsageError(f"--backends: {name} cannot run here: {why}")
+    return names
 
 
 def _row_text(row: dict[str, Any]) -> str:
@@ -248,13 +272,23 @@ def cmd_run(args: argparse.Namespace) -> Result:
 
 
 def cmd_bench(args: argparse.Namespace) -> Result:
-    from benchmarks.bench import bench_untrained
+    from benchmarks.bench import bench_backends, bench_untrained
 
     if args.from_json is not None:
         rows = bench_from_json(args.from_json)
     else:
         cfg = config(args)
         check_method(cfg)
+        if cfg.backends:
+            writable_dir(cfg.results_dir, "--out")
+            rows = bench_backends(cfg)
+            append_latency(cfg.results_dir / "latency.csv", rows)
+            return rows, "\n".join(
+                f"{r['model']} {r['method']} {r['backend']} batch {r['batch']} ({r['form']}): "
+                f"dense {r['dense_ms']:.2f} ms, pruned {r['pruned_ms']:.2f} ms, speed-up "
+                f"x{r['speedup']:.2f} (ideal x{r['ideal']:.2f})"
+                for r in rows
+            ) + f"\n{len(rows)} row(s) appended to {cfg.results_dir / 'latency.csv'}"
         rows = bench_untrained(cfg)
     text = "\n".join(
         f"{r['model']} {r['method']} batch {r['batch']} {r.get('memory_format', 'nchw')}: "

@@ -48,6 +48,7 @@ class RunConfig:
     threads: int | None = None
     deploy: str = "torch"  # how grouped layers run when timed (benchmarks.measure.DEPLOYS)
     latency_json: Path | None = None  # take latency columns from a pytest-benchmark JSON
+    backends: tuple[str, ...] = ()  # also time on these (benchmarks.backends) -> latency.csv
     progress: bool = True
     restart: bool = False
     command: str = ""

@@ -375,7 +375,27 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
         **size_columns(dense.cpu(), deployed.cpu(), x),
         **latency,
     }
+    if cfg.backends:  # appended to latency.csv once the leaderboard row is (commands._record)
+        row[LATENCY_ROWS] = backend_latency(cfg, dense.cpu(), deployed.cpu(), x.shape[1:], rid)
     return row
+
+
+LATENCY_ROWS = "_latency_rows"  # key of a row's long-format latency rows (not a column)
+
+
+def backend_latency(
+    cfg: RunConfig, dense: nn.Module, pruned: nn.Module, sample_shape, rid: str
+) -> list[dict[str, Any]]:
+    """Long-format latency rows of ``pruned`` vs ``dense`` on ``cfg.backends`` (batch 1 and
+    ``cfg.bench_batch``, CPU), identified by run id ``rid``."""
+    from benchmarks.latency import latency_rows
+
+    return latency_rows(
+        dense, pruned, sample_shape=sample_shape, backends=cfg.backends,
+        batches=sorted({1, cfg.bench_batch}), threads=cfg.threads or torch.get_num_threads(),
+        rounds=cfg.bench_rounds, command=cfg.command,
+        ident={"run_id": rid, "model": cfg.model, "method": cfg.method, "config": cfg.bench_key()},
+    )  # fmt: skip
 
 
 def _latency(cfg: RunConfig, dense: nn.Module, pruned: nn.Module, x, device) -> dict[str, Any]:

@@ -1,0 +1,201 @@
+"""Long-format latency results (``results/latency.csv``): one row per run, backend, batch, threads.
+
+Every row times a pruned network and its dense original on the same backend, device, batch and
+thread count, in one interleaved run (``gkp.metrics.time_interleaved``), and says how close the
+speed-up came to the ideal (the MACs ratio). ``run_id`` links a row to its leaderboard row (the
+``gkp-bench run`` that produced the network); latency of untrained networks (``gkp-bench bench``,
+the latency suite) has ``run_id`` = ``untrained-`` + a digest of the configuration.
+
+The file is written like the leaderboard: validated rows, appended atomically under a lock; a
+malformed file raises LeaderboardError naming the row and is never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from benchmarks.backends import BACKENDS, prepare, version
+from benchmarks.csvtable import csv_line, parse_table, raise_problems, read_text, to_frame
+from benchmarks.leaderboard import utc_now
+from benchmarks.rowcheck import LeaderboardError, coerce
+from benchmarks.schema import Column
+from gkp import metrics
+from gkp.fsio import atomic_write_bytes, exclusive_lock, remove_orphaned_temps
+
+__all__ = ["LATENCY_SCHEMA", "append_rows", "latency_rows", "read_latency", "untrained_run_id"]
+
+
+def _c(name: str, dtype: str, unit: str, doc: str, choices: tuple[str, ...] = ()) -> Column:
+    return Column(name, dtype, unit, doc, choices, (0, None) if dtype != "str" else (None, None))
+
+
+LATENCY_SCHEMA: tuple[Column, ...] = (
+    _c("run_id", "str", "", "the leaderboard row's run_id, or untrained-<digest> (no row)"),
+    _c("model", "str", "", "architecture"),
+    _c("method", "str", "", "pruning method"),
+    _c("config", "str", "JSON", "method, MACs target and knobs (benchmarks.measure.bench_key)"),
+    _c("input_shape", "str", "", "C x H x W of one sample"),
+    _c("backend", "str", "", "engine that ran both networks", BACKENDS),
+    _c(
+        "form",
+        "str",
+        "",
+        "form of the pruned network that ran (grouped, per-group, masked-dense, dense)",
+    ),  # fmt: skip
+    _c("backend_info", "str", "JSON", "what the backend picked (per-layer choices, form medians)"),
+    _c("device", "str", "", "cpu or cuda", ("cpu", "cuda")),
+    _c("batch", "int", "", "batch size"),
+    _c("threads", "int", "", "intra-op threads of both networks"),
+    _c("rounds", "int", "", "timed rounds (interleaved, after warm-up)"),
+    _c("dense_ms", "float", "ms", "median latency of the dense network on this backend"),
+    _c("dense_iqr_ms", "float", "ms", "its interquartile range"),
+    _c("pruned_ms", "float", "ms", "median latency of the pruned network on this backend"),
+    _c("pruned_iqr_ms", "float", "ms", "its interquartile range"),
+    _c("speedup", "float", "x", "dense_ms / pruned_ms"),
+    _c("macs_dense", "int", "MACs", "dense conv + linear MACs of one sample"),
+    _c("macs", "int", "MACs", "pruned deploy-form MACs of one sample"),
+    _c("ideal", "float", "x", "macs_dense / macs: the speed-up if time followed MACs"),
+    _c("fraction_of_ideal", "float", "", "speedup / ideal"),
+    _c("engine", "str", "", "engine version (torch, onnxruntime or openvino)"),
+    _c("date", "str", "", "when it was measured (UTC)"),
+    _c("command", "str", "", "the command that measured it"),
+)
+COLUMNS = tuple(c.name for c in LATENCY_SCHEMA)
+_BY_NAME = {c.name: c for c in LATENCY_SCHEMA}
+REQUIRED = tuple(c for c in COLUMNS if c not in ("backend_info", "command"))
+
+
+def _check(row: Mapping[str, object]) -> tuple[dict, list[str]]:
+    clean: dict[str, object] = {}
+    problems = []
+    for name in COLUMNS:
+        try:
+            clean[name] = coerce(_BY_NAME[name], row.get(name))
+        except ValueError as exc:
+            clean[name] = None
+            problems.append(f"{name}: {exc}")
+    unknown = sorted(set(row) - set(COLUMNS))
+    if unknown:
+        problems.append(f"unknown columns {unknown}")
+    problems += [f"{n} is empty" for n in REQUIRED if clean[n] is None and n in row]
+    problems += [f"{n} is missing" for n in REQUIRED if n not in row]
+    return clean, problems
+
+
+def read_latency(path: str | os.PathLike) -> pd.DataFrame:
+    """``results/latency.csv`` as a typed frame (empty when the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return to_frame([], LATENCY_SCHEMA)
+    table = parse_table(read_text(path), LATENCY_SCHEMA, _check)
+    if table.problems:
+        raise_problems(path, table.problems)
+    return to_frame(table.rows, LATENCY_SCHEMA)
+
+
+def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]) -> int:
+    """Validate every row, then append them all atomically (none when one is bad)."""
+    path = Path(path)
+    lines = []
+    for i, row in enumerate(rows, start=1):
+        clean, problems = _check(row)
+        if problems:
+            raise LeaderboardError(f"{path}: nothing appended: row {i}: {'; '.join(problems)}")
+        lines.append(csv_line([clean[c] for c in COLUMNS]))
+    if not lines:
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(path) as real:
+        remove_orphaned_temps(real)
+        existing = real.read_bytes() if real.exists() else b""
+        table = parse_table(read_text(path, existing), LATENCY_SCHEMA, _check)
+        if table.problems:
+            raise_problems(path, table.problems, outcome=", nothing appended")
+        if not existing:
+            existing = csv_line(list(COLUMNS))
+        elif not existing.endswith(b"\n"):
+            existing += b"\n"
+        atomic_write_bytes(real, existing + b"".join(lines))
+    return len(lines)
+
+
+def untrained_run_id(model: str, config: str, input_shape: Sequence[int]) -> str:
+    """``run_id`` of latency rows of a freshly initialised network (no leaderboard row)."""
+    key = f"{model}|{config}|{tuple(input_shape)}".encode()
+    return "untrained-" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def latency_rows(
+    dense: nn.Module,
+    pruned: nn.Module,
+    *,
+    sample_shape: Sequence[int],
+    backends: Sequence[str],
+    batches: Sequence[int],
+    threads: int,
+    rounds: int,
+    ident: Mapping[str, Any],
+    command: str = "",
+    progress=None,
+) -> list[dict[str, Any]]:
+    """Time ``pruned`` against ``dense`` on every backend and batch (CPU); the long-format rows.
+
+    ``ident``: run_id, model, method, config of the rows. A backend that cannot run here is
+    skipped with a warning naming why.
+    """
+    from benchmarks.backends import missing
+
+    x1 = torch.zeros(1, *sample_shape)
+    macs_dense, macs = metrics.macs(dense, x1), metrics.macs(pruned, x1)
+    rows = []
+    for backend in backends:
+        why = missing(backend)
+        if why:
+            import warnings
+
+            warnings.warn(f"latency: backend {backend} skipped: {why}", RuntimeWarning, 2)
+            continue
+        for batch in batches:
+            x = torch.randn(batch, *sample_shape)
+            run_dense, _ = prepare(backend, dense, x, threads)
+            run_pruned, info = prepare(backend, pruned, x, threads)
+            stats = metrics.time_interleaved(
+                {"dense": run_dense, "pruned": run_pruned}, x, rounds=rounds, warmup=3,
+                threads=threads,
+            )  # fmt: skip
+            d, p = stats["dense"], stats["pruned"]
+            speedup = d.median_ms / p.median_ms
+            rows.append({
+                **ident,
+                "input_shape": "x".join(map(str, sample_shape)),
+                "backend": backend,
+                "form": info.pop("form"),
+                "backend_info": info,
+                "device": "cpu",
+                "batch": batch,
+                "threads": threads,
+                "rounds": rounds,
+                "dense_ms": d.median_ms,
+                "dense_iqr_ms": d.iqr_ms,
+                "pruned_ms": p.median_ms,
+                "pruned_iqr_ms": p.iqr_ms,
+                "speedup": speedup,
+                "macs_dense": macs_dense,
+                "macs": macs,
+                "ideal": macs_dense / macs,
+                "fraction_of_ideal": speedup / (macs_dense / macs),
+                "engine": version(backend),
+                "date": utc_now(),
+                "command": command,
+            })  # fmt: skip
+            if progress is not None:
+                progress(rows[-1])
+    return rows
