@@ -294,7 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> Result:
         f"{r['model']} {r['method']} batch {r['batch']} {r.get('memory_format', 'nchw')}: "
         f"dense {r['dense_ms']:.2f} ms,"
         f" pruned {r['pruned_ms']:.2f} ms, speed-up x{r['speedup']:.2f}"
-        + (f" (ideal x{r['ideal']:.2f}, deploy {r['deploy']})" if "ideal" in r else "")
+        + (f" (ideal x{r['ideal']:.2f}, {r.get('deploy') or r['backend']})" if "ideal" in r else "")
         for r in rows
     )
     return rows, text

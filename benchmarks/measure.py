@@ -152,16 +152,25 @@ def _entries(path: Path) -> list[dict[str, Any]]:
     return good
 
 
+def _ideal(entry: Mapping[str, Any], speedup: float) -> dict[str, float]:
+    if not entry.get("macs") or not entry.get("macs_dense"):
+        return {}
+    ideal = entry["macs_dense"] / entry["macs"]
+    return {"ideal": ideal, "fraction_of_ideal": speedup / ideal}
+
+
 def bench_from_json(path: Path) -> list[dict[str, Any]]:
     """Dense-vs-method ratios from a pytest-benchmark JSON file (medians, same run).
 
-    Timings pair up when model, batch, memory format, input shape, device and threads agree.
+    Timings pair up when model, backend, batch, memory format, input shape, device and threads
+    agree; ``ideal`` (the MACs ratio) comes with them when the suite recorded MACs.
     """
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for b in _entries(path):
         info = b["extra_info"]
         key = (
             info["model"],
+            info.get("backend", "eager"),
             info["batch"],
             info.get("memory_format", "nchw"),
             json.dumps(info.get("input_shape")),
@@ -171,7 +180,7 @@ def bench_from_json(path: Path) -> list[dict[str, Any]]:
         entry = {"median": b["stats"]["median"] * 1e3, "iqr": b["stats"]["iqr"] * 1e3, **info}
         groups[key][info.get("config") or info["method"]] = entry
     rows = []
-    for (model, batch, fmt, _shape, device, _threads), by_config in sorted(
+    for (model, backend, batch, fmt, _shape, device, _threads), by_config in sorted(
         groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])
     ):
         dense = next((m for m in by_config.values() if m["method"] == "dense"), None)
@@ -183,6 +192,8 @@ def bench_from_json(path: Path) -> list[dict[str, Any]]:
                     "model": model,
                     "method": m["method"],
                     "config": m.get("config"),
+                    "backend": backend,
+                    "form": m.get("form"),
                     "batch": batch,
                     "memory_format": fmt,
                     "input_shape": m.get("input_shape"),
@@ -195,6 +206,7 @@ def bench_from_json(path: Path) -> list[dict[str, Any]]:
                     "threads": m.get("threads"),
                     "macs": m.get("macs"),
                     "params": m.get("params"),
+                    **_ideal(m, dense["median"] / m["median"]),
                 }
             )
     return rows

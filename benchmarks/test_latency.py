@@ -1,62 +1,92 @@
-"""Latency suite: dense vs gkp-l2-pruned ResNet-56 on CPU at batch 1 and 32.
+"""Latency suite: every registered method (and dense) x {ResNet-56 at 32x32, ResNet-50 at 224x224}
+x backends x batch {1, 64 (16 for ResNet-50)}, untrained weights (latency does not depend on them).
 
-Run ``pytest benchmarks --benchmark-only --benchmark-json out.json``; ``gkp-bench bench
---from-json out.json`` turns the medians into speed-ups. Weights are untrained: latency does
-not depend on them. Protocol: eval(), inference_mode, warm-up rounds, a fixed thread count
-(recorded in extra_info), median and IQR over many rounds; compare ratios within one run only.
+    pytest --benchmark-only                         # the whole suite, from the project root
+    pytest --benchmark-only -k "resnet56 and b1"    # a subset: any -k expression of the ids
+    pytest --benchmark-only --benchmark-json out.json && gkp-bench bench --from-json out.json
+
+Test ids read ``test_latency[<model>-<method>-<backend>-b<batch>]``. Every method is pruned at the
+same MACs target (``--target`` 0.436, the GKP paper's ResNet-56 setting; GKP-family methods with
+G = 8). Environment: ``GKP_BENCH_THREADS`` (default: all cores), ``GKP_BENCH_BACKENDS`` (comma
+list, default ``eager,autotune,onnxruntime,openvino``; add ``fused``, ``compile``),
+``GKP_BENCH_SECONDS`` (timing budget per benchmark, default 1: rounds = budget / one call, at
+least 3, at most 30). Each result carries model, method, config, backend, form, batch, threads,
+MACs, dense MACs and ideal speed-up in ``extra_info``; ``gkp-bench bench --from-json`` pairs each
+with dense on the same backend, batch and threads. Protocol: eval(), inference_mode, warm-up,
+fixed thread count, median and IQR over the rounds; compare ratios within one run only.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import pytest
 import torch
 
-from benchmarks.measure import bench_key
+from benchmarks.backends import missing, prepare, version
+from benchmarks.bench import prune_untrained
+from benchmarks.runconfig import RunConfig
 from gkp import metrics
-from gkp.api import PruneContext, PruneTarget, get_method
-from gkp.models import get_model
+from gkp.api import list_methods
 
 THREADS = int(os.environ.get("GKP_BENCH_THREADS", torch.get_num_threads()))
-X1 = torch.zeros(1, 3, 32, 32)
+BACKENDS = os.environ.get("GKP_BENCH_BACKENDS", "eager,autotune,onnxruntime,openvino").split(",")
+SECONDS = float(os.environ.get("GKP_BENCH_SECONDS", "1"))
+TARGET = 0.436
+MODELS = {"resnet56": ("synthetic", (1, 64)), "resnet50": ("imagenet", (1, 16))}
+METHODS = ["dense", *list_methods()]
+CASES = [
+    pytest.param(model, method, backend, batch, id=f"{model}-{method}-{backend}-b{batch}")
+    for model, (_, batches) in MODELS.items()
+    for method in METHODS
+    for backend in BACKENDS
+    for batch in batches
+]
 
 
-@pytest.fixture(scope="module")
-def models() -> dict[str, torch.nn.Module]:
+@functools.lru_cache(maxsize=2)
+def networks(model: str, method: str) -> tuple[torch.nn.Module, dict, torch.Tensor]:
+    """The network timed for (model, method): dense itself, or the method at TARGET."""
+    dataset = MODELS[model][0]
+    native = {"groups": 8} if method.startswith(("gkp", "tmi-gkp", "sr-gkp")) else {}
+    cfg = RunConfig(model=model, dataset=dataset, method=method if method != "dense" else "gkp-l2",
+                    target=TARGET, native=native, progress=False)  # fmt: skip
     torch.manual_seed(0)
-    dense = get_model("resnet56").eval()
-    pruned = get_method("gkp-l2")(
-        dense, PruneTarget(native={"rate": 0.4375, "groups": 8}), PruneContext(example_inputs=X1)
-    ).model.eval()
-    return {"dense": dense, "gkp-l2": pruned}
+    dense, pruned, x = prune_untrained(cfg)
+    macs_dense = metrics.macs(dense, x)
+    if method == "dense":
+        return dense, {"config": None, "macs": macs_dense, "macs_dense": macs_dense}, x
+    info = {"config": cfg.bench_key(), "macs": metrics.macs(pruned, x), "macs_dense": macs_dense}
+    return pruned, info, x
 
 
-KNOBS = {"dense": None, "gkp-l2": {"rate": 0.4375, "groups": 8}}
-
-
-@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
-@pytest.mark.parametrize("batch", [1, 32])
-@pytest.mark.parametrize("variant", ["dense", "gkp-l2"])
-def test_resnet56_cpu_latency(benchmark, models, variant, batch, memory_format):
-    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    model = models[variant].to(memory_format=fmt)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
+@pytest.mark.parametrize("model,method,backend,batch", CASES)
+def test_latency(benchmark, model, method, backend, batch):
+    why = missing(backend)
+    if why:
+        pytest.skip(f"backend {backend}: {why}")
+    net, info, x1 = networks(model, method)
+    x = torch.randn(batch, *x1.shape[1:])
+    fn, picked = prepare(backend, net, x, THREADS)
     torch.set_num_threads(THREADS)
-    benchmark.group = f"resnet56 batch {batch} {memory_format}"
-    benchmark.extra_info.update(
-        model="resnet56",
-        method=variant,
-        config=bench_key(variant, None, KNOBS[variant]) if KNOBS[variant] else None,
-        input_shape=list(X1.shape[1:]),
-        batch=batch,
-        memory_format=memory_format,
-        threads=THREADS,
-        macs=metrics.macs(model, X1),
-        params=metrics.params(model),
-        device="cpu",
-        torch_version=torch.__version__,
-    )
     with torch.inference_mode():
-        out = benchmark.pedantic(model, args=(x,), rounds=20, warmup_rounds=3, iterations=1)
-    assert out.shape == (batch, 10)
+        t0 = time.perf_counter()
+        fn(x)
+        once = time.perf_counter() - t0
+    rounds = max(3, min(30, int(SECONDS / max(once, 1e-6))))
+    benchmark.group = f"{model} {backend} batch {batch}"
+    benchmark.extra_info.update(
+        model=model, method=method, config=info["config"], backend=backend,
+        form=picked.pop("form"), backend_info=picked, input_shape=list(x1.shape[1:]),
+        batch=batch, threads=THREADS, macs=info["macs"], macs_dense=info["macs_dense"],
+        ideal=info["macs_dense"] / info["macs"], device="cpu", engine=version(backend),
+    )  # fmt: skip
+    with torch.inference_mode():
+        out = benchmark.pedantic(fn, args=(x,), rounds=rounds, warmup_rounds=1, iterations=1)
+    assert tuple(out.shape)[0] == batch
+
+
+def test_every_registered_method_is_in_the_suite():
+    assert {c.values[1] for c in CASES} == {"dense", *list_methods()}

@@ -30,10 +30,16 @@ __all__ = ["autotune", "candidates"]
 
 
 def candidates(x: Tensor) -> list[str]:
-    """The backends worth timing for input ``x`` (the fused op only for float32 on a CPU)."""
+    """The backends worth timing for input ``x``: the fused op for float32 on a CPU, the Triton
+    kernel for float32/bfloat16 on a CUDA GPU (where Triton is installed)."""
     out = ["torch", "dense"]
     if x.device.type == "cpu" and x.dtype == torch.float32 and fused.load():
         out.insert(1, "fused")
+    if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16):
+        from gkp import triton_conv
+
+        if triton_conv.available():
+            out.insert(1, "triton")
     return out
 
 

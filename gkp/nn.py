@@ -257,9 +257,11 @@ class GroupedKernelConv2d(nn.Module):
 
     ``backend``: how inference runs (autograd off, e.g. under ``torch.inference_mode``; with
     autograd on it is always the PyTorch ops): ``"torch"`` (gather → grouped conv → un-permute),
-    ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs) or ``"dense"``
-    (the equivalent masked dense conv, zeros included, built from the weights on first use).
-    All three are exact. Set it with :func:`set_backend` or :func:`gkp.autotune.autotune`; it is
+    ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs), ``"triton"``
+    (the one-op GPU kernel of :mod:`gkp.triton_conv`, float32/bfloat16 CUDA inputs) or
+    ``"dense"`` (the equivalent masked dense conv, zeros included, built from the weights on
+    first use). All are exact; a fused/triton layer given an input its kernel does not take runs
+    the PyTorch ops. Set it with :func:`set_backend` or :func:`gkp.autotune.autotune`; it is
     not part of the state dict, so checkpoints do not depend on it.
     """
 
@@ -328,6 +330,12 @@ class GroupedKernelConv2d(nn.Module):
                 return fused.grouped_kernel_conv(
                     x, c.weight, c.bias, self.gather_index, self.output_index,
                     c.stride, c.padding, c.dilation, self.n_groups,
+                )  # fmt: skip
+            if self.backend == "triton" and x.is_cuda and x.dtype in _TRITON_DTYPES:
+                c = self.conv
+                return torch.ops.gkp_triton.grouped_kernel_conv(
+                    x, c.weight, c.bias, self.gather_index, self.output_index,
+                    list(c.stride), list(c.padding), list(c.dilation), self.n_groups,
                 )  # fmt: skip
             if self.backend == "dense":
                 return self._dense_copy(x)(x)
@@ -462,7 +470,8 @@ class PerGroupConv2d(nn.Module):
 DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
 
 
-BACKENDS = ("torch", "fused", "dense")
+BACKENDS = ("torch", "fused", "triton", "dense")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
@@ -475,6 +484,11 @@ def set_backend(model: nn.Module, backend: str) -> int:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "fused" and not fused.load():
         return 0
+    if backend == "triton":
+        from gkp import triton_conv  # registers the op
+
+        if not triton_conv.available():
+            raise ValueError("backend 'triton' needs Triton and a CUDA GPU; use 'fused' on CPUs")
     layers = [m for m in model.modules() if isinstance(m, GroupedKernelConv2d)]
     for layer in layers:
         layer.backend = backend

@@ -1,0 +1,160 @@
+"""The grouped-kernel layer as one Triton GPU kernel, custom op ``gkp_triton::grouped_kernel_conv``.
+
+Same contract as the fused CPU op (:mod:`gkp.fused`)::
+
+    y = conv2d(x[:, gather_index], weight, bias, stride, padding, dilation, groups)[:, output_index]
+
+computed as an implicit GEMM per group: rows are output pixels (image, oy, ox), columns the
+group's filters, and the reduction runs over (kept channel, ky, kx), reading each input value
+through the index table (the gather costs an index load, never a copy). Results are stored
+straight into each filter's final channel (the un-permute is free). float32 and bfloat16 inputs,
+float32 accumulation, output in the input's dtype. Registered with ``torch.library`` (CUDA
+implementation and a fake one), so ``torch.compile`` and ``torch.export`` see one op.
+
+Without a GPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set before
+Triton is imported): :func:`grouped_kernel_conv_triton` then takes CPU tensors, which is how the
+tests check it on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "grouped_kernel_conv", "grouped_kernel_conv_triton"]
+
+
+def available() -> bool:
+    """Whether Triton is installed and a CUDA GPU is present (what the custom op needs)."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+_kernel = None
+
+
+def _build():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(
+        x_ptr, w_ptr, b_ptr, gather_ptr, pos_ptr, y_ptr,
+        N, C_in, H, W, C_out, Ho, Wo, n_keep, d,
+        sh, sw, ph, pw, dh, dw,
+        KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, pid_n, grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (n, oy, ox)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # filters of this group
+        row_ok, col_ok = rows < N * Ho * Wo, cols < d
+        n = rows // (Ho * Wo)
+        oy = (rows % (Ho * Wo)) // Wo
+        ox = rows % Wo
+        q = grp * d + cols  # grouped filter index
+        taps = KH * KW
+        K = n_keep * taps
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            j = ks // taps
+            ky = (ks % taps) // KW
+            kx = ks % KW
+            chan = tl.load(gather_ptr + grp * n_keep + j, mask=k_ok, other=0)
+            iy = oy[:, None] * sh - ph + ky[None, :] * dh
+            ix = ox[:, None] * sw - pw + kx[None, :] * dw
+            ok = row_ok[:, None] & k_ok[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            src = ((n[:, None] * C_in + chan[None, :]) * H + iy) * W + ix
+            a = tl.load(x_ptr + src, mask=ok, other=0.0)
+            b = tl.load(w_ptr + q[None, :] * K + ks[:, None],
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # fmt: skip
+            acc += tl.dot(a, b, input_precision="ieee")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + q, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        o = tl.load(pos_ptr + q, mask=col_ok, other=0)  # final channel of filter q
+        dst = ((n[:, None] * C_out + o[None, :]) * Ho + oy[:, None]) * Wo + ox[:, None]
+        tl.store(y_ptr + dst, acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+    return kernel
+
+
+def grouped_kernel_conv_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gather_index: Tensor,
+    output_index: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> Tensor:
+    """Launch the kernel (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)."""
+    global _kernel
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError("gkp_triton: x and weight must be 4-D")
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        raise ValueError("gkp_triton: x and weight must both be float32 or both bfloat16")
+    n_img, c_in, h, w = x.shape
+    c_out, n_keep, kh, kw = weight.shape
+    if groups < 1 or c_out % groups:
+        raise ValueError("gkp_triton: groups must divide the filters")
+    if gather_index.numel() != groups * n_keep or output_index.numel() != c_out:
+        raise ValueError("gkp_triton: gather_index or output_index has the wrong length")
+    ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    if _kernel is None:
+        _kernel = _build()
+    x, weight = x.contiguous(), weight.contiguous()
+    pos = torch.argsort(output_index.to(torch.int64)).to(torch.int32)  # filter q -> channel
+    gather = gather_index.to(torch.int32).contiguous()
+    y = torch.empty(n_img, c_out, ho, wo, device=x.device, dtype=x.dtype)
+    d = c_out // groups
+    block_n = 16 if d <= 16 else 32
+    block_m, block_k = 64, 32
+    grid = (triton_cdiv(n_img * ho * wo, block_m), triton_cdiv(d, block_n), groups)
+    _kernel[grid](
+        x, weight, bias if bias is not None else weight, gather, pos, y,
+        n_img, c_in, h, w, c_out, ho, wo, n_keep, d,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return y
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("gkp_triton::grouped_kernel_conv", mutates_args=(), device_types="cuda")
+def grouped_kernel_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gather_index: Tensor,
+    output_index: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """``conv2d(x[:, gather_index], weight, bias, groups=groups)[:, output_index]`` on a GPU."""
+    return grouped_kernel_conv_triton(
+        x, weight, bias, gather_index, output_index, stride, padding, dilation, groups
+    )
+
+
+@grouped_kernel_conv.register_fake
+def _(x, weight, bias, gather_index, output_index, stride, padding, dilation, groups):
+    ho = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = _out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
