@@ -5,15 +5,20 @@ x backends x batch {1, 64 (16 for ResNet-50)}, untrained weights (latency does n
     pytest --benchmark-only -k "resnet56 and b1"    # a subset: any -k expression of the ids
     pytest --benchmark-only --benchmark-json out.json && gkp-bench bench --from-json out.json
 
-Test ids read ``test_latency[<model>-<method>-<backend>-b<batch>]``. Every method is pruned at the
-same MACs target (``--target`` 0.436, the GKP paper's ResNet-56 setting; GKP-family methods with
-G = 8). Environment: ``GKP_BENCH_THREADS`` (default: all cores), ``GKP_BENCH_BACKENDS`` (comma
-list, default ``eager,autotune,onnxruntime,openvino``; add ``fused``, ``compile``),
+Test ids read ``test_latency[<model>-<method>-<backend>-b<batch>]``. Every method is pruned at
+the same MACs target (0.436, the GKP paper's ResNet-56 setting; GKP-family methods with G = 8).
+
+Environment: ``GKP_BENCH_THREADS`` (default: all cores); ``GKP_BENCH_BACKENDS`` (comma list,
+default ``eager,autotune,onnxruntime,openvino``; add ``fused``, ``compile``);
 ``GKP_BENCH_SECONDS`` (timing budget per benchmark, default 1: rounds = budget / one call, at
-least 3, at most 30). Each result carries model, method, config, backend, form, batch, threads,
-MACs, dense MACs and ideal speed-up in ``extra_info``; ``gkp-bench bench --from-json`` pairs each
-with dense on the same backend, batch and threads. Protocol: eval(), inference_mode, warm-up,
-fixed thread count, median and IQR over the rounds; compare ratios within one run only.
+least 3, at most 30); ``GKP_BENCH_CACHE`` (folder caching each pruned structure, default
+``~/.cache/gkp-bench/structures``; ``0`` prunes every time: ResNet-50 with sr-gkp or tmi-gkp
+takes minutes, so the first run is the slow one).
+
+Each result carries model, method, config, backend, form, batch, threads, MACs, dense MACs and
+the ideal speed-up in ``extra_info``; ``gkp-bench bench --from-json`` pairs each with dense on
+the same backend, batch and threads. Protocol: eval(), inference_mode, warm-up, fixed thread
+count, median and IQR over the rounds; compare ratios within one run only.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from __future__ import annotations
 import functools
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.backends import missing, prepare, version
-from benchmarks.bench import prune_untrained
+from benchmarks.bench import cached_untrained
 from benchmarks.runconfig import RunConfig
 from gkp import metrics
 from gkp.api import list_methods
@@ -34,6 +40,7 @@ from gkp.api import list_methods
 THREADS = int(os.environ.get("GKP_BENCH_THREADS", torch.get_num_threads()))
 BACKENDS = os.environ.get("GKP_BENCH_BACKENDS", "eager,autotune,onnxruntime,openvino").split(",")
 SECONDS = float(os.environ.get("GKP_BENCH_SECONDS", "1"))
+CACHE = os.environ.get("GKP_BENCH_CACHE", str(Path.home() / ".cache" / "gkp-bench" / "structures"))
 TARGET = 0.436
 MODELS = {"resnet56": ("synthetic", (1, 64)), "resnet50": ("imagenet", (1, 16))}
 METHODS = ["dense", *list_methods()]
@@ -53,8 +60,7 @@ def networks(model: str, method: str) -> tuple[torch.nn.Module, dict, torch.Tens
     native = {"groups": 8} if method.startswith(("gkp", "tmi-gkp", "sr-gkp")) else {}
     cfg = RunConfig(model=model, dataset=dataset, method=method if method != "dense" else "gkp-l2",
                     target=TARGET, native=native, progress=False)  # fmt: skip
-    torch.manual_seed(0)
-    dense, pruned, x = prune_untrained(cfg)
+    dense, pruned, x = cached_untrained(cfg, None if CACHE == "0" else Path(CACHE))
     macs_dense = metrics.macs(dense, x)
     if method == "dense":
         return dense, {"config": None, "macs": macs_dense, "macs_dense": macs_dense}, x
