@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="instead, summarise a pytest-benchmark --benchmark-json file",
     )
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="with --from-json: append the latency suite's pairs to <out>/latency.csv",
+    )
     p = add("run", "the main job: one baseline, methods compared at one MACs target, rows, plots")
     _common(p)
     p.add_argument(

@@ -13,6 +13,7 @@ from benchmarks import leaderboard as lb
 from benchmarks.compare import comparison_text, method_list, per_method, run_all
 from benchmarks.environment import environment
 from benchmarks.latency import append_rows as append_latency
+from benchmarks.latency import rows_from_suite
 from benchmarks.leaderboard import LeaderboardError
 from benchmarks.measure import bench_from_json, latency_columns_from_json
 from benchmarks.plots import plot_all
@@ -276,6 +277,10 @@ def cmd_bench(args: argparse.Namespace) -> Result:
 
     if args.from_json is not None:
         rows = bench_from_json(args.from_json)
+        if args.save:
+            writable_dir(args.out, "--out")
+            saved = rows_from_suite(rows, args.command_line)
+            append_latency(args.out / "latency.csv", saved)
     else:
         cfg = config(args)
         check_method(cfg)
@@ -333,14 +338,18 @@ def method_colors() -> dict[str, str]:
 
 
 def _plot(out: Path) -> list[Path]:
-    """Regenerate ``out/figures`` from ``out/leaderboard.csv`` (+ ``literature.csv`` if there)."""
+    """Regenerate ``out/figures`` from ``out/leaderboard.csv`` (+ ``literature.csv`` and
+    ``latency.csv`` if there)."""
+    from benchmarks.latency_plot import plot_latency
+
     lit = out / "literature.csv"
-    return plot_all(
+    written = plot_all(
         out / "leaderboard.csv",
         lit if lit.exists() else None,
         out / "figures",
         colors=method_colors(),
     )
+    return written + plot_latency(out / "latency.csv", out / "figures", method_colors())
 
 
 def cmd_plot(args: argparse.Namespace) -> Result:

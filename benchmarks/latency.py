@@ -127,6 +127,28 @@ def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]) -
     return len(lines)
 
 
+def rows_from_suite(pairs: Iterable[Mapping[str, Any]], command: str) -> list[dict[str, Any]]:
+    """Long-format rows from ``benchmarks.measure.bench_from_json`` pairs of the latency suite
+    (pairs without MACs, from suites older than this file, are left out)."""
+    rows = []
+    for p in pairs:
+        if not p.get("ideal") or not p.get("engine"):
+            continue
+        shape = p.get("input_shape") or []
+        rows.append({
+            "run_id": untrained_run_id(p["model"], p["config"], shape),
+            **{k: p[k] for k in ("model", "method", "config", "backend", "form", "device",
+                                 "batch", "threads", "rounds", "dense_ms", "dense_iqr_ms",
+                                 "pruned_ms", "pruned_iqr_ms", "speedup", "macs", "macs_dense",
+                                 "ideal", "fraction_of_ideal", "engine")},
+            "input_shape": "x".join(map(str, shape)),
+            "backend_info": p.get("backend_info") or {},
+            "date": utc_now(),
+            "command": command,
+        })  # fmt: skip
+    return rows
+
+
 def untrained_run_id(model: str, config: str, input_shape: Sequence[int]) -> str:
     """``run_id`` of latency rows of a freshly initialised network (no leaderboard row)."""
     key = f"{model}|{config}|{tuple(input_shape)}".encode()

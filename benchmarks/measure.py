@@ -177,7 +177,12 @@ def bench_from_json(path: Path) -> list[dict[str, Any]]:
             info.get("device", "cpu"),
             info.get("threads"),
         )
-        entry = {"median": b["stats"]["median"] * 1e3, "iqr": b["stats"]["iqr"] * 1e3, **info}
+        entry = {
+            "median": b["stats"]["median"] * 1e3,
+            "iqr": b["stats"]["iqr"] * 1e3,
+            "rounds": b["stats"].get("rounds"),
+            **info,
+        }
         groups[key][info.get("config") or info["method"]] = entry
     rows = []
     for (model, backend, batch, fmt, _shape, device, _threads), by_config in sorted(
@@ -205,7 +210,11 @@ def bench_from_json(path: Path) -> list[dict[str, Any]]:
                     "speedup": dense["median"] / m["median"],
                     "threads": m.get("threads"),
                     "macs": m.get("macs"),
+                    "macs_dense": m.get("macs_dense"),
                     "params": m.get("params"),
+                    "rounds": min(filter(None, (m["rounds"], dense["rounds"])), default=None),
+                    "engine": m.get("engine"),
+                    "backend_info": m.get("backend_info"),
                     **_ideal(m, dense["median"] / m["median"]),
                 }
             )

@@ -1,0 +1,75 @@
+"""``latency_backends.png``: measured vs ideal speed-up, one panel per backend, from latency.csv.
+
+Each point is one (method, model, batch, threads) of ``results/latency.csv`` (the last row when a
+run id was timed again): x = ideal speed-up (``macs_dense / macs`` of the deployed network),
+y = measured speed-up against dense *on the same backend*. Colours: one per method (as in the
+other figures); markers: one per (model, batch). The dashed diagonal is the ideal, the dotted
+line no speed-up. Same CSV, same PNG (Agg, default style, no metadata).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib.style
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from benchmarks.backends import BACKENDS
+from benchmarks.latency import read_latency
+from benchmarks.plots import DPI, method_colors
+
+NAME = "latency_backends.png"
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
+
+def latency_figure(latency_csv: str | os.PathLike, colors: Mapping[str, str] | None = None):
+    """The figure (None when the file has no rows)."""
+    frame = read_latency(latency_csv)
+    if frame.empty:
+        return None
+    keys = ["run_id", "backend", "batch", "threads", "device"]
+    frame = frame.drop_duplicates(subset=keys, keep="last")
+    backends = [b for b in BACKENDS if b in set(frame["backend"])]
+    palette = method_colors(sorted(set(frame["method"])), colors)
+    kinds = sorted({(m, int(b)) for m, b in zip(frame["model"], frame["batch"], strict=True)})
+    marker = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(kinds)}
+    fig = Figure(figsize=(4.2 * len(backends) + 2.6, 4.2), dpi=DPI)
+    axes = fig.subplots(1, len(backends), squeeze=False)[0]
+    top = max(frame["ideal"].max(), frame["speedup"].max(), 1.0) * 1.08
+    for ax, backend in zip(axes, backends, strict=True):
+        part = frame[frame["backend"] == backend].sort_values(["method", "model", "batch"])
+        ax.plot([0, top], [0, top], "k--", linewidth=1)
+        ax.axhline(1, color="0.5", linestyle=":", linewidth=1)
+        for row in part.itertuples():
+            style = {"color": palette[row.method], "marker": marker[(row.model, int(row.batch))]}
+            ax.plot(row.ideal, row.speedup, linestyle="none", markersize=6, alpha=0.85, **style)
+        ax.set(title=backend, xlim=(0.8, top), ylim=(0, top), xlabel="ideal speed-up (MACs ratio)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("measured speed-up vs dense, same backend")
+    handles = [Line2D([], [], color=palette[m], marker="o", linestyle="none", label=m)
+               for m in sorted(palette)]  # fmt: skip
+    handles += [Line2D([], [], color="0.3", marker=marker[k], linestyle="none",
+                       label=f"{k[0]} batch {k[1]}") for k in kinds]  # fmt: skip
+    fig.legend(handles=handles, loc="center right", fontsize="small", frameon=False)
+    fig.subplots_adjust(left=0.06, right=1 - 2.6 / (4.2 * len(backends) + 2.6), wspace=0.25,
+                        bottom=0.13, top=0.9)  # fmt: skip
+    return fig
+
+
+def plot_latency(
+    latency_csv: str | os.PathLike, out_dir: str | os.PathLike, colors=None
+) -> list[Path]:
+    """Write ``latency_backends.png`` into ``out_dir`` when the CSV has rows; the paths written."""
+    if not Path(latency_csv).exists():
+        return []
+    with matplotlib.style.context("default"):
+        fig = latency_figure(latency_csv, colors)
+        if fig is None:
+            return []
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / NAME, format="png", dpi=DPI, metadata={"Software": None})
+    return [out / NAME]

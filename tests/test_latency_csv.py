@@ -1,0 +1,176 @@
+"""Latency backends and the long-format results/latency.csv: every backend runs the same function
+as eager PyTorch, rows validate and append atomically, a malformed file is never rewritten,
+suite JSON pairs become rows, the per-backend figure has one panel per backend, CLI errors."""
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.backends import BACKENDS, missing, prepare
+from benchmarks.cli import main
+from benchmarks.latency import (
+    COLUMNS,
+    append_rows,
+    latency_rows,
+    read_latency,
+    rows_from_suite,
+    untrained_run_id,
+)
+from benchmarks.latency_plot import latency_figure
+from benchmarks.leaderboard import LeaderboardError
+from gkp.nn import GroupedKernelConv2d, GroupPlan
+
+
+def small_grouped() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    plan = GroupPlan.from_lists([[2 * g, 2 * g + 1] for g in range(8)],
+                                [[(g + i) % 16 for i in range(9)] for g in range(8)])  # fmt: skip
+    pruned = copy.deepcopy(dense)
+    pruned[2] = GroupedKernelConv2d.from_conv(dense[2], plan)
+    return dense, pruned.eval()
+
+
+CPU_BACKENDS = [b for b in BACKENDS if b != "compile"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_backend_computes_what_eager_computes(backend):
+    if missing(backend):
+        pytest.skip(missing(backend))
+    _, pruned = small_grouped()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.inference_mode():
+        want = pruned(x)
+    fn, info = prepare(backend, pruned, x, threads=1)
+    with torch.inference_mode():
+        got = torch.as_tensor(fn(x))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert info["form"] in ("grouped", "masked-dense")
+    assert isinstance(pruned[2], GroupedKernelConv2d) and pruned[2].backend == "torch"
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        missing("tensorrt")
+
+
+def good_row(**change):
+    row = {
+        "run_id": "untrained-0123456789ab", "model": "resnet56", "method": "gkp-l2",
+        "config": '{"method":"gkp-l2"}', "input_shape": "3x32x32", "backend": "eager",
+        "form": "grouped", "backend_info": {}, "device": "cpu", "batch": 1, "threads": 1,
+        "rounds": 5, "dense_ms": 2.0, "dense_iqr_ms": 0.1, "pruned_ms": 1.0, "pruned_iqr_ms": 0.1,
+        "speedup": 2.0, "macs_dense": 100, "macs": 50, "ideal": 2.0, "fraction_of_ideal": 1.0,
+        "engine": "torch 2", "date": "2026-01-01T00:00:00Z", "command": "test",
+    }  # fmt: skip
+    row.update(change)
+    return row
+
+
+def test_rows_append_and_read_back(tmp_path):
+    path = tmp_path / "latency.csv"
+    assert append_rows(path, [good_row(), good_row(batch=64, backend="onnxruntime")]) == 2
+    append_rows(path, [good_row(threads=2)])
+    frame = read_latency(path)
+    assert list(frame.columns) == list(COLUMNS)
+    assert frame["batch"].tolist() == [1, 64, 1] and frame["threads"].tolist() == [1, 1, 2]
+    assert frame["backend"].tolist() == ["eager", "onnxruntime", "eager"]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [({"backend": "tensorrt"}, "backend"), ({"speedup": -1.0}, "speedup"),
+     ({"batch": "many"}, "batch"), ({"dense_ms": None}, "dense_ms is empty")],
+)  # fmt: skip
+def test_a_bad_row_appends_nothing(tmp_path, change, message):
+    path = tmp_path / "latency.csv"
+    append_rows(path, [good_row()])
+    before = path.read_bytes()
+    with pytest.raises(LeaderboardError, match=message):
+        append_rows(path, [good_row(batch=2), good_row(**change)])
+    assert path.read_bytes() == before
+
+
+def test_a_malformed_file_is_named_and_left_alone(tmp_path):
+    path = tmp_path / "latency.csv"
+    append_rows(path, [good_row()])
+    broken = path.read_bytes().replace(b",eager,", b",eagre,")
+    path.write_bytes(broken)
+    with pytest.raises(LeaderboardError, match="row 1.*backend"):
+        read_latency(path)
+    with pytest.raises(LeaderboardError, match="nothing appended"):
+        append_rows(path, [good_row()])
+    assert path.read_bytes() == broken
+
+
+def test_latency_rows_time_dense_and_pruned_on_the_same_backend():
+    dense, pruned = small_grouped()
+    ident = {"run_id": "r1", "model": "m", "method": "gkp-l2", "config": "{}"}
+    rows = latency_rows(dense, pruned, sample_shape=(3, 12, 12), backends=["eager"],
+                        batches=[1, 4], threads=1, rounds=3, ident=ident)  # fmt: skip
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["ideal"] == pytest.approx(r["macs_dense"] / r["macs"]) and r["ideal"] > 1
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
+        assert r["fraction_of_ideal"] == pytest.approx(r["speedup"] / r["ideal"])
+    # hand count: conv1 3*16*9*144, conv2 16*16*9*144 dense vs 16*9*9*144 grouped, linear 160
+    assert rows[0]["macs_dense"] == 3 * 16 * 9 * 144 + 16 * 16 * 9 * 144 + 160
+    assert rows[0]["macs"] == 3 * 16 * 9 * 144 + 16 * 9 * 9 * 144 + 160
+
+
+def suite_json(tmp_path):
+    def entry(method, median, macs, form):
+        return {
+            "stats": {"median": median, "iqr": 0.001, "rounds": 7},
+            "extra_info": {
+                "model": "resnet56", "method": method, "config": None if method == "dense"
+                else '{"method":"gkp-l2"}', "backend": "onnxruntime", "form": form,
+                "backend_info": {}, "input_shape": [3, 32, 32], "batch": 1, "threads": 2,
+                "macs": macs, "macs_dense": 100, "device": "cpu", "engine": "onnxruntime 1",
+            },
+        }  # fmt: skip
+
+    path = tmp_path / "bench.json"
+    data = {"benchmarks": [entry("dense", 0.004, 100, "dense"),
+                           entry("gkp-l2", 0.002, 50, "grouped")]}  # fmt: skip
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_suite_json_becomes_rows_and_the_figure_has_a_panel_per_backend(tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["bench", "--from-json", str(suite_json(tmp_path)), "--save", "--out", str(out)]
+    assert main(argv) == 0
+    frame = read_latency(out / "latency.csv")
+    assert len(frame) == 1
+    row = frame.iloc[0]
+    assert row["speedup"] == pytest.approx(2.0) and row["ideal"] == pytest.approx(2.0)
+    assert row["run_id"] == untrained_run_id("resnet56", '{"method":"gkp-l2"}', [3, 32, 32])
+    append_rows(out / "latency.csv", [good_row(backend="eager"), good_row(backend="openvino")])
+    fig = latency_figure(out / "latency.csv")
+    assert [ax.get_title() for ax in fig.axes] == ["eager", "onnxruntime", "openvino"]
+
+
+def test_rows_from_suite_skip_pairs_without_macs():
+    assert rows_from_suite([{"model": "m", "ideal": None, "engine": None}], "cmd") == []
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [("tensorrt", "unknown backend 'tensorrt'")]
+    + ([("openvino", "openvino is not installed")]
+       if importlib.util.find_spec("openvino") is None else []),
+)  # fmt: skip
+def test_cli_rejects_bad_backends(tmp_path, capsys, flag, message):
+    code = main(["bench", "--dataset", "synthetic", "--backends", flag, "--out", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err
+    assert not (tmp_path / "latency.csv").exists()
