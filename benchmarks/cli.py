@@ -146,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("leaderboard", "show, validate or summarise results/leaderboard.csv")
     p.add_argument(
         "action",
-        choices=("show", "validate", "summary"),
+        choices=("show", "validate", "summary", "latency"),
         help="summary: n, mean ± sd of top-1 and Δ vs dense, MACs removed and speed-ups per "
-        "(method, model, dataset, recipe, target), each run id counted once",
+        "(method, model, dataset, recipe, target), each run id counted once; latency: the "
+        "speed-ups of <out>/latency.csv per backend (Markdown)",
     )
     p.add_argument("--markdown", action="store_true", help="summary as a Markdown table")
     p.add_argument("--out", type=Path, default=Path("results"))

@@ -307,6 +307,11 @@ def cmd_bench(args: argparse.Namespace) -> Result:
 
 def cmd_leaderboard(args: argparse.Namespace) -> Result:
     path = args.out / "leaderboard.csv"
+    if args.action == "latency":
+        from benchmarks.latency import latency_markdown, read_latency
+
+        frame = read_latency(args.out / "latency.csv")
+        return frame.to_dict(orient="records"), latency_markdown(frame)
     if args.action == "summary":
         from benchmarks.summary import summarize, summary_markdown, summary_records, summary_text
 

@@ -221,3 +221,37 @@ def latency_rows(
             if progress is not None:
                 progress(rows[-1])
     return rows
+
+
+def latency_markdown(frame: pd.DataFrame) -> str:
+    """Markdown table of speed-ups over dense: one line per (model, batch, threads, method), one
+    column per backend (the last row of each run id, backend, batch and threads), and the ideal.
+    """
+    if frame.empty:
+        return "(no latency rows)\n"
+    keys = ["run_id", "backend", "batch", "threads", "device"]
+    frame = frame.drop_duplicates(subset=keys, keep="last")
+    backends = [b for b in BACKENDS if b in set(frame["backend"])]
+    lines = [
+        "| model | batch | threads | method | ideal | " + " | ".join(backends) + " |",
+        "|---|---:|---:|---|---:|" + "---:|" * len(backends),
+    ]
+    group = ["model", "batch", "threads", "device", "method"]
+    for (model, batch, threads, device, method), part in frame.groupby(group, sort=True):
+        by = dict(zip(part["backend"], part["speedup"], strict=True))
+        forms = dict(zip(part["backend"], part["form"], strict=True))
+        cells = [
+            f"{by[b]:.2f}×" + (" (md)" if forms[b] == "masked-dense" else "") if b in by else ""
+            for b in backends
+        ]
+        where = model if device == "cpu" else f"{model} ({device})"
+        ideal = part["ideal"].iloc[-1]
+        lines.append(
+            f"| {where} | {batch} | {threads} | {method} | {ideal:.2f}× | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return (
+        "\n".join(lines) + "\n\n(md): the runtime ran the masked-dense form, faster there than "
+        "the grouped form (benchmarks/backends.py).\n"
+    )

@@ -1,9 +1,11 @@
-"""Rewrite the generated result tables in README.md and results/README.md from the leaderboard.
+"""Rewrite the generated result tables in README.md and results/README.md from the CSVs.
 
 Each table sits between ``<!-- summary:start rows=N -->`` and ``<!-- summary:end -->`` and is
 exactly the output of ``gkp-bench leaderboard summary --markdown`` over the leaderboard's first
 ``N`` rows (tests/test_readme.py checks it). The leaderboard is append-only, so rows a user adds
-later (the README's main job appends some) leave the committed tables checkable:
+later (the README's main job appends some) leave the committed tables checkable. Likewise the
+per-backend latency table between ``<!-- latency:start rows=N -->`` and ``<!-- latency:end -->``
+is ``gkp-bench leaderboard latency`` over ``results/latency.csv``'s first ``N`` rows:
 
     .venv/bin/python scripts/readme_summary.py
 """
@@ -14,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from benchmarks.latency import latency_markdown, read_latency
 from benchmarks.leaderboard import read_leaderboard
 from benchmarks.summary import summarize, summary_markdown
 
@@ -21,6 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 LEADERBOARD = ROOT / "results" / "leaderboard.csv"
 FILES = (ROOT / "README.md", ROOT / "results" / "README.md")
 BLOCK = re.compile(r"<!-- summary:start(?: rows=(\d+))? -->\n(.*?)<!-- summary:end -->", re.S)
+LATENCY = ROOT / "results" / "latency.csv"
+LATENCY_BLOCK = re.compile(r"<!-- latency:start rows=(\d+) -->\n(.*?)<!-- latency:end -->", re.S)
+
+
+def latency_generated(rows: int) -> str:
+    """The per-backend speed-up table over latency.csv's first ``rows`` rows."""
+    return latency_markdown(read_latency(LATENCY).iloc[:rows])
 
 
 def generated(rows: int | None = None) -> str:
@@ -42,7 +52,12 @@ def main() -> int:
                 f"{path}: no <!-- summary:start --> ... <!-- summary:end --> block", file=sys.stderr
             )
             return 2
-        path.write_text(BLOCK.sub(lambda _m: block, text))
+        text = BLOCK.sub(lambda _m: block, text)
+        if LATENCY_BLOCK.search(text):  # optional: the README's deploy-speed section has one
+            n = len(read_latency(LATENCY))
+            table = f"<!-- latency:start rows={n} -->\n{latency_generated(n)}<!-- latency:end -->"
+            text = LATENCY_BLOCK.sub(lambda _m: table, text)
+        path.write_text(text)
     return 0
 
 

@@ -24,3 +24,13 @@ def test_the_table_changes_with_the_rows_it_covers():
     # The row count is not decoration: a table over fewer rows is a different table.
     rows = int(readme_summary.BLOCK.search(readme_summary.FILES[0].read_text()).group(1))
     assert readme_summary.generated(rows) != readme_summary.generated(rows - 1)
+
+
+@pytest.mark.parametrize("path", readme_summary.FILES, ids=lambda p: p.name)
+def test_latency_tables_are_the_generated_ones(path):
+    match = readme_summary.LATENCY_BLOCK.search(path.read_text())
+    if match is None:
+        pytest.skip(f"{path.name} has no latency table")
+    assert match.group(2) == readme_summary.latency_generated(int(match.group(1))), (
+        "run: python scripts/readme_summary.py"
+    )
