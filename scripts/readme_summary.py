@@ -55,8 +55,8 @@ def main() -> int:
         text = BLOCK.sub(lambda _m: block, text)
         if LATENCY_BLOCK.search(text):  # optional: the README's deploy-speed section has one
             n = len(read_latency(LATENCY))
-            table = f"<!-- latency:start rows={n} -->\n{latency_generated(n)}<!-- latency:end -->"
-            text = LATENCY_BLOCK.sub(lambda _m: table, text)
+            lat = f"<!-- latency:start rows={n} -->\n{latency_generated(n)}<!-- latency:end -->"
+            text = LATENCY_BLOCK.sub(lambda _m, lat=lat: lat, text)
         path.write_text(text)
     return 0
 
