@@ -12,9 +12,11 @@ import copy
 import hashlib
 import inspect
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from benchmarks.measure import bench_from_json, deployed_as
@@ -28,18 +30,37 @@ from gkp.data import example_input, random_calibration
 def prune_untrained(cfg: RunConfig) -> tuple[nn.Module, nn.Module, Tensor]:
     """(dense, pruned, one example input) for ``cfg`` with freshly initialised weights."""
     dense = fresh_model(cfg).eval()
-    x = example_input(cfg.dataset, 1)
-    result = get_method(cfg.method)(
-        dense,
-        PruneTarget(cfg.target, dict(cfg.native)),
-        PruneContext(
-            example_inputs=x,
-            calib_batches=random_calibration(x.shape[1:], seed=cfg.seed),
-            teacher=dense,
-            seed=cfg.seed,
-        ),
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        x = example_input(cfg.dataset, 1)
+        result = get_method(cfg.method)(
+            dense,
+            PruneTarget(cfg.target, dict(cfg.native)),
+            PruneContext(
+                example_inputs=x,
+                calib_batches=random_calibration(x.shape[1:], seed=cfg.seed),
+                teacher=dense,
+                seed=cfg.seed,
+                snapshots=_snapshots(dense, cfg.seed, folder)
+                if "snapshots" in get_method(cfg.method).info.needs
+                else (),
+            ),
+        )
     return dense, result.model.eval(), x
+
+
+def _snapshots(dense: nn.Module, seed: int, folder: Path, count: int = 4) -> tuple[Path, ...]:
+    """Stand-in training snapshots for an untrained network (TMI-GKP's input): the initial
+    weights plus growing seeded noise. Only the pruned *structure* is used (latency)."""
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(count):
+        state = {k: v + 0.05 * (i + 1) * torch.randn(v.shape, generator=gen) * v.std()
+                 if v.is_floating_point() and v.numel() > 1 else v
+                 for k, v in dense.state_dict().items()}  # fmt: skip
+        paths.append(folder / f"snapshot_{i}.pt")
+        torch.save(state, paths[-1])
+    return tuple(paths)
 
 
 def _structure_key(cfg: RunConfig) -> str:
