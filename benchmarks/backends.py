@@ -69,11 +69,15 @@ def _form(model: nn.Module) -> str:
     return "grouped" if grouped_plans(model) else "dense"
 
 
-def prepare(backend: str, model: nn.Module, example: Tensor, threads: int) -> Prepared:
+def prepare(
+    backend: str, model: nn.Module, example: Tensor, threads: int, tune_rounds: int = 15
+) -> Prepared:
     """``model`` (not modified) ready to run on ``backend`` for inputs shaped like ``example``.
 
-    Returns ``(fn, info)``: ``info["form"]`` is the form that runs, ``info["forms_ms"]`` the
-    medians that chose it where there was a choice, ``info["autotune"]`` the per-layer picks.
+    ``tune_rounds``: timed rounds per candidate when choosing (per layer for ``autotune``, a
+    third of them, at least 3, per network form for the others). Returns ``(fn, info)``:
+    ``info["form"]`` is the form that runs, ``info["forms_ms"]`` the medians that chose it where
+    there was a choice, ``info["autotune"]`` the per-layer picks.
     Raises RuntimeError (with the fix) when the backend cannot run here.
     """
     why = missing(backend)
@@ -88,7 +92,8 @@ def prepare(backend: str, model: nn.Module, example: Tensor, threads: int) -> Pr
         elif backend == "autotune" and form == "grouped":
             from gkp.autotune import autotune
 
-            picks = [c["backend"] for c in autotune(model, example, threads=threads).values()]
+            tuned = autotune(model, example, rounds=tune_rounds, threads=threads)
+            picks = [c["backend"] for c in tuned.values()]
             info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
         return model, info
     build = {"compile": _compiled, "onnxruntime": _ort, "openvino": _openvino}[backend]
@@ -96,7 +101,8 @@ def prepare(backend: str, model: nn.Module, example: Tensor, threads: int) -> Pr
         return build(model, example, threads), {"form": form}
     candidates = {form: build(model, example, threads)}
     candidates["masked-dense"] = build(densify(model), example, threads)
-    stats = metrics.time_interleaved(candidates, example, rounds=5, warmup=2, threads=threads)
+    rounds = max(3, tune_rounds // 3)
+    stats = metrics.time_interleaved(candidates, example, rounds=rounds, warmup=1, threads=threads)
     best = min(stats, key=lambda k: stats[k].median_ms)
     return candidates[best], {
         "form": best,

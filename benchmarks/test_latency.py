@@ -41,6 +41,7 @@ THREADS = int(os.environ.get("GKP_BENCH_THREADS", torch.get_num_threads()))
 BACKENDS = os.environ.get("GKP_BENCH_BACKENDS", "eager,autotune,onnxruntime,openvino").split(",")
 SECONDS = float(os.environ.get("GKP_BENCH_SECONDS", "1"))
 CACHE = os.environ.get("GKP_BENCH_CACHE", str(Path.home() / ".cache" / "gkp-bench" / "structures"))
+TUNE_ROUNDS = 5  # per candidate when a backend chooses (autotune, network form): keeps it short
 TARGET = 0.436
 MODELS = {"resnet56": ("synthetic", (1, 64)), "resnet50": ("imagenet", (1, 16))}
 METHODS = ["dense", *list_methods()]
@@ -75,7 +76,7 @@ def test_latency(benchmark, model, method, backend, batch):
         pytest.skip(f"backend {backend}: {why}")
     net, info, x1 = networks(model, method)
     x = torch.randn(batch, *x1.shape[1:])
-    fn, picked = prepare(backend, net, x, THREADS)
+    fn, picked = prepare(backend, net, x, THREADS, tune_rounds=TUNE_ROUNDS)
     torch.set_num_threads(THREADS)
     with torch.inference_mode():
         t0 = time.perf_counter()
