@@ -36,6 +36,8 @@ inline v8 load8(const float* p) {
   return v;
 }
 
+inline v8 broadcast(float v) { return (v8){v, v, v, v, v, v, v, v}; }
+
 struct Geo {
   int64_t H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
   int64_t Wq;     // entries per phase plane row: ceil((W + 2 pw) / sw)
@@ -92,15 +94,15 @@ void tile(const float* const* chan, const float* w, const float* bias, float* co
     for (int64_t ky = 0; ky < kh; ++ky) {
       for (int64_t kx = 0; kx < kw; ++kx) {
         const float* at = base + (K ? ky * g.row + kx : ky * g.dh * g.row + g.tap[kx]);
-        v8 xv[R][T];
-        for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t) xv[r][t] = load8(at + r * rstep + 8 * t);
         const float* wt = w + (ky * kw + kx) * D;
-        for (int f = 0; f < D; ++f) {
-          const float wf = wt[f];
-          for (int r = 0; r < R; ++r)
-            for (int t = 0; t < T; ++t) acc[f][r][t] += wf * xv[r][t];
-        }
+        v8 wv[D];  // D broadcasts held; each input vector is loaded once and feeds D filters
+        for (int f = 0; f < D; ++f) wv[f] = broadcast(wt[f]);
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < T; ++t) {
+            v8 xv = load8(at + r * rstep + 8 * t);
+            asm("" : "+x"(xv));  // keep it in a register: a load per FMA saturates the load ports
+            for (int f = 0; f < D; ++f) acc[f][r][t] += wv[f] * xv;
+          }
       }
     }
   }
