@@ -159,15 +159,28 @@ def _ideal(entry: Mapping[str, Any], speedup: float) -> dict[str, float]:
     return {"ideal": ideal, "fraction_of_ideal": speedup / ideal}
 
 
+def _interleaved_row(info: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("model", "method", "config", "backend", "form", "batch", "input_shape", "device",
+            "dense_ms", "dense_iqr_ms", "pruned_ms", "pruned_iqr_ms", "speedup", "threads",
+            "macs", "macs_dense", "rounds", "engine", "backend_info")  # fmt: skip
+    return {**{k: info.get(k) for k in keys}, **_ideal(info, info["speedup"])}
+
+
 def bench_from_json(path: Path) -> list[dict[str, Any]]:
     """Dense-vs-method ratios from a pytest-benchmark JSON file (medians, same run).
 
-    Timings pair up when model, backend, batch, memory format, input shape, device and threads
-    agree; ``ideal`` (the MACs ratio) comes with them when the suite recorded MACs.
+    Entries of the latency suite carry both medians (dense and pruned interleaved in one test)
+    and give one row each. Older entries (one network each) pair up when model, backend, batch,
+    memory format, input shape, device and threads agree; ``ideal`` (the MACs ratio) comes with
+    them when MACs were recorded.
     """
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    rows = []
     for b in _entries(path):
         info = b["extra_info"]
+        if info.get("interleaved"):  # the latency suite: dense and pruned timed in one test
+            rows.append(_interleaved_row(info))
+            continue
         key = (
             info["model"],
             info.get("backend", "eager"),
@@ -184,7 +197,6 @@ def bench_from_json(path: Path) -> list[dict[str, Any]]:
             **info,
         }
         groups[key][info.get("config") or info["method"]] = entry
-    rows = []
     for (model, backend, batch, fmt, _shape, device, _threads), by_config in sorted(
         groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])
     ):

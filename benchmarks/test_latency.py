@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -44,56 +45,81 @@ CACHE = os.environ.get("GKP_BENCH_CACHE", str(Path.home() / ".cache" / "gkp-benc
 TUNE_ROUNDS = 5  # per candidate when a backend chooses (autotune, network form): keeps it short
 TARGET = 0.436
 MODELS = {"resnet56": ("synthetic", (1, 64)), "resnet50": ("imagenet", (1, 16))}
-METHODS = ["dense", *list_methods()]
 CASES = [
     pytest.param(model, method, backend, batch, id=f"{model}-{method}-{backend}-b{batch}")
     for model, (_, batches) in MODELS.items()
-    for method in METHODS
+    for method in list_methods()
     for backend in BACKENDS
     for batch in batches
 ]
 
 
 @functools.lru_cache(maxsize=2)
-def networks(model: str, method: str) -> tuple[torch.nn.Module, dict, torch.Tensor]:
-    """The network timed for (model, method): dense itself, or the method at TARGET."""
+def networks(model: str, method: str) -> tuple[torch.nn.Module, torch.nn.Module, dict, tuple]:
+    """(dense, pruned at TARGET, info, sample shape) for (model, method), untrained weights."""
     dataset = MODELS[model][0]
     native = {"groups": 8} if method.startswith(("gkp", "tmi-gkp", "sr-gkp")) else {}
-    cfg = RunConfig(model=model, dataset=dataset, method=method if method != "dense" else "gkp-l2",
-                    target=TARGET, native=native, progress=False)  # fmt: skip
+    cfg = RunConfig(model=model, dataset=dataset, method=method, target=TARGET, native=native,
+                    progress=False)  # fmt: skip
     dense, pruned, x = cached_untrained(cfg, None if CACHE == "0" else Path(CACHE))
-    macs_dense = metrics.macs(dense, x)
-    if method == "dense":
-        return dense, {"config": None, "macs": macs_dense, "macs_dense": macs_dense}, x
-    info = {"config": cfg.bench_key(), "macs": metrics.macs(pruned, x), "macs_dense": macs_dense}
-    return pruned, info, x
+    info = {"config": cfg.bench_key(), "macs": metrics.macs(pruned, x),
+            "macs_dense": metrics.macs(dense, x)}  # fmt: skip
+    return dense, pruned, info, tuple(x.shape[1:])
+
+
+@functools.lru_cache(maxsize=1)
+def dense_on(model: str, backend: str, batch: int):
+    """Dense prepared on the backend (the same for every method of a model: prepared once)."""
+    dense, _, _, shape = networks(model, list_methods()[0])
+    return prepare(backend, dense, torch.randn(batch, *shape), THREADS)[0]
 
 
 @pytest.mark.parametrize("model,method,backend,batch", CASES)
 def test_latency(benchmark, model, method, backend, batch):
+    """One round = dense and pruned once each (order alternating), so both medians come from
+    the same stretch of time; ``extra_info`` has both and the speed-up."""
     why = missing(backend)
     if why:
         pytest.skip(f"backend {backend}: {why}")
-    net, info, x1 = networks(model, method)
-    x = torch.randn(batch, *x1.shape[1:])
-    fn, picked = prepare(backend, net, x, THREADS, tune_rounds=TUNE_ROUNDS)
+    _, pruned, info, shape = networks(model, method)
+    x = torch.randn(batch, *shape)
+    run_dense = dense_on(model, backend, batch)
+    run_pruned, picked = prepare(backend, pruned, x, THREADS, tune_rounds=TUNE_ROUNDS)
     torch.set_num_threads(THREADS)
+    times: dict[str, list[float]] = {"dense": [], "pruned": []}
+    order = [("dense", run_dense), ("pruned", run_pruned)]
+
+    def one_round():
+        order.reverse()
+        for name, fn in order:
+            t0 = time.perf_counter()
+            out = fn(x)
+            times[name].append(time.perf_counter() - t0)
+        return out
+
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        fn(x)
-        once = time.perf_counter() - t0
-    rounds = max(3, min(30, int(SECONDS / max(once, 1e-6))))
+        one_round()  # warm-up, and the cost of one round
+        once = times["dense"].pop() + times["pruned"].pop()
+        rounds = max(3, min(30, int(SECONDS / max(once, 1e-6))))
+        out = benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1, iterations=1)
+    dense_ms, pruned_ms = (statistics.median(times[k][-rounds:]) * 1e3 for k in times)
     benchmark.group = f"{model} {backend} batch {batch}"
     benchmark.extra_info.update(
         model=model, method=method, config=info["config"], backend=backend,
-        form=picked.pop("form"), backend_info=picked, input_shape=list(x1.shape[1:]),
-        batch=batch, threads=THREADS, macs=info["macs"], macs_dense=info["macs_dense"],
+        form=picked.pop("form"), backend_info=picked, input_shape=list(shape), batch=batch,
+        threads=THREADS, macs=info["macs"], macs_dense=info["macs_dense"],
         ideal=info["macs_dense"] / info["macs"], device="cpu", engine=version(backend),
+        interleaved=True, rounds=rounds, dense_ms=dense_ms, pruned_ms=pruned_ms,
+        dense_iqr_ms=_iqr(times["dense"][-rounds:]), pruned_iqr_ms=_iqr(times["pruned"][-rounds:]),
+        speedup=dense_ms / pruned_ms,
     )  # fmt: skip
-    with torch.inference_mode():
-        out = benchmark.pedantic(fn, args=(x,), rounds=rounds, warmup_rounds=1, iterations=1)
     assert tuple(out.shape)[0] == batch
 
 
+def _iqr(seconds: list[float]) -> float:
+    q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
+    return (q[2] - q[0]) * 1e3
+
+
 def test_every_registered_method_is_in_the_suite():
-    assert {c.values[1] for c in CASES} == {"dense", *list_methods()}
+    assert {c.values[1] for c in CASES} == set(list_methods())

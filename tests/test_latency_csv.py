@@ -174,3 +174,22 @@ def test_cli_rejects_bad_backends(tmp_path, capsys, flag, message):
     _, err = capsys.readouterr()
     assert code == 2 and message in err
     assert not (tmp_path / "latency.csv").exists()
+
+
+def test_interleaved_suite_entries_give_one_row_each(tmp_path):
+    info = {
+        "model": "resnet56", "method": "gkp-l2", "config": '{"method":"gkp-l2"}',
+        "backend": "autotune", "form": "grouped", "backend_info": {"autotune": {"fused": 54}},
+        "input_shape": [3, 32, 32], "batch": 64, "threads": 2, "macs": 50, "macs_dense": 100,
+        "device": "cpu", "engine": "torch 2", "interleaved": True, "rounds": 9,
+        "dense_ms": 30.0, "pruned_ms": 20.0, "dense_iqr_ms": 1.0, "pruned_iqr_ms": 1.0,
+        "speedup": 1.5,
+    }  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [
+        {"stats": {"median": 0.05, "iqr": 0.001, "rounds": 9}, "extra_info": info}]}))  # fmt: skip
+    out = tmp_path / "results"
+    assert main(["bench", "--from-json", str(path), "--save", "--out", str(out)]) == 0
+    row = read_latency(out / "latency.csv").iloc[0]
+    assert row["speedup"] == 1.5 and row["ideal"] == 2.0 and row["fraction_of_ideal"] == 0.75
+    assert row["dense_ms"] == 30.0 and row["rounds"] == 9 and row["backend"] == "autotune"
