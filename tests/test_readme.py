@@ -30,7 +30,7 @@ def test_the_table_changes_with_the_rows_it_covers():
 def test_latency_tables_are_the_generated_ones(path):
     match = readme_summary.LATENCY_BLOCK.search(path.read_text())
     if match is None:
-        pytest.skip(f"{path.name} has no latency table")
+        pytest.skip(f"{path.relative_to(readme_summary.ROOT)} has no latency table")
     assert match.group(2) == readme_summary.latency_generated(int(match.group(1))), (
         "run: python scripts/readme_summary.py"
     )
