@@ -78,11 +78,17 @@ def _build(verbose: bool) -> bool:
 def _register_fake() -> None:
     @torch.library.register_fake("gkp_fused::grouped_kernel_conv")
     def _fake(x, weight, bias, gather_index, output_index, stride, padding, dilation, groups):
-        n, _, h, w = x.shape
-        kh, kw = weight.shape[2], weight.shape[3]
-        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        return x.new_empty((n, weight.shape[0], ho, wo))
+        return x.new_empty(output_shape(x, weight, stride, padding, dilation))
+
+
+def output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, ...]:
+    """(N, C_out, H_out, W_out) of the grouped-kernel layer's conv (both ops' fake shapes)."""
+    hw = [
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
+        // stride[i] + 1
+        for i in (0, 1)
+    ]  # fmt: skip
+    return (x.shape[0], weight.shape[0], *hw)
 
 
 def available() -> bool:

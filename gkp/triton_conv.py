@@ -23,16 +23,14 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from gkp.fused import output_shape
+
 __all__ = ["available", "grouped_kernel_conv", "grouped_kernel_conv_triton"]
 
 
 def available() -> bool:
     """Whether Triton is installed and a CUDA GPU is present (what the custom op needs)."""
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
-
-
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 _kernel = None
@@ -109,8 +107,7 @@ def grouped_kernel_conv_triton(
         raise ValueError("gkp_triton: groups must divide the filters")
     if gather_index.numel() != groups * n_keep or output_index.numel() != c_out:
         raise ValueError("gkp_triton: gather_index or output_index has the wrong length")
-    ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    _, _, ho, wo = output_shape(x, weight, stride, padding, dilation)
     if _kernel is None:
         _kernel = _build()
     x, weight = x.contiguous(), weight.contiguous()
@@ -120,7 +117,7 @@ def grouped_kernel_conv_triton(
     d = c_out // groups
     block_n = 16 if d <= 16 else 32
     block_m, block_k = 64, 32
-    grid = (triton_cdiv(n_img * ho * wo, block_m), triton_cdiv(d, block_n), groups)
+    grid = (-(-n_img * ho * wo // block_m), -(-d // block_n), groups)  # ceil divisions
     _kernel[grid](
         x, weight, bias if bias is not None else weight, gather, pos, y,
         n_img, c_in, h, w, c_out, ho, wo, n_keep, d,
@@ -129,10 +126,6 @@ def grouped_kernel_conv_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return y
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("gkp_triton::grouped_kernel_conv", mutates_args=(), device_types="cuda")
@@ -155,6 +148,4 @@ def grouped_kernel_conv(
 
 @grouped_kernel_conv.register_fake
 def _(x, weight, bias, gather_index, output_index, stride, padding, dilation, groups):
-    ho = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    wo = _out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+    return x.new_empty(output_shape(x, weight, stride, padding, dilation))
