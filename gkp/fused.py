@@ -7,8 +7,8 @@ picked per layer by a cost model) accumulate every kernel tap, and each filter's
 written straight to its final channel. float32, NCHW, CPU, inference only (no autograd: training
 uses the masked dense form, ``gkp.masked``).
 
-:func:`load` builds it with ``torch.utils.cpp_extension`` (``-O3 -march=native``, OpenMP through
-ATen's thread pool) on first use and caches the build (``TORCH_EXTENSIONS_DIR``, by default
+:func:`load` builds it with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``:
+work runs on ATen's OpenMP thread pool, ``torch.set_num_threads``) on first use and caches the build (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``); a later process loads the cached library in well under a second.
 Without a working C++ compiler it warns once and returns False, and
 :class:`gkp.nn.GroupedKernelConv2d` keeps its pure-PyTorch form. The op has a fake (meta)
@@ -29,7 +29,9 @@ from torch import Tensor
 __all__ = ["available", "grouped_kernel_conv", "load"]
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
-FLAGS = ["-O3", "-march=native"]
+# -fopenmp: ATen's at::parallel_for is a header template that runs serially unless the op itself
+# is compiled with OpenMP (it then shares torch's libgomp and honours torch.set_num_threads)
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -57,6 +59,7 @@ def _build(verbose: bool) -> bool:
             name="gkp_fused",
             sources=[str(SOURCE)],
             extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=verbose,
         )

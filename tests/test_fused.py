@@ -221,3 +221,16 @@ def test_every_tile_shape_is_exact(op, tile, monkeypatch):
         want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
         got = op(x, weight, bias, gather, out_idx, *args)
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tile, k, stride)
+
+
+def test_op_runs_on_torchs_thread_pool(op):
+    """Built with OpenMP, the op's work is split over torch.set_num_threads threads (without
+    -fopenmp at::parallel_for compiles to a serial loop and the op never scales)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.ops.gkp_fused.threads_used(64) == 1
+        torch.set_num_threads(2)
+        assert torch.ops.gkp_fused.threads_used(64) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -276,9 +276,21 @@ at::Tensor grouped_kernel_conv_cpu(
   return y;
 }
 
+// How many distinct threads ran the tasks of one at::parallel_for over `tasks` items: the check
+// that this op was built with OpenMP (without it at::parallel_for silently runs serially).
+int64_t threads_used(int64_t tasks) {
+  std::vector<int> ran(std::max<int64_t>(tasks, 1), -1);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) ran[i] = at::get_thread_num();
+  });
+  std::sort(ran.begin(), ran.end());
+  return std::unique(ran.begin(), ran.end()) - ran.begin();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gkp_fused, m) {
+  m.def("threads_used(int tasks) -> int");
   m.def(
       "grouped_kernel_conv(Tensor x, Tensor weight, Tensor? bias, Tensor gather_index, "
       "Tensor output_index, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
@@ -286,4 +298,8 @@ TORCH_LIBRARY(gkp_fused, m) {
 
 TORCH_LIBRARY_IMPL(gkp_fused, CPU, m) {
   m.impl("grouped_kernel_conv", &grouped_kernel_conv_cpu);
+}
+
+TORCH_LIBRARY_IMPL(gkp_fused, CompositeExplicitAutograd, m) {
+  m.impl("threads_used", &threads_used);
 }
