@@ -7,9 +7,10 @@ picked per layer by a cost model) accumulate every kernel tap, and each filter's
 written straight to its final channel. float32, NCHW, CPU, inference only (no autograd: training
 uses the masked dense form, ``gkp.masked``).
 
-:func:`load` builds it with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``:
-work runs on ATen's OpenMP thread pool, ``torch.set_num_threads``) on first use and caches the build (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``); a later process loads the cached library in well under a second.
+:func:`load` builds it with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``: the
+work runs on ATen's OpenMP thread pool, sized by ``torch.set_num_threads``) on first use and
+caches the build (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); a later
+process loads the cached library in well under a second.
 Without a working C++ compiler it warns once and returns False, and
 :class:`gkp.nn.GroupedKernelConv2d` keeps its pure-PyTorch form. The op has a fake (meta)
 implementation, so ``torch.compile`` and ``torch.export`` trace through it.
