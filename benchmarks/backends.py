@@ -102,12 +102,9 @@ def prepare(
     candidates = {form: build(model, example, threads)}
     candidates["masked-dense"] = build(densify(model), example, threads)
     rounds = max(3, tune_rounds // 3)
-    stats = metrics.time_interleaved(candidates, example, rounds=rounds, warmup=1, threads=threads)
-    best = min(stats, key=lambda k: stats[k].median_ms)
-    return candidates[best], {
-        "form": best,
-        "forms_ms": {k: round(s.median_ms, 4) for k, s in stats.items()},
-    }
+    ms = metrics.fastest_of(candidates, example, rounds=rounds, threads=threads)
+    best = min(ms, key=ms.get)
+    return candidates[best], {"form": best, "forms_ms": {k: round(v, 4) for k, v in ms.items()}}
 
 
 def _compiled(model: nn.Module, example: Tensor, threads: int) -> Callable[[Tensor], Any]:

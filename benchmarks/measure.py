@@ -40,12 +40,19 @@ DEPLOYS = ("torch", "fused", "autotune")
 
 
 def deployed_as(
-    model: nn.Module, deploy: str, shape: Sequence[int], device, threads: int | None
+    model: nn.Module,
+    deploy: str,
+    shape: Sequence[int],
+    device,
+    threads: int | None,
+    tune_cache: dict | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``model`` whose grouped layers run as ``deploy`` says, and what was chosen.
 
-    ``autotune`` tunes every grouped layer for an input of ``shape`` (:mod:`gkp.autotune`);
-    ``fused`` falls back to ``torch`` (with a warning) where the op cannot be built.
+    ``autotune`` tunes every deploy-form layer for an input of ``shape`` (:mod:`gkp.autotune`;
+    choices already in ``tune_cache`` for this shape, device and threads are reused, new ones
+    are stored in it); ``fused`` falls back to ``torch`` (with a warning) where the op cannot
+    be built.
     """
     from gkp.autotune import autotune
     from gkp.nn import set_backend
@@ -57,7 +64,7 @@ def deployed_as(
         return out, {}
     if deploy == "fused":
         return out, {"fused_layers": set_backend(out, "fused")}
-    choices = autotune(out, torch.randn(*shape, device=device), threads=threads)
+    choices = autotune(out, torch.randn(*shape, device=device), threads=threads, cache=tune_cache)
     picked = [c["backend"] for c in choices.values()]
     return out, {"autotune": {b: picked.count(b) for b in sorted(set(picked))}}
 
@@ -72,19 +79,21 @@ def latency_columns(
     threads: int | None = None,
     also: Mapping[str, nn.Module] | None = None,
     deploy: str = "torch",
+    tune_cache: dict | None = None,
 ) -> dict[str, Any]:
     """Median/IQR latency of pruned and dense at batch 1 and ``batch``, timed in one run.
 
     ``also``: other forms of the pruned network (e.g. ``masked_dense``) timed in the same run;
     their medians and speed-ups over dense come back under the key ``also`` (not a column).
     ``deploy``: how the grouped layers run (:data:`DEPLOYS`; autotuned per batch); what it
-    chose comes back under the key ``deploy`` (not a column).
+    chose comes back under the key ``deploy`` (not a column); ``tune_cache``: see
+    :func:`deployed_as`.
     """
     cols: dict[str, Any] = {"device": device.type, "bench_batch": batch}
     extra: dict[str, dict[str, float]] = {name: {} for name in also or {}}
     chosen: dict[str, Any] = {"deploy": deploy}
     for tag, b in (("b1", 1), ("bN", batch)):
-        timed, picked = deployed_as(pruned, deploy, (b, *sample_shape), device, threads)
+        timed, picked = deployed_as(pruned, deploy, (b, *sample_shape), device, threads, tune_cache)
         if picked:
             chosen[tag] = picked
         stats = metrics.compare_latency(

@@ -326,20 +326,21 @@ def prune_run(cfg: RunConfig, recorded: Mapping[str, dict] | None = None) -> dic
     )
     deployed = deploy_form(trainable)
     final = evaluate(deployed, test, device)  # the deployed network is what gets reported
-    save_checkpoint(
-        cfg.prune_dir() / "final.pt",
-        {
-            "kind": "finetuned",
-            "meta": {**cfg.pruned_meta(), "pruned": digest},
-            "structure": structure_of(deployed),
-            "state_dict": deployed.state_dict(),
-            "summary": plain(ft),
-            "info": info,
-        },
-    )
+    payload = {
+        "kind": "finetuned",
+        "meta": {**cfg.pruned_meta(), "pruned": digest},
+        "structure": structure_of(deployed),
+        "state_dict": deployed.state_dict(),
+        "summary": plain(ft),
+        "info": info,
+    }
+    save_checkpoint(cfg.prune_dir() / "final.pt", payload)
     x = example_input(cfg.dataset, 1)
     commit = git_commit()
-    latency = _latency(cfg, dense, deployed, x, device)
+    tune_cache: dict[str, dict[str, str]] = {}
+    latency = _latency(cfg, dense, deployed, x, device, tune_cache)
+    if tune_cache:  # --deploy autotune: its choices go with the model they were tuned for
+        save_checkpoint(cfg.prune_dir() / "final.pt", {**payload, "autotune": tune_cache})
     timed = {"timed_form": timed_form(deployed)}
     if "also" in latency:
         timed["latency_masked_dense"] = latency.pop("also")["masked_dense"]
@@ -398,7 +399,9 @@ def backend_latency(
     )  # fmt: skip
 
 
-def _latency(cfg: RunConfig, dense: nn.Module, pruned: nn.Module, x, device) -> dict[str, Any]:
+def _latency(
+    cfg: RunConfig, dense: nn.Module, pruned: nn.Module, x, device, tune_cache: dict | None = None
+) -> dict[str, Any]:
     if cfg.latency_json is not None:
         return latency_columns_from_json(
             cfg.latency_json,
@@ -410,7 +413,7 @@ def _latency(cfg: RunConfig, dense: nn.Module, pruned: nn.Module, x, device) -> 
     also = {"masked_dense": densify(pruned)} if per_group_plans(pruned) else None
     return latency_columns(
         dense, pruned, x.shape[1:], cfg.bench_batch, cfg.bench_rounds, device, cfg.threads, also,
-        cfg.deploy,
+        cfg.deploy, tune_cache,
     )  # fmt: skip
 
 

@@ -67,9 +67,10 @@ def networks(model: str, method: str) -> tuple[torch.nn.Module, torch.nn.Module,
     return dense, pruned, info, tuple(x.shape[1:])
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def dense_on(model: str, backend: str, batch: int):
-    """Dense prepared on the backend (the same for every method of a model: prepared once)."""
+    """Dense prepared on the backend (the same for every method of a model: prepared once per
+    model, backend and batch for the whole session; a few ONNX sessions stay in memory)."""
     dense, _, _, shape = networks(model, list_methods()[0])
     return prepare(backend, dense, torch.randn(batch, *shape), THREADS)[0]
 

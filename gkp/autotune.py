@@ -1,38 +1,45 @@
 """Per-layer deploy autotuning for grouped-kernel networks (like ``cudnn.benchmark``).
 
-Every ``GroupedKernelConv2d`` has exact equivalents that run at very different speeds depending
-on the layer's shape, the batch, the device and the thread count: the PyTorch ops (gather →
-grouped conv → un-permute), the fused CPU op (:mod:`gkp.fused`) and the masked dense conv.
-:func:`autotune` runs one forward pass of an example batch to capture each layer's real input,
-times every candidate on it (median of interleaved rounds, fixed thread count, inference mode)
-and keeps the fastest in ``layer.backend``. Because the masked dense conv is a candidate, no
-tuned layer is slower than its dense counterpart beyond timing noise. Per-group layers
-(``PerGroupConv2d``) are not tuned; their masked-dense timing is reported beside them.
+Every deploy-form layer has exact equivalents that run at very different speeds depending on the
+layer's shape, the batch, the device and the thread count. For a ``GroupedKernelConv2d``: the
+PyTorch ops (gather → grouped conv → un-permute) in NCHW or channels-last, the fused CPU op
+(:mod:`gkp.fused`), the Triton GPU kernel and the masked dense conv; for a ``PerGroupConv2d``
+(SG-CNN's unequal groups): one conv per group or the masked dense conv. :func:`autotune` runs
+one forward pass of an example batch to capture each layer's real input, times every candidate
+on it (:func:`gkp.metrics.fastest_of`: median of interleaved rounds, fixed thread count,
+inference mode; a candidate more than 1.5x slower than the best after the first round stops
+early) and keeps the fastest in ``layer.backend``. Because the masked dense conv is always a
+candidate, no tuned layer is slower than its dense counterpart beyond timing noise.
 
-Tune for the batch size and threads you will run with; the choices are returned (for the row)
-and are not part of the state dict.
+Choices depend on where the network runs, so they are cached under a key of device, processor,
+dtype, input shape, thread count and torch version (:func:`tune_key`): pass a dict as ``cache``
+and a later call with the same key applies the stored choices without timing. The pipeline keeps
+that dict in the fine-tuned checkpoint (``final.pt``, key ``autotune``), beside the weights it
+was tuned for; :func:`apply_choices` applies stored choices to a rebuilt model.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Sequence
+import platform
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gkp import fused
-from gkp.nn import GroupedKernelConv2d
+from gkp import fused, metrics
+from gkp.nn import DEPLOY_FORMS, PerGroupConv2d
 
-__all__ = ["autotune", "candidates"]
+__all__ = ["apply_choices", "autotune", "candidates", "tune_key"]
 
 
-def candidates(x: Tensor) -> list[str]:
-    """The backends worth timing for input ``x``: the fused op for float32 on a CPU, the Triton
-    kernel for float32/bfloat16 on a CUDA GPU (where Triton is installed)."""
-    out = ["torch", "dense"]
+def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
+    """The backends worth timing for ``layer`` (a grouped layer when None) on input ``x``:
+    always the PyTorch ops and masked dense; for a grouped layer also channels-last, the fused
+    op for float32 on a CPU and the Triton kernel for float32/bfloat16 on a CUDA GPU."""
+    if isinstance(layer, PerGroupConv2d):
+        return list(PerGroupConv2d.BACKENDS)
+    out = ["torch", "channels_last", "dense"]
     if x.device.type == "cpu" and x.dtype == torch.float32 and fused.load():
         out.insert(1, "fused")
     if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16):
@@ -43,12 +50,38 @@ def candidates(x: Tensor) -> list[str]:
     return out
 
 
+def tune_key(example: Tensor, threads: int | None = None) -> str:
+    """Where choices hold: device and processor, dtype, input shape, threads, torch version."""
+    if example.is_cuda:
+        where = f"cuda:{torch.cuda.get_device_name(example.device)}"
+    else:
+        where = f"cpu:{_cpu_name()}"
+    n = threads if threads is not None else torch.get_num_threads()
+    shape = "x".join(str(s) for s in example.shape)
+    dtype = str(example.dtype).removeprefix("torch.")
+    return f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _tunable(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, DEPLOY_FORMS)}
+
+
 def _inputs(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
     seen: dict[str, Tensor] = {}
     hooks = [
         m.register_forward_pre_hook(lambda _m, args, n=name: seen.setdefault(n, args[0]))
-        for name, m in model.named_modules()
-        if isinstance(m, GroupedKernelConv2d)
+        for name, m in _tunable(model).items()
     ]
     try:
         model(example)
@@ -58,43 +91,85 @@ def _inputs(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
     return seen
 
 
-def _median_ms(layer: GroupedKernelConv2d, backends: Sequence[str], x: Tensor, rounds: int):
-    times: dict[str, list[float]] = {b: [] for b in backends}
-    for r in range(rounds + 2):  # two untimed warm-up rounds
-        order = list(backends[r % len(backends) :]) + list(backends[: r % len(backends)])
-        for b in order:
-            layer.backend = b
-            t0 = time.perf_counter()
-            layer(x)
-            if r >= 2:
-                times[b].append((time.perf_counter() - t0) * 1e3)
-    return {b: statistics.median(v) for b, v in times.items()}
+def _median_ms(layer: nn.Module, backends: Sequence[str], x: Tensor, rounds: int, threads: int):
+    def run_as(backend: str):
+        def fn(inp: Tensor) -> Tensor:
+            layer.backend = backend
+            return layer(inp)
+
+        return fn
+
+    return metrics.fastest_of({b: run_as(b) for b in backends}, x, rounds=rounds, threads=threads)
+
+
+def apply_choices(model: nn.Module, choices: Mapping[str, str], example: Tensor | None = None):
+    """Set each deploy-form layer's backend from ``{layer name: backend}`` (stored choices).
+
+    Raises ValueError when the names are not exactly ``model``'s deploy-form layers or a backend
+    is not one that layer can run (with ``example``: on that input); nothing is changed then.
+    """
+    layers = _tunable(model)
+    if set(choices) != set(layers):
+        missing, extra = sorted(set(layers) - set(choices)), sorted(set(choices) - set(layers))
+        raise ValueError(
+            f"stored autotune choices do not fit this model (missing {missing[:3]}, unknown "
+            f"{extra[:3]}); tune it again (drop the cache entry)"
+        )
+    for name, backend in choices.items():
+        x = example if example is not None else torch.empty(0)
+        allowed = candidates(x, layers[name]) if example is not None else _all(layers[name])
+        if backend not in allowed:
+            raise ValueError(
+                f"stored autotune choice {backend!r} for {name} cannot run here (choose from "
+                f"{', '.join(allowed)}); tune it again (drop the cache entry)"
+            )
+    for name, backend in choices.items():
+        layers[name].backend = backend
+        layers[name].__dict__.pop("_dense", None)
+
+
+def _all(layer: nn.Module) -> tuple[str, ...]:
+    from gkp.nn import BACKENDS
+
+    return PerGroupConv2d.BACKENDS if isinstance(layer, PerGroupConv2d) else BACKENDS
 
 
 def autotune(
-    model: nn.Module, example: Tensor, *, rounds: int = 15, threads: int | None = None
+    model: nn.Module,
+    example: Tensor,
+    *,
+    rounds: int = 15,
+    threads: int | None = None,
+    cache: MutableMapping[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Pick the fastest exact backend of every grouped layer of ``model`` for ``example``.
+    """Pick the fastest exact backend of every deploy-form layer of ``model`` for ``example``.
 
-    Returns ``{layer: {"backend": choice, "ms": {backend: median ms}}}``. ``model`` must be in
-    eval mode (BN statistics would move otherwise); ``threads`` fixes the thread count while
-    timing (default: the current one).
+    Returns ``{layer: {"backend": choice, "ms": {backend: median ms}}}`` (``"ms"`` is empty
+    and ``"cached"`` true for choices taken from ``cache``). ``model`` must be in eval mode (BN
+    statistics would move otherwise); ``threads`` fixes the thread count while timing (default:
+    the current one). ``cache``: a dict of earlier choices by :func:`tune_key`; an entry for
+    this key that fits the model is applied without timing, otherwise the new choices are
+    stored in it.
     """
     if model.training:
         raise ValueError("autotune a model in eval() mode: it runs forward passes")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        with torch.inference_mode():
-            inputs = _inputs(model, example)
-            layers = dict(model.named_modules())
-            choices = {}
-            for name, x in inputs.items():
-                layer = layers[name]
-                ms = _median_ms(layer, candidates(x), x, rounds)
-                layer.backend = min(ms, key=ms.get)
-                choices[name] = {"backend": layer.backend, "ms": ms}
-    finally:
-        torch.set_num_threads(before)
+    key = tune_key(example, threads)
+    if cache is not None and key in cache:
+        try:
+            apply_choices(model, cache[key], example)
+            return {n: {"backend": b, "ms": {}, "cached": True} for n, b in cache[key].items()}
+        except (ValueError, TypeError, AttributeError):
+            pass  # stale or foreign entry: tune again and replace it
+    n = int(threads) if threads is not None else torch.get_num_threads()
+    with torch.inference_mode():
+        inputs = _inputs(model, example)
+    layers = dict(model.named_modules())
+    choices = {}
+    for name, x in inputs.items():
+        layer = layers[name]
+        ms = _median_ms(layer, candidates(x, layer), x, rounds, n)
+        layer.backend = min(ms, key=ms.get)
+        choices[name] = {"backend": layer.backend, "ms": ms}
+    if cache is not None and set(choices) == set(_tunable(model)):
+        cache[key] = {n: c["backend"] for n, c in choices.items()}
     return choices

@@ -288,3 +288,42 @@ def time_interleaved(
             for k, fn in _rotated(items, r):
                 times[k].append(time_once(fn, x))
     return {k: _stats(v, int(x.shape[0]), threads, device) for k, v in times.items()}
+
+
+def fastest_of(
+    fns: Mapping[str, Callable[[Tensor], object]],
+    x: Tensor,
+    *,
+    rounds: int,
+    threads: int,
+    margin: float = 1.5,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Median ms of each candidate, for choosing the fastest: a race with early drop-outs.
+
+    One warm-up round, then ``rounds`` interleaved, rotated rounds. A candidate more than twice
+    as slow as the fastest in the warm-up round, or more than ``margin`` times slower after the
+    first timed round, stops running (its median is then of the rounds it ran; of its warm-up
+    call if it ran no other). Choosing among forms that differ several-fold (a grouped conv
+    that ONNX Runtime runs 3-8x slower than dense) costs one slow call, not ``rounds + 1``.
+    """
+    device = torch.device(device)
+    items = list(fns.items())
+    time_once = _time_cuda if device.type == "cuda" else _time_cpu
+    warm = {}
+    times: dict[str, list[float]] = {k: [] for k, _ in items}
+
+    def keep(last: Mapping[str, float], factor: float) -> list:
+        best = min(last[k] for k, _ in items)
+        return [(k, fn) for k, fn in items if last[k] <= factor * best]
+
+    with _timing_settings(threads, device), torch.inference_mode():
+        for k, fn in items:
+            warm[k] = time_once(fn, x)
+        items = keep(warm, 2.0)
+        for r in range(rounds):
+            for k, fn in _rotated(items, r):
+                times[k].append(time_once(fn, x))
+            if r == 0:
+                items = keep({k: v[0] for k, v in times.items() if v}, margin)
+    return {k: statistics.median(v) if v else warm[k] for k, v in times.items()}

@@ -252,20 +252,38 @@ def _dense_from(
     return dense
 
 
-class GroupedKernelConv2d(nn.Module):
+class _DeployForm(nn.Module):
+    """What the two deploy forms share: an inference ``backend`` (not in the state dict) and
+    the exact masked dense conv built on demand for the ``"dense"`` backend."""
+
+    backend: str = "torch"
+
+    def to_dense(self) -> nn.Conv2d:
+        raise NotImplementedError
+
+    def _dense_copy(self, x: Tensor) -> nn.Conv2d:
+        """The masked dense conv, built on first use and kept outside the module's state."""
+        cached = self.__dict__.get("_dense")
+        if cached is None or cached.weight.device != x.device or cached.weight.dtype != x.dtype:
+            cached = self.to_dense().to(x.device, x.dtype)
+            object.__setattr__(self, "_dense", cached)  # not a submodule: no state-dict keys
+        return cached
+
+
+class GroupedKernelConv2d(_DeployForm):
     """gather → grouped conv → un-permute; equal to the masked dense conv it came from.
 
     ``backend``: how inference runs (autograd off, e.g. under ``torch.inference_mode``; with
     autograd on it is always the PyTorch ops): ``"torch"`` (gather → grouped conv → un-permute),
     ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs), ``"triton"``
-    (the one-op GPU kernel of :mod:`gkp.triton_conv`, float32/bfloat16 CUDA inputs) or
-    ``"dense"`` (the equivalent masked dense conv, zeros included, built from the weights on
-    first use). All are exact; a fused/triton layer given an input its kernel does not take runs
-    the PyTorch ops. Set it with :func:`set_backend` or :func:`gkp.autotune.autotune`; it is
+    (the one-op GPU kernel of :mod:`gkp.triton_conv`, float32/bfloat16 CUDA inputs),
+    ``"channels_last"`` (the PyTorch ops on a channels-last copy of the gathered input: oneDNN
+    picks other kernels for that layout) or ``"dense"`` (the equivalent masked dense conv,
+    zeros included, built from the weights on first use). All are exact; a fused/triton layer
+    given an input its kernel does not take runs the PyTorch ops. Set it with
+    :func:`set_backend` or :func:`gkp.autotune.autotune`; it is
     not part of the state dict, so checkpoints do not depend on it.
     """
-
-    backend: str = "torch"
 
     def __init__(
         self,
@@ -339,16 +357,11 @@ class GroupedKernelConv2d(nn.Module):
                 )  # fmt: skip
             if self.backend == "dense":
                 return self._dense_copy(x)(x)
+            if self.backend == "channels_last":
+                g = x.index_select(1, self.gather_index).contiguous(memory_format=_CL)
+                return self.conv(g).index_select(1, self.output_index).contiguous()
         y = self.conv(x.index_select(1, self.gather_index))
         return y.index_select(1, self.output_index)
-
-    def _dense_copy(self, x: Tensor) -> nn.Conv2d:
-        """The masked dense conv, built on first use and kept outside the module's state."""
-        cached = self.__dict__.get("_dense")
-        if cached is None or cached.weight.device != x.device or cached.weight.dtype != x.dtype:
-            cached = self.to_dense().to(x.device, x.dtype)
-            object.__setattr__(self, "_dense", cached)  # not a submodule: no state-dict keys
-        return cached
 
     def plan(self) -> GroupPlan:
         """Recover the GroupPlan this module implements."""
@@ -373,14 +386,19 @@ class GroupedKernelConv2d(nn.Module):
         )
 
 
-class PerGroupConv2d(nn.Module):
+class PerGroupConv2d(_DeployForm):
     """One conv per group: the deploy form of a plan whose groups differ in size or kept count.
 
     SG-CNN's clusters hold different numbers of filters and keep different numbers of input
     channels, so one grouped conv cannot hold them. Group ``g`` is ``Conv2d(|K_g|, |g|)``
     reading the gathered channels ``K_g``; the outputs go back to the original filter order.
     MACs are ``sum_g |g|·|K_g|`` kernels' worth; the output equals the masked dense conv.
+
+    ``backend`` (inference only, not in the state dict): ``"torch"`` (the per-group convs) or
+    ``"dense"`` (the equivalent masked dense conv); :func:`gkp.autotune.autotune` picks one.
     """
+
+    BACKENDS = ("torch", "dense")
 
     def __init__(
         self,
@@ -440,6 +458,8 @@ class PerGroupConv2d(nn.Module):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend == "dense" and not torch.is_grad_enabled():
+            return self._dense_copy(x)(x)
         parts = x.index_select(1, self.gather_index).split(self.keep_counts, dim=1)
         y = torch.cat([conv(p) for conv, p in zip(self.convs, parts, strict=True)], dim=1)
         return y.index_select(1, self.output_index)
@@ -470,12 +490,15 @@ class PerGroupConv2d(nn.Module):
 DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
 
 
-BACKENDS = ("torch", "fused", "triton", "dense")
+BACKENDS = ("torch", "fused", "triton", "channels_last", "dense")
+_CL = torch.channels_last
 _TRITON_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
-    """Run every ``GroupedKernelConv2d`` of ``model`` with ``backend``; returns how many.
+    """Run every ``GroupedKernelConv2d`` of ``model`` with ``backend`` (and every
+    ``PerGroupConv2d`` too where it has that backend: ``"torch"``, ``"dense"``; the others stay
+    on ``"torch"``); returns how many layers run with it.
 
     ``"fused"`` builds (or loads) the fused op first; when that is impossible (no compiler) it
     warns, leaves the layers on ``"torch"`` and returns 0. Unknown names raise ValueError.
@@ -489,11 +512,14 @@ def set_backend(model: nn.Module, backend: str) -> int:
 
         if not triton_conv.available():
             raise ValueError("backend 'triton' needs Triton and a CUDA GPU; use 'fused' on CPUs")
-    layers = [m for m in model.modules() if isinstance(m, GroupedKernelConv2d)]
-    for layer in layers:
-        layer.backend = backend
-        layer.__dict__.pop("_dense", None)
-    return len(layers)
+    count = 0
+    for layer in model.modules():
+        if isinstance(layer, DEPLOY_FORMS):
+            ok = isinstance(layer, GroupedKernelConv2d) or backend in PerGroupConv2d.BACKENDS
+            layer.backend = backend if ok else "torch"
+            layer.__dict__.pop("_dense", None)
+            count += ok
+    return count
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

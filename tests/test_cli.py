@@ -62,6 +62,36 @@ def test_prune_resumes_from_saved_steps(pipeline, capsys):
     assert len(read_leaderboard(root / "results" / "leaderboard.csv")) == 2
 
 
+def test_autotuned_choices_are_saved_with_the_model(pipeline, capsys):
+    """--deploy autotune: the per-layer choices of both timed batches go into final.pt, keyed
+    by where they were tuned; applying them to the rebuilt model needs no timing."""
+    import torch
+
+    from gkp.autotune import autotune, tune_key
+    from gkp.checkpoint import load_checkpoint, rebuild
+    from gkp.models import get_model
+
+    root, args = pipeline
+    argv = [*args, "--target", "0.3", "--deploy", "autotune", "--threads", "1", "--json"]
+    code, out, _ = run_cli(capsys, "prune", *argv)
+    assert code == 0, out
+    saved = [
+        load_checkpoint(p)
+        for p in (root / "runs").rglob("final.pt")
+        if "autotune" in torch.load(p, weights_only=True)
+    ]
+    assert len(saved) == 1
+    ckpt = saved[0]
+    shapes = {k.split("|")[2] for k in ckpt["autotune"]}
+    assert shapes == {"1x3x32x32", "32x3x32x32"}  # batch 1 and --bench-batch
+    model = rebuild(get_model("resnet20", num_classes=10), ckpt["structure"])
+    model.load_state_dict(ckpt["state_dict"])
+    x = torch.randn(1, 3, 32, 32)
+    choices = autotune(model.eval(), x, threads=1, cache=ckpt["autotune"])
+    assert tune_key(x, 1) in ckpt["autotune"] and all(c["cached"] for c in choices.values())
+    assert len(choices) == 18  # every grouped 3x3 layer of ResNet-20
+
+
 def test_listing_commands(capsys):
     code, out, _ = run_cli(capsys, "methods", "--json")
     assert code == 0 and "gkp-l2" in {m["name"] for m in json.loads(out)}

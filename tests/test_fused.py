@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gkp import fused
-from gkp.nn import GroupedKernelConv2d, GroupPlan, apply_plans, masked_conv, set_backend
+from gkp.nn import (
+    GroupedKernelConv2d,
+    GroupPlan,
+    PerGroupConv2d,
+    apply_plans,
+    masked_conv,
+    set_backend,
+)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +162,75 @@ def test_dense_backend_is_exact_and_not_saved():
     assert set(pruned.state_dict()) == keys  # the dense copy is a cache, not state
 
 
+def test_channels_last_backend_is_exact():
+    _, _, pruned = grouped_net()
+    x = torch.randn(3, 3, 15, 15)
+    with torch.inference_mode():
+        want = pruned(x)
+        assert set_backend(pruned, "channels_last") == 2
+        got = pruned(x)
+    assert got.is_contiguous() and torch.allclose(got, want, atol=1e-5)
+
+
+def per_group_net(seed=0):
+    """conv -> SG-CNN style layer (unequal groups and kept counts) -> ReLU."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU())
+    plan = GroupPlan.from_lists([[0, 4], [1, 2, 3, 5]], [[1, 2, 7], [0, 3, 4, 5, 6]])
+    model[1] = PerGroupConv2d.from_conv(model[1], plan)
+    return model.eval()
+
+
+def test_per_group_layers_have_a_dense_backend_and_are_tuned(monkeypatch):
+    from gkp import autotune as tune
+
+    model, x = per_group_net(), torch.randn(2, 3, 9, 9)
+    with torch.inference_mode():
+        want = model(x)
+        assert set_backend(model, "dense") == 1 and model[1].backend == "dense"
+        assert torch.allclose(model(x), want, atol=1e-5)
+        set_backend(model, "fused")  # per-group layers have no fused form: PyTorch ops
+        assert model[1].backend == "torch"
+    choices = tune.autotune(model, x, rounds=2, threads=1)
+    assert set(choices) == {"1"} and set(choices["1"]["ms"]) == {"torch", "dense"}
+    fake = {"torch": 5.0, "dense": 1.0}  # SG-CNN's per-group convs lose to dense: dense is kept
+    monkeypatch.setattr(
+        tune, "_median_ms", lambda layer, b, x, rounds, threads: {k: fake[k] for k in b}
+    )
+    assert tune.autotune(model, x)["1"]["backend"] == "dense" and model[1].backend == "dense"
+
+
+def test_autotune_choices_are_cached_by_where_they_run(monkeypatch):
+    from gkp import autotune as tune
+
+    _, _, pruned = grouped_net()
+    x = torch.randn(2, 3, 15, 15)
+    cache: dict = {}
+    first = tune.autotune(pruned, x, rounds=2, threads=1, cache=cache)
+    key = tune.tune_key(x, 1)
+    assert list(cache) == [key] and cache[key] == {n: c["backend"] for n, c in first.items()}
+    assert "2x3x15x15" in key and "threads=1" in key and torch.__version__ in key
+
+    def no_timing(*args):
+        raise AssertionError("a cached choice must not be timed again")
+
+    monkeypatch.setattr(tune, "_median_ms", no_timing)
+    set_backend(pruned, "torch")
+    again = tune.autotune(pruned, x, threads=1, cache=cache)
+    assert all(c["cached"] for c in again.values())
+    assert {n: pruned.get_submodule(n).backend for n in again} == cache[key]
+    with pytest.raises(AssertionError, match="timed again"):  # another thread count: a new key
+        tune.autotune(pruned, x, threads=2, cache=cache)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        tune.apply_choices(pruned, {"2": "torch"})
+    with pytest.raises(ValueError, match="cannot run here"):
+        tune.apply_choices(pruned, {"2": "torch", "5": "warp-drive"})
+    monkeypatch.undo()
+    cache[key] = {"2": "torch"}  # a stale entry is re-tuned and replaced
+    tune.autotune(pruned, x, rounds=1, threads=1, cache=cache)
+    assert set(cache[key]) == {"2", "5"}
+
+
 def test_autotune_times_every_candidate_and_keeps_the_output():
     from gkp.autotune import autotune, candidates
 
@@ -176,9 +252,11 @@ def test_autotune_times_every_candidate_and_keeps_the_output():
 def test_autotune_keeps_the_fastest(monkeypatch):
     from gkp import autotune as tune
 
-    fake = {"torch": 3.0, "fused": 2.0, "dense": 1.0}
+    fake = {"torch": 3.0, "fused": 2.0, "channels_last": 4.0, "dense": 1.0}
     monkeypatch.setattr(
-        tune, "_median_ms", lambda layer, backends, x, rounds: {b: fake[b] for b in backends}
+        tune,
+        "_median_ms",
+        lambda layer, backends, x, rounds, threads: {b: fake[b] for b in backends},
     )
     _, _, pruned = grouped_net()
     choices = tune.autotune(pruned, torch.randn(1, 3, 15, 15))

@@ -160,3 +160,25 @@ def test_linear_on_3d_input():
     lin = nn.Linear(5, 7)
     assert macs(lin, torch.zeros(2, 3, 5)) == 2 * 3 * 5 * 7
     assert macs_by_hooks(lin, torch.zeros(2, 3, 5)) == 2 * 3 * 5 * 7
+
+
+def test_fastest_of_drops_far_slower_candidates_early():
+    """A candidate 20x slower than the best runs only its warm-up call; equal ones run every
+    round; the medians name the fastest."""
+    import time
+
+    from gkp.metrics import fastest_of
+
+    calls = {"fast": 0, "close": 0, "slow": 0}
+    delay = {"fast": 0.005, "close": 0.005, "slow": 0.1}
+
+    def make(name):
+        def fn(x):
+            calls[name] += 1
+            time.sleep(delay[name])
+
+        return fn
+
+    ms = fastest_of({k: make(k) for k in calls}, torch.zeros(1), rounds=4, threads=1)
+    assert calls == {"fast": 5, "close": 5, "slow": 1}
+    assert min(ms, key=ms.get) in ("fast", "close") and ms["slow"] > 10 * ms["fast"]
