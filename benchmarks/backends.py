@@ -70,14 +70,22 @@ def _form(model: nn.Module) -> str:
 
 
 def prepare(
-    backend: str, model: nn.Module, example: Tensor, threads: int, tune_rounds: int = 15
+    backend: str,
+    model: nn.Module,
+    example: Tensor,
+    threads: int,
+    tune_rounds: int = 15,
+    cache: dict[str, Any] | None = None,
 ) -> Prepared:
     """``model`` (not modified) ready to run on ``backend`` for inputs shaped like ``example``.
 
     ``tune_rounds``: timed rounds per candidate when choosing (per layer for ``autotune``, a
     third of them, at least 3, per network form for the others). Returns ``(fn, info)``:
     ``info["form"]`` is the form that runs, ``info["forms_ms"]`` the medians that chose it where
-    there was a choice, ``info["autotune"]`` the per-layer picks.
+    there was a choice, ``info["autotune"]`` the per-layer picks. ``cache``: a dict of earlier
+    choices for this model (keyed by backend, engine version, device, shape and threads; see
+    :func:`gkp.autotune.tune_key`): a choice found there is reused untimed
+    (``info["cached"]``), a new one is stored in it.
     Raises RuntimeError (with the fix) when the backend cannot run here.
     """
     why = missing(backend)
@@ -89,21 +97,32 @@ def prepare(
         info: dict[str, Any] = {"form": form}
         if backend == "fused":
             set_backend(model, "fused")
-        elif backend == "autotune" and form == "grouped":
+        elif backend == "autotune" and form != "dense":
             from gkp.autotune import autotune
 
-            tuned = autotune(model, example, rounds=tune_rounds, threads=threads)
+            layers = None if cache is None else cache.setdefault("autotune", {})
+            tuned = autotune(model, example, rounds=tune_rounds, threads=threads, cache=layers)
             picks = [c["backend"] for c in tuned.values()]
             info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
+            info["cached"] = all(c.get("cached") for c in tuned.values())
         return model, info
     build = {"compile": _compiled, "onnxruntime": _ort, "openvino": _openvino}[backend]
     if form == "dense":
         return build(model, example, threads), {"form": form}
+    from gkp.autotune import tune_key
+
+    key = f"{backend}|{version(backend)}|{tune_key(example, threads)}"
+    forms = {} if cache is None else cache.setdefault("forms", {})
+    if forms.get(key) in (form, "masked-dense"):
+        chosen = forms[key]
+        net = model if chosen == form else densify(model)
+        return build(net, example, threads), {"form": chosen, "cached": True}
     candidates = {form: build(model, example, threads)}
     candidates["masked-dense"] = build(densify(model), example, threads)
     rounds = max(3, tune_rounds // 3)
     ms = metrics.fastest_of(candidates, example, rounds=rounds, threads=threads)
     best = min(ms, key=ms.get)
+    forms[key] = best
     return candidates[best], {"form": best, "forms_ms": {k: round(v, 4) for k, v in ms.items()}}
 
 

@@ -25,6 +25,7 @@ from gkp import metrics
 from gkp.api import PruneContext, PruneTarget, get_method
 from gkp.checkpoint import CheckpointError, load_checkpoint, rebuild, save_checkpoint, structure_of
 from gkp.data import example_input, random_calibration
+from gkp.fsio import atomic_write_bytes
 
 
 def prune_untrained(cfg: RunConfig) -> tuple[nn.Module, nn.Module, Tensor]:
@@ -95,6 +96,32 @@ def cached_untrained(cfg: RunConfig, cache: Path | None) -> tuple[nn.Module, nn.
     cache.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"kind": "structure", "structure": structure_of(pruned)})
     return dense, pruned, x
+
+
+def tune_cache_path(cfg: RunConfig, cache: Path | None) -> Path | None:
+    """Where the tuning choices (per-layer autotune, runtime network form) of ``cfg``'s cached
+    structure live: a JSON file beside it (None without a cache)."""
+    return (
+        None
+        if cache is None
+        else cache / f"{cfg.model}-{cfg.method}-{_structure_key(cfg)}.tune.json"
+    )
+
+
+def load_tune_cache(path: Path | None) -> dict[str, Any]:
+    """The choices saved at ``path`` ({} when there is none, or it is unreadable: re-tuned)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_tune_cache(path: Path | None, data: dict[str, Any]) -> None:
+    if path is not None:
+        atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def bench_backends(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -304,8 +304,9 @@ def fastest_of(
     One warm-up round, then ``rounds`` interleaved, rotated rounds. A candidate more than twice
     as slow as the fastest in the warm-up round, or more than ``margin`` times slower after the
     first timed round, stops running (its median is then of the rounds it ran; of its warm-up
-    call if it ran no other). Choosing among forms that differ several-fold (a grouped conv
-    that ONNX Runtime runs 3-8x slower than dense) costs one slow call, not ``rounds + 1``.
+    call if it ran no other, as when one candidate is left after the warm-up). Choosing among
+    forms that differ several-fold (a grouped conv that ONNX Runtime runs 3-8x slower than
+    dense) costs one slow call, not ``rounds + 1``.
     """
     device = torch.device(device)
     items = list(fns.items())
@@ -321,7 +322,7 @@ def fastest_of(
         for k, fn in items:
             warm[k] = time_once(fn, x)
         items = keep(warm, 2.0)
-        for r in range(rounds):
+        for r in range(rounds if len(items) > 1 else 0):  # a lone survivor needs no race
             for k, fn in _rotated(items, r):
                 times[k].append(time_once(fn, x))
             if r == 0:
