@@ -7,7 +7,8 @@ the dense conv, the PyTorch deploy form (gather -> grouped conv -> un-permute) a
 op (``gkp.fused``). Prints a Markdown table (GMAC/s of the MACs each form must do, and speed-up
 against dense) and writes it as CSV.
 
-    taskset -c 0 .venv/bin/python scripts/bench_fused.py --threads 1 --out results/fused_kernel.csv
+    taskset -c 0,1 .venv/bin/python scripts/bench_fused.py --threads 1,2 \
+        --out results/fused_kernel.csv
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def layer_pair(c: int, seed: int) -> tuple[nn.Conv2d, GroupedKernelConv2d, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1", help="thread counts, comma-separated (e.g. 1,2)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None, help="CSV file to write")
     ap.add_argument("--table", type=Path, default=None, help="print the table of this CSV")
@@ -68,6 +69,18 @@ def main() -> None:
     if not fused.load():
         sys.exit("the fused op could not be built (see the warning above)")
     rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        rows += measure(threads, args.rounds)
+    if args.out is not None:
+        with args.out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    print_table(rows)
+
+
+def measure(threads: int, rounds: int) -> list[dict]:
+    rows = []
     for net, c, hw, batch in LAYERS:
         conv, grouped, n_keep = layer_pair(c, seed=c + hw)
         fast = GroupedKernelConv2d.from_conv(conv, grouped.plan())
@@ -75,8 +88,8 @@ def main() -> None:
         stats = compare_latency(
             {"dense": conv, "torch": grouped, "fused": fast},
             (batch, c, hw, hw),
-            rounds=args.rounds,
-            threads=args.threads,
+            rounds=rounds,
+            threads=threads,
         )
         dense_macs = batch * c * c * 9 * hw * hw
         kept = dense_macs * n_keep // c
@@ -84,7 +97,7 @@ def main() -> None:
         rows.append(
             {
                 "network": net, "channels": c, "size": hw, "batch": batch, "groups": GROUPS,
-                "n_keep": n_keep, "threads": args.threads,
+                "n_keep": n_keep, "threads": threads,
                 "dense_ms": ms["dense"], "torch_ms": ms["torch"], "fused_ms": ms["fused"],
                 "dense_gmacs": dense_macs / ms["dense"] / 1e6,
                 "torch_gmacs": kept / ms["torch"] / 1e6, "fused_gmacs": kept / ms["fused"] / 1e6,
@@ -92,12 +105,7 @@ def main() -> None:
                 "fused_speedup": ms["dense"] / ms["fused"],
             }
         )  # fmt: skip
-    if args.out is not None:
-        with args.out.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    print_table(rows)
+    return rows
 
 
 def _num(v: str):
@@ -111,15 +119,16 @@ def _num(v: str):
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"threads {rows[0]['threads']}, G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1")
+    print(f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1")
     print(
-        "| layer | batch | dense GMAC/s | torch grouped GMAC/s (x dense) "
+        "| layer | batch | threads | dense GMAC/s | torch grouped GMAC/s (x dense) "
         "| fused GMAC/s (x dense) | ideal |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['network']} C={r['channels']} {r['size']}x{r['size']} | {r['batch']} | "
+            f"{r['threads']} | "
             f"{r['dense_gmacs']:.1f} | {r['torch_gmacs']:.1f} (x{r['torch_speedup']:.2f}) | "
             f"{r['fused_gmacs']:.1f} (x{r['fused_speedup']:.2f}) | x{r['ideal']:.2f} |"
         )

@@ -57,6 +57,27 @@ def test_every_backend_computes_what_eager_computes(backend):
     assert isinstance(pruned[2], GroupedKernelConv2d) and pruned[2].backend == "torch"
 
 
+@pytest.mark.parametrize("backend", ["autotune", "onnxruntime"])
+def test_tuning_choices_are_cached_and_reused(backend):
+    """The choice a backend makes (per-layer backends, or the network form) goes into the cache
+    under this shape and thread count; the same call again reuses it untimed."""
+    if missing(backend):
+        pytest.skip(missing(backend))
+    _, pruned = small_grouped()
+    x = torch.randn(2, 3, 12, 12)
+    cache: dict = {}
+    _, first = prepare(backend, pruned, x, threads=1, cache=cache)
+    section = "autotune" if backend == "autotune" else "forms"
+    (key,) = cache[section]
+    assert "2x3x12x12" in key and "threads=1" in key and not first.get("cached")
+    fn, again = prepare(backend, pruned, x, threads=1, cache=cache)
+    assert again["cached"] and again["form"] == first["form"]
+    with torch.inference_mode():
+        assert torch.allclose(torch.as_tensor(fn(x)), pruned(x), atol=1e-4, rtol=1e-4)
+    prepare(backend, pruned, torch.randn(1, 3, 12, 12), threads=1, cache=cache)
+    assert len(cache[section]) == 2  # another batch is another entry
+
+
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         missing("tensorrt")
