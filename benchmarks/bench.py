@@ -26,10 +26,13 @@ from gkp.api import PruneContext, PruneTarget, get_method
 from gkp.checkpoint import CheckpointError, load_checkpoint, rebuild, save_checkpoint, structure_of
 from gkp.data import example_input, random_calibration
 from gkp.fsio import atomic_write_bytes
+from gkp.masked import deploy_form
 
 
 def prune_untrained(cfg: RunConfig) -> tuple[nn.Module, nn.Module, Tensor]:
-    """(dense, pruned, one example input) for ``cfg`` with freshly initialised weights."""
+    """(dense, pruned, one example input) for ``cfg`` with freshly initialised weights; pruned
+    in the form that is deployed (:func:`gkp.masked.deploy_form`: a masked conv becomes a plain
+    conv with the zeros in its weights, as the pipeline times it)."""
     dense = fresh_model(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -47,7 +50,7 @@ def prune_untrained(cfg: RunConfig) -> tuple[nn.Module, nn.Module, Tensor]:
                 else (),
             ),
         )
-    return dense, result.model.eval(), x
+    return dense, deploy_form(result.model).eval(), x
 
 
 def _snapshots(dense: nn.Module, seed: int, folder: Path, count: int = 4) -> tuple[Path, ...]:
@@ -88,8 +91,8 @@ def cached_untrained(cfg: RunConfig, cache: Path | None) -> tuple[nn.Module, nn.
         try:
             structure = load_checkpoint(path, kind="structure")["structure"]
             dense = fresh_model(cfg).eval()
-            pruned = rebuild(copy.deepcopy(dense), structure, str(path)).eval()
-            return dense, pruned, example_input(cfg.dataset, 1)
+            pruned = rebuild(copy.deepcopy(dense), structure, str(path))
+            return dense, deploy_form(pruned).eval(), example_input(cfg.dataset, 1)
         except CheckpointError:
             pass
     dense, pruned, x = prune_untrained(cfg)
