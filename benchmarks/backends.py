@@ -8,6 +8,10 @@ network is prepared by the same backend, so every speed-up compares like with li
 - ``autotune``: eager, each grouped layer the fastest of its exact forms for this shape and thread
   count (:mod:`gkp.autotune`: PyTorch ops, fused op, masked dense).
 - ``compile``: ``torch.compile`` (inductor) of the deployed network.
+
+On ``eager``, ``fused`` and ``autotune`` a network without grouped layers (dense, or pruned to
+smaller dense layers) runs in the faster of NCHW and channels-last (``info["layout"]``), so every
+speed-up is against the faster dense layout.
 - ``onnxruntime`` / ``openvino``: the deployed network exported to ONNX (opset 17, the PyTorch
   ops form: the fused op is not an ONNX op) and run by ONNX Runtime (``CPUExecutionProvider``,
   all graph optimisations) or OpenVINO (``CPU``, latency hint).
@@ -93,6 +97,8 @@ def prepare(
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
     model = copy.deepcopy(model).to(example.device).eval()
     form = _form(model)
+    if backend in ("eager", "fused", "autotune") and form == "dense":
+        return _dense_layout(backend, model, example, threads, max(3, tune_rounds // 3), cache)
     if backend in ("eager", "fused", "autotune"):
         info: dict[str, Any] = {"form": form}
         if backend == "fused":
@@ -124,6 +130,29 @@ def prepare(
     best = min(ms, key=ms.get)
     forms[key] = best
     return candidates[best], {"form": best, "forms_ms": {k: round(v, 4) for k, v in ms.items()}}
+
+
+def _dense_layout(
+    backend: str, model: nn.Module, example: Tensor, threads: int, rounds: int, cache
+) -> Prepared:
+    """A network without grouped layers in eager PyTorch: the faster of NCHW and channels-last
+    (oneDNN picks other conv kernels for that layout; the input's conversion is timed too), so
+    speed-ups are against the faster dense layout. ``info["layout"]`` says which runs."""
+    from gkp.autotune import tune_key
+
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    layouts = {
+        "nchw": model,
+        "channels_last": lambda x: channels_last(x.contiguous(memory_format=torch.channels_last)),
+    }
+    key = f"{backend}|layout|{tune_key(example, threads)}"
+    forms = {} if cache is None else cache.setdefault("forms", {})
+    if forms.get(key) in layouts:
+        return layouts[forms[key]], {"form": "dense", "layout": forms[key], "cached": True}
+    ms = metrics.fastest_of(layouts, example, rounds=rounds, threads=threads)
+    forms[key] = best = min(ms, key=ms.get)
+    return layouts[best], {"form": "dense", "layout": best,
+                           "layouts_ms": {k: round(v, 4) for k, v in ms.items()}}  # fmt: skip
 
 
 def _compiled(model: nn.Module, example: Tensor, threads: int) -> Callable[[Tensor], Any]:

@@ -187,8 +187,10 @@ def latency_rows(
             continue
         for batch in batches:
             x = torch.randn(batch, *sample_shape)
-            run_dense, _ = prepare(backend, dense, x, threads)
+            run_dense, dense_info = prepare(backend, dense, x, threads)
             run_pruned, info = prepare(backend, pruned, x, threads)
+            if "layout" in dense_info:
+                info["dense_layout"] = dense_info["layout"]
             stats = metrics.time_interleaved(
                 {"dense": run_dense, "pruned": run_pruned}, x, rounds=rounds, warmup=3,
                 threads=threads,

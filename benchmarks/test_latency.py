@@ -78,7 +78,7 @@ def dense_on(model: str, backend: str, batch: int):
     """Dense prepared on the backend (the same for every method of a model: prepared once per
     model, backend and batch for the whole session; a few ONNX sessions stay in memory)."""
     dense, _, _, shape = networks(model, list_methods()[0])
-    return prepare(backend, dense, torch.randn(batch, *shape), THREADS)[0]
+    return prepare(backend, dense, torch.randn(batch, *shape), THREADS)
 
 
 DENSE_SECONDS: dict[tuple[str, str, int], float] = {}  # last median of each prepared dense
@@ -93,10 +93,12 @@ def test_latency(benchmark, model, method, backend, batch):
         pytest.skip(f"backend {backend}: {why}")
     _, pruned, info, shape = networks(model, method)
     x = torch.randn(batch, *shape)
-    run_dense = dense_on(model, backend, batch)
+    run_dense, dense_info = dense_on(model, backend, batch)
     tuned = load_tune_cache(info["tune_cache"])
     before = json.dumps(tuned, sort_keys=True)
     run_pruned, picked = prepare(backend, pruned, x, THREADS, TUNE_ROUNDS, cache=tuned)
+    if "layout" in dense_info:
+        picked["dense_layout"] = dense_info["layout"]
     if json.dumps(tuned, sort_keys=True) != before:
         save_tune_cache(info["tune_cache"], tuned)
     torch.set_num_threads(THREADS)

@@ -78,6 +78,20 @@ def test_tuning_choices_are_cached_and_reused(backend):
     assert len(cache[section]) == 2  # another batch is another entry
 
 
+@pytest.mark.parametrize("backend", ["eager", "autotune"])
+def test_dense_runs_in_the_faster_layout_and_computes_the_same(backend):
+    dense, _ = small_grouped()
+    x = torch.randn(2, 3, 12, 12)
+    cache: dict = {}
+    fn, info = prepare(backend, dense, x, threads=1, cache=cache)
+    assert info["form"] == "dense" and info["layout"] in ("nchw", "channels_last")
+    assert set(info["layouts_ms"]) == {"nchw", "channels_last"}
+    with torch.inference_mode():
+        assert torch.allclose(fn(x), dense(x), atol=1e-5)
+    _, again = prepare(backend, dense, x, threads=1, cache=cache)
+    assert again["cached"] and again["layout"] == info["layout"]
+
+
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         missing("tensorrt")
