@@ -2,20 +2,21 @@
 
 Every deploy-form layer has exact equivalents that run at very different speeds depending on the
 layer's shape, the batch, the device and the thread count. For a ``GroupedKernelConv2d``: the
-PyTorch ops (gather → grouped conv → un-permute) in NCHW or channels-last, the fused CPU op
-(:mod:`gkp.fused`), the Triton GPU kernel and the masked dense conv; for a ``PerGroupConv2d``
-(SG-CNN's unequal groups): one conv per group or the masked dense conv. :func:`autotune` runs
-one forward pass of an example batch to capture each layer's real input, times every candidate
-on it (:func:`gkp.metrics.fastest_of`: median of interleaved rounds, fixed thread count,
-inference mode; a candidate more than 1.5x slower than the best after the first round stops
-early) and keeps the fastest in ``layer.backend``. Because the masked dense conv is always a
-candidate, no tuned layer is slower than its dense counterpart beyond timing noise.
+PyTorch ops (gather → grouped conv → un-permute) in NCHW or channels-last, one conv per group,
+the fused CPU op (:mod:`gkp.fused`), the Triton GPU kernel and the masked dense conv; for a
+``PerGroupConv2d`` (SG-CNN's unequal groups): its convs or the masked dense conv.
+:func:`autotune` runs one forward pass of an example batch to capture each layer's real input,
+times every candidate on it (:func:`gkp.metrics.fastest_of`: median of interleaved rounds, fixed
+thread count, inference mode; a candidate more than 1.5x slower than the best after the first
+round stops early) and keeps the fastest in ``layer.backend``. Because the masked dense conv is
+always a candidate, no tuned layer is slower than its dense counterpart beyond timing noise.
 
 Choices depend on where the network runs, so they are cached under a key of device, processor,
-dtype, input shape, thread count and torch version (:func:`tune_key`): pass a dict as ``cache``
-and a later call with the same key applies the stored choices without timing. The pipeline keeps
-that dict in the fine-tuned checkpoint (``final.pt``, key ``autotune``), beside the weights it
-was tuned for; :func:`apply_choices` applies stored choices to a rebuilt model.
+dtype, input shape, thread count, torch version and candidate set (:func:`tune_key`): pass a
+dict as ``cache`` and a later call with the same key applies the stored choices without timing.
+The pipeline keeps that dict in the fine-tuned checkpoint (``final.pt``, key ``autotune``),
+beside the weights it was tuned for; :func:`apply_choices` applies stored choices to a rebuilt
+model.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ __all__ = ["apply_choices", "autotune", "candidates", "tune_key"]
 
 def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
     """The backends worth timing for ``layer`` (a grouped layer when None) on input ``x``:
-    always the PyTorch ops and masked dense; for a grouped layer also channels-last, the fused
-    op for float32 on a CPU and the Triton kernel for float32/bfloat16 on a CUDA GPU."""
+    always the PyTorch ops and masked dense; for a grouped layer also channels-last, one conv
+    per group, the fused op for float32 on a CPU and the Triton kernel for float32/bfloat16 on
+    a CUDA GPU."""
     if isinstance(layer, PerGroupConv2d):
         return list(PerGroupConv2d.BACKENDS)
-    out = ["torch", "channels_last", "dense"]
+    out = ["torch", "channels_last", "per_group", "dense"]
     if x.device.type == "cpu" and x.dtype == torch.float32 and fused.load():
         out.insert(1, "fused")
     if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16):
@@ -51,7 +53,8 @@ def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
 
 
 def tune_key(example: Tensor, threads: int | None = None) -> str:
-    """Where choices hold: device and processor, dtype, input shape, threads, torch version."""
+    """Where choices hold: device and processor, dtype, input shape, threads, torch version,
+    and the candidates a grouped layer is timed among."""
     if example.is_cuda:
         where = f"cuda:{torch.cuda.get_device_name(example.device)}"
     else:
@@ -59,7 +62,8 @@ def tune_key(example: Tensor, threads: int | None = None) -> str:
     n = threads if threads is not None else torch.get_num_threads()
     shape = "x".join(str(s) for s in example.shape)
     dtype = str(example.dtype).removeprefix("torch.")
-    return f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}"
+    tried = "+".join(candidates(example))  # other candidates (a new form, no compiler): re-tune
+    return f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}|{tried}"
 
 
 def _cpu_name() -> str:
@@ -126,6 +130,7 @@ def apply_choices(model: nn.Module, choices: Mapping[str, str], example: Tensor 
     for name, backend in choices.items():
         layers[name].backend = backend
         layers[name].__dict__.pop("_dense", None)
+        layers[name].__dict__.pop("_per_group", None)
 
 
 def _all(layer: nn.Module) -> tuple[str, ...]:

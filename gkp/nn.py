@@ -261,12 +261,18 @@ class _DeployForm(nn.Module):
     def to_dense(self) -> nn.Conv2d:
         raise NotImplementedError
 
-    def _dense_copy(self, x: Tensor) -> nn.Conv2d:
+    def _dense_copy(self, x: Tensor) -> nn.Module:
         """The masked dense conv, built on first use and kept outside the module's state."""
-        cached = self.__dict__.get("_dense")
-        if cached is None or cached.weight.device != x.device or cached.weight.dtype != x.dtype:
-            cached = self.to_dense().to(x.device, x.dtype)
-            object.__setattr__(self, "_dense", cached)  # not a submodule: no state-dict keys
+        return self._copy("_dense", self.to_dense, x)
+
+    def _copy(self, slot: str, build, x: Tensor) -> nn.Module:
+        """An equivalent module built by ``build()`` on first use (and again when ``x`` moves to
+        another device or dtype), kept outside the module's state (no state-dict keys)."""
+        cached = self.__dict__.get(slot)
+        w = None if cached is None else next(cached.parameters())
+        if w is None or w.device != x.device or w.dtype != x.dtype:
+            cached = build().to(x.device, x.dtype)
+            object.__setattr__(self, slot, cached)
         return cached
 
 
@@ -278,7 +284,8 @@ class GroupedKernelConv2d(_DeployForm):
     ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs), ``"triton"``
     (the one-op GPU kernel of :mod:`gkp.triton_conv`, float32/bfloat16 CUDA inputs),
     ``"channels_last"`` (the PyTorch ops on a channels-last copy of the gathered input: oneDNN
-    picks other kernels for that layout) or ``"dense"`` (the equivalent masked dense conv,
+    picks other kernels for that layout), ``"per_group"`` (one conv per group, as
+    :class:`PerGroupConv2d`) or ``"dense"`` (the equivalent masked dense conv,
     zeros included, built from the weights on first use). All are exact; a fused/triton layer
     given an input its kernel does not take runs the PyTorch ops. Set it with
     :func:`set_backend` or :func:`gkp.autotune.autotune`; it is
@@ -357,11 +364,16 @@ class GroupedKernelConv2d(_DeployForm):
                 )  # fmt: skip
             if self.backend == "dense":
                 return self._dense_copy(x)(x)
+            if self.backend == "per_group":
+                return self._copy("_per_group", self._per_group_form, x)(x)
             if self.backend == "channels_last":
                 g = x.index_select(1, self.gather_index).contiguous(memory_format=_CL)
                 return self.conv(g).index_select(1, self.output_index).contiguous()
         y = self.conv(x.index_select(1, self.gather_index))
         return y.index_select(1, self.output_index)
+
+    def _per_group_form(self) -> PerGroupConv2d:
+        return PerGroupConv2d.from_conv(self.to_dense(), self.plan())
 
     def plan(self) -> GroupPlan:
         """Recover the GroupPlan this module implements."""
@@ -490,7 +502,7 @@ class PerGroupConv2d(_DeployForm):
 DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
 
 
-BACKENDS = ("torch", "fused", "triton", "channels_last", "dense")
+BACKENDS = ("torch", "fused", "triton", "channels_last", "per_group", "dense")
 _CL = torch.channels_last
 _TRITON_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -518,6 +530,7 @@ def set_backend(model: nn.Module, backend: str) -> int:
             ok = isinstance(layer, GroupedKernelConv2d) or backend in PerGroupConv2d.BACKENDS
             layer.backend = backend if ok else "torch"
             layer.__dict__.pop("_dense", None)
+            layer.__dict__.pop("_per_group", None)
             count += ok
     return count
 

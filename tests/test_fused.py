@@ -162,14 +162,17 @@ def test_dense_backend_is_exact_and_not_saved():
     assert set(pruned.state_dict()) == keys  # the dense copy is a cache, not state
 
 
-def test_channels_last_backend_is_exact():
+@pytest.mark.parametrize("backend", ["channels_last", "per_group"])
+def test_channels_last_and_per_group_backends_are_exact(backend):
     _, _, pruned = grouped_net()
     x = torch.randn(3, 3, 15, 15)
     with torch.inference_mode():
         want = pruned(x)
-        assert set_backend(pruned, "channels_last") == 2
+        keys = set(pruned.state_dict())
+        assert set_backend(pruned, backend) == 2
         got = pruned(x)
     assert got.is_contiguous() and torch.allclose(got, want, atol=1e-5)
+    assert set(pruned.state_dict()) == keys  # built forms are caches, not state
 
 
 def per_group_net(seed=0):
@@ -252,7 +255,7 @@ def test_autotune_times_every_candidate_and_keeps_the_output():
 def test_autotune_keeps_the_fastest(monkeypatch):
     from gkp import autotune as tune
 
-    fake = {"torch": 3.0, "fused": 2.0, "channels_last": 4.0, "dense": 1.0}
+    fake = {"torch": 3.0, "fused": 2.0, "channels_last": 4.0, "per_group": 5.0, "dense": 1.0}
     monkeypatch.setattr(
         tune,
         "_median_ms",
