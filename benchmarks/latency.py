@@ -13,6 +13,7 @@ malformed file raises LeaderboardError naming the row and is never rewritten.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -225,6 +226,25 @@ def latency_rows(
     return rows
 
 
+def _labels(frame: pd.DataFrame) -> list[str]:
+    """Each row's method, with its knobs where one model has rows of several configurations."""
+    configs = frame.groupby(["model", "method"])["config"].nunique()
+    out = []
+    for model, method, config in zip(frame["model"], frame["method"], frame["config"], strict=True):
+        if configs[(model, method)] < 2:
+            out.append(method)
+            continue
+        try:
+            cfg = json.loads(config)
+        except ValueError:
+            cfg = {}
+        knobs = [f"{k}={v}" for k, v in sorted((cfg.get("native") or {}).items())]
+        if cfg.get("target") is not None:
+            knobs.append(f"target={cfg['target']}")
+        out.append(f"{method} ({', '.join(knobs)})")
+    return out
+
+
 def latency_markdown(frame: pd.DataFrame) -> str:
     """Markdown table of speed-ups over dense: one line per (model, batch, threads, method), one
     column per backend (the last row of each run id, backend, batch and threads), and the ideal.
@@ -238,7 +258,8 @@ def latency_markdown(frame: pd.DataFrame) -> str:
         "| model | batch | threads | method | ideal | " + " | ".join(backends) + " |",
         "|---|---:|---:|---|---:|" + "---:|" * len(backends),
     ]
-    group = ["model", "batch", "threads", "device", "method"]
+    frame = frame.assign(label=_labels(frame))
+    group = ["model", "batch", "threads", "device", "label"]
     for (model, batch, threads, device, method), part in frame.groupby(group, sort=True):
         by = dict(zip(part["backend"], part["speedup"], strict=True))
         forms = dict(zip(part["backend"], part["form"], strict=True))
@@ -257,3 +278,53 @@ def latency_markdown(frame: pd.DataFrame) -> str:
         "\n".join(lines) + "\n\n(md): the runtime ran the masked-dense form, faster there than "
         "the grouped form (benchmarks/backends.py).\n"
     )
+
+
+GKP_FAMILY = ("gkp-l2", "gkp-random", "tmi-gkp", "sr-gkp")  # G = 8 in the suite
+
+
+def goals_markdown(frame: pd.DataFrame) -> str:
+    """Issue 9's speed goals against the measured rows (the last row of each run id, backend,
+    batch, threads): the values each goal covers, per thread count, and whether all meet it."""
+    frame = frame.drop_duplicates(["run_id", "backend", "batch", "threads", "device"], keep="last")
+    frame = frame[frame["device"] == "cpu"]
+    rate = frame["config"].str.contains('"rate":0.75') | frame["config"].str.contains(
+        '"rate": 0.75'
+    )
+    gkp = frame["method"].isin(GKP_FAMILY)
+    r56, r50 = frame["model"] == "resnet56", frame["model"] == "resnet50"
+    goals = [
+        ("ResNet-56 GKP (G=8, p=0.4375), autotune, batch 64", 1.3,
+         frame[r56 & gkp & (frame["batch"] == 64) & (frame["backend"] == "autotune")]),
+        ("ResNet-56 GKP (G=8, p=0.4375), autotune, batch 1", 1.0,
+         frame[r56 & gkp & (frame["batch"] == 1) & (frame["backend"] == "autotune")]),
+        ("ResNet-50 GKP (3x3, p=0.4375), autotune, batch 16", 1.15,
+         frame[r50 & gkp & ~rate & (frame["batch"] == 16) & (frame["backend"] == "autotune")]),
+        ("ResNet-50 gkp-l2 (3x3, p=0.75), best backend, batch 16", 1.4,
+         _best(frame[r50 & rate & (frame["batch"] == 16)])),
+        ("every method, every backend", 0.98, frame[~rate]),
+        ("every method, every backend but eager (the plain PyTorch grouped form)", 0.98,
+         frame[~rate & (frame["backend"] != "eager")]),
+    ]  # fmt: skip
+    lines = ["| goal | target | threads | measured | met |", "|---|---:|---:|---|---|"]
+    for name, target, part in goals:
+        if part.empty:
+            lines.append(f"| {name} | ≥ {target:.2f}× | | not measured | no |")
+            continue
+        for threads, rows in part.groupby("threads", sort=True):
+            values = sorted(rows["speedup"])
+            below = int((rows["speedup"] < target).sum())
+            measured = f"{values[0]:.2f}–{values[-1]:.2f}× over {len(values)} rows" + (
+                f", {below} below" if below else ""
+            )
+            met = "yes" if below == 0 else "no"
+            lines.append(f"| {name} | ≥ {target:.2f}× | {threads} | {measured} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _best(frame: pd.DataFrame) -> pd.DataFrame:
+    """The fastest backend's row per (run id, batch, threads)."""
+    if frame.empty:
+        return frame
+    best = frame.groupby(["run_id", "batch", "threads"])["speedup"].idxmax()
+    return frame.loc[best]

@@ -54,7 +54,7 @@ def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
 
 def tune_key(example: Tensor, threads: int | None = None) -> str:
     """Where choices hold: device and processor, dtype, input shape, threads, torch version,
-    and the candidates a grouped layer is timed among."""
+    the candidates a grouped layer is timed among and the fused kernel's build."""
     if example.is_cuda:
         where = f"cuda:{torch.cuda.get_device_name(example.device)}"
     else:
@@ -63,6 +63,8 @@ def tune_key(example: Tensor, threads: int | None = None) -> str:
     shape = "x".join(str(s) for s in example.shape)
     dtype = str(example.dtype).removeprefix("torch.")
     tried = "+".join(candidates(example))  # other candidates (a new form, no compiler): re-tune
+    if "fused" in tried:
+        tried += f"|fused={fused.build_id()}"  # a changed kernel: re-tune
     return f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}|{tried}"
 
 

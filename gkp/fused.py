@@ -18,6 +18,7 @@ implementation, so ``torch.compile`` and ``torch.export`` trace through it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "grouped_kernel_conv", "load"]
+__all__ = ["available", "build_id", "grouped_kernel_conv", "load"]
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
 # -fopenmp: ATen's at::parallel_for is a header template that runs serially unless the op itself
@@ -35,6 +36,12 @@ SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
+
+
+def build_id() -> str:
+    """A short hash of the kernel's source and flags: what a cached tuning choice was made with."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
+    return digest.hexdigest()[:10]
 
 
 def load(verbose: bool = False) -> bool:

@@ -63,8 +63,7 @@ def main() -> None:
     ap.add_argument("--table", type=Path, default=None, help="print the table of this CSV")
     args = ap.parse_args()
     if args.table is not None:
-        with args.table.open(newline="") as handle:
-            print_table([{k: _num(v) for k, v in r.items()} for r in csv.DictReader(handle)])
+        print_table(read_rows(args.table))
         return
     if not fused.load():
         sys.exit("the fused op could not be built (see the warning above)")
@@ -119,19 +118,31 @@ def _num(v: str):
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1")
-    print(
+    print(table(rows), end="")
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of ``rows`` (what the README shows, generated from the CSV)."""
+    lines = [
+        f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1",
+        "",
         "| layer | batch | threads | dense GMAC/s | torch grouped GMAC/s (x dense) "
-        "| fused GMAC/s (x dense) | ideal |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+        "| fused GMAC/s (x dense) | ideal |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['network']} C={r['channels']} {r['size']}x{r['size']} | {r['batch']} | "
             f"{r['threads']} | "
             f"{r['dense_gmacs']:.1f} | {r['torch_gmacs']:.1f} (x{r['torch_speedup']:.2f}) | "
             f"{r['fused_gmacs']:.1f} (x{r['fused_speedup']:.2f}) | x{r['ideal']:.2f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(handle)]
 
 
 if __name__ == "__main__":

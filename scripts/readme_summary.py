@@ -5,7 +5,11 @@ exactly the output of ``gkp-bench leaderboard summary --markdown`` over the lead
 ``N`` rows (tests/test_readme.py checks it). The leaderboard is append-only, so rows a user adds
 later (the README's main job appends some) leave the committed tables checkable. Likewise the
 per-backend latency table between ``<!-- latency:start rows=N -->`` and ``<!-- latency:end -->``
-is ``gkp-bench leaderboard latency`` over ``results/latency.csv``'s first ``N`` rows:
+is ``gkp-bench leaderboard latency`` over ``results/latency.csv``'s first ``N`` rows, and the
+goal table between ``<!-- goals:start rows=N -->`` and ``<!-- goals:end -->`` is
+``benchmarks.latency.goals_markdown`` over the same rows, and the
+layer table between ``<!-- fused:start -->`` and ``<!-- fused:end -->`` is
+``scripts/bench_fused.py --table results/fused_kernel.csv``:
 
     .venv/bin/python scripts/readme_summary.py
 """
@@ -16,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.latency import latency_markdown, read_latency
+from benchmarks.latency import goals_markdown, latency_markdown, read_latency
 from benchmarks.leaderboard import read_leaderboard
 from benchmarks.summary import summarize, summary_markdown
 
@@ -26,6 +30,21 @@ FILES = (ROOT / "README.md", ROOT / "results" / "README.md")
 BLOCK = re.compile(r"<!-- summary:start(?: rows=(\d+))? -->\n(.*?)<!-- summary:end -->", re.S)
 LATENCY = ROOT / "results" / "latency.csv"
 LATENCY_BLOCK = re.compile(r"<!-- latency:start rows=(\d+) -->\n(.*?)<!-- latency:end -->", re.S)
+GOALS_BLOCK = re.compile(r"<!-- goals:start rows=(\d+) -->\n(.*?)<!-- goals:end -->", re.S)
+FUSED = ROOT / "results" / "fused_kernel.csv"
+FUSED_BLOCK = re.compile(r"<!-- fused:start -->\n(.*?)<!-- fused:end -->", re.S)
+
+
+def fused_generated() -> str:
+    """The fused-kernel layer table of results/fused_kernel.csv."""
+    import bench_fused
+
+    return bench_fused.table(bench_fused.read_rows(FUSED))
+
+
+def goals_generated(rows: int) -> str:
+    """Issue 9's goals against latency.csv's first ``rows`` rows."""
+    return goals_markdown(read_latency(LATENCY).iloc[:rows])
 
 
 def latency_generated(rows: int) -> str:
@@ -57,6 +76,13 @@ def main() -> int:
             n = len(read_latency(LATENCY))
             lat = f"<!-- latency:start rows={n} -->\n{latency_generated(n)}<!-- latency:end -->"
             text = LATENCY_BLOCK.sub(lambda _m, lat=lat: lat, text)
+        if GOALS_BLOCK.search(text):
+            n = len(read_latency(LATENCY))
+            goals = f"<!-- goals:start rows={n} -->\n{goals_generated(n)}<!-- goals:end -->"
+            text = GOALS_BLOCK.sub(lambda _m, goals=goals: goals, text)
+        if FUSED_BLOCK.search(text):
+            fused = f"<!-- fused:start -->\n{fused_generated()}<!-- fused:end -->"
+            text = FUSED_BLOCK.sub(lambda _m, fused=fused: fused, text)
         path.write_text(text)
     return 0
 

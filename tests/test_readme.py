@@ -34,3 +34,19 @@ def test_latency_tables_are_the_generated_ones(path):
     assert match.group(2) == readme_summary.latency_generated(int(match.group(1))), (
         "run: python scripts/readme_summary.py"
     )
+
+
+def test_fused_kernel_table_is_the_generated_one():
+    match = readme_summary.FUSED_BLOCK.search(readme_summary.FILES[0].read_text())
+    assert match is not None, "README.md has no <!-- fused:start --> block"
+    assert match.group(1) == readme_summary.fused_generated(), (
+        "run: python scripts/readme_summary.py"
+    )
+
+
+def test_goal_table_is_the_generated_one():
+    match = readme_summary.GOALS_BLOCK.search(readme_summary.FILES[0].read_text())
+    assert match is not None, "README.md has no <!-- goals:start rows=N --> block"
+    assert match.group(2) == readme_summary.goals_generated(int(match.group(1))), (
+        "run: python scripts/readme_summary.py"
+    )
