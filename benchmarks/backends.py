@@ -16,6 +16,10 @@ speed-up is against the faster dense layout.
   ops form: the fused op is not an ONNX op) and run by ONNX Runtime (``CPUExecutionProvider``,
   all graph optimisations) or OpenVINO (``CPU``, latency hint).
 
+Every backend first folds each BatchNorm into the conv before it (:func:`gkp.fold.fold_batchnorm`,
+for dense and pruned networks alike, as ONNX Runtime and OpenVINO do on load), so eager speed-ups
+compare the convolutions rather than BN passes both networks share.
+
 For ``compile`` and the two runtimes a grouped network has two exact forms: its grouped deploy
 form and the masked dense form (``gkp.nn.densify``: the removed kernels as zeros, i.e. dense
 cost). Like ``autotune`` does per layer, the backend times both (a few rounds) and keeps the
@@ -37,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from gkp import fused, metrics
+from gkp.fold import fold_batchnorm
 from gkp.nn import densify, grouped_plans, per_group_plans, set_backend
 
 __all__ = ["BACKENDS", "Prepared", "missing", "prepare", "version"]
@@ -95,7 +100,7 @@ def prepare(
     why = missing(backend)
     if why:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
-    model = copy.deepcopy(model).to(example.device).eval()
+    model = fold_batchnorm(model).to(example.device)  # an eval() copy; runtimes fold BN too
     form = _form(model)
     if backend in ("eager", "fused", "autotune") and form == "dense":
         return _dense_layout(backend, model, example, threads, max(3, tune_rounds // 3), cache)
