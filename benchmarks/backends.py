@@ -9,9 +9,9 @@ network is prepared by the same backend, so every speed-up compares like with li
   count (:mod:`gkp.autotune`: PyTorch ops, fused op, masked dense).
 - ``compile``: ``torch.compile`` (inductor) of the deployed network.
 
-On ``eager``, ``fused`` and ``autotune`` a network without grouped layers (dense, or pruned to
-smaller dense layers) runs in the faster of NCHW and channels-last (``info["layout"]``), so every
-speed-up is against the faster dense layout.
+On ``eager``, ``fused`` and ``autotune`` every network, dense or pruned, runs in the faster of
+NCHW and channels-last (``info["layout"]``; under ``autotune`` each layout tuned on its own), so
+every speed-up is against the faster dense layout.
 - ``onnxruntime`` / ``openvino``: the deployed network exported to ONNX (opset 17, the PyTorch
   ops form: the fused op is not an ONNX op) and run by ONNX Runtime (``CPUExecutionProvider``,
   all graph optimisations) or OpenVINO (``CPU``, latency hint).
@@ -102,21 +102,8 @@ def prepare(
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
     model = fold_batchnorm(model).to(example.device)  # an eval() copy; runtimes fold BN too
     form = _form(model)
-    if backend in ("eager", "fused", "autotune") and form == "dense":
-        return _dense_layout(backend, model, example, threads, max(3, tune_rounds // 3), cache)
     if backend in ("eager", "fused", "autotune"):
-        info: dict[str, Any] = {"form": form}
-        if backend == "fused":
-            set_backend(model, "fused")
-        elif backend == "autotune" and form != "dense":
-            from gkp.autotune import autotune
-
-            layers = None if cache is None else cache.setdefault("autotune", {})
-            tuned = autotune(model, example, rounds=tune_rounds, threads=threads, cache=layers)
-            picks = [c["backend"] for c in tuned.values()]
-            info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
-            info["cached"] = all(c.get("cached") for c in tuned.values())
-        return model, info
+        return _eager(backend, model, form, example, threads, tune_rounds, cache)
     build = {"compile": _compiled, "onnxruntime": _ort, "openvino": _openvino}[backend]
     if form == "dense":
         return build(model, example, threads), {"form": form}
@@ -137,27 +124,50 @@ def prepare(
     return candidates[best], {"form": best, "forms_ms": {k: round(v, 4) for k, v in ms.items()}}
 
 
-def _dense_layout(
-    backend: str, model: nn.Module, example: Tensor, threads: int, rounds: int, cache
-) -> Prepared:
-    """A network without grouped layers in eager PyTorch: the faster of NCHW and channels-last
-    (oneDNN picks other conv kernels for that layout; the input's conversion is timed too), so
-    speed-ups are against the faster dense layout. ``info["layout"]`` says which runs."""
-    from gkp.autotune import tune_key
+_CL = torch.channels_last
 
-    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    layouts = {
-        "nchw": model,
-        "channels_last": lambda x: channels_last(x.contiguous(memory_format=torch.channels_last)),
-    }
+
+def _eager(
+    backend: str, model: nn.Module, form: str, example: Tensor, threads: int, rounds: int, cache
+) -> Prepared:
+    """Eager PyTorch (``fused``: fused op in every grouped layer; ``autotune``: each deploy-form
+    layer tuned) in the faster of NCHW and channels-last for the whole network, dense and pruned
+    alike (oneDNN picks other conv kernels for channels-last; the input's conversion is timed
+    too), so speed-ups are against the faster dense layout. Under ``autotune`` each layout is
+    tuned on its own input, so a layer keeping the masked dense conv runs it in the layout dense
+    runs in. ``info["layout"]`` says which layout runs."""
+    from gkp.autotune import autotune, tune_key
+
+    def variant(layout: str) -> tuple[Callable[[Tensor], Any], dict[str, Any]]:
+        net = model if layout == "nchw" else copy.deepcopy(model).to(memory_format=_CL)
+        info: dict[str, Any] = {"form": form, "layout": layout}
+        if backend == "fused":
+            set_backend(net, "fused")
+        elif backend == "autotune" and form != "dense":
+            x = example if layout == "nchw" else example.contiguous(memory_format=_CL)
+            layers = None if cache is None else cache.setdefault("autotune", {})
+            key = layout if layout == "nchw" else "channels_last"
+            tuned = autotune(
+                net, x, rounds=rounds, threads=threads,
+                cache=None if layers is None else layers.setdefault(key, {}),
+            )  # fmt: skip
+            picks = [c["backend"] for c in tuned.values()]
+            info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
+            info["cached"] = all(c.get("cached") for c in tuned.values())
+        if layout == "nchw":
+            return net, info
+        return (lambda x: net(x.contiguous(memory_format=_CL))), info
+
     key = f"{backend}|layout|{tune_key(example, threads)}"
     forms = {} if cache is None else cache.setdefault("forms", {})
-    if forms.get(key) in layouts:
-        return layouts[forms[key]], {"form": "dense", "layout": forms[key], "cached": True}
-    ms = metrics.fastest_of(layouts, example, rounds=rounds, threads=threads)
+    if forms.get(key) in ("nchw", "channels_last"):
+        fn, info = variant(forms[key])
+        return fn, {**info, "cached": info.get("cached", True)}
+    variants = {layout: variant(layout) for layout in ("nchw", "channels_last")}
+    fns = {k: v[0] for k, v in variants.items()}
+    ms = metrics.fastest_of(fns, example, rounds=max(3, rounds // 3), threads=threads)
     forms[key] = best = min(ms, key=ms.get)
-    return layouts[best], {"form": "dense", "layout": best,
-                           "layouts_ms": {k: round(v, 4) for k, v in ms.items()}}  # fmt: skip
+    return fns[best], {**variants[best][1], "layouts_ms": {k: round(v, 4) for k, v in ms.items()}}
 
 
 def _compiled(model: nn.Module, example: Tensor, threads: int) -> Callable[[Tensor], Any]:

@@ -67,15 +67,17 @@ def test_tuning_choices_are_cached_and_reused(backend):
     x = torch.randn(2, 3, 12, 12)
     cache: dict = {}
     _, first = prepare(backend, pruned, x, threads=1, cache=cache)
-    section = "autotune" if backend == "autotune" else "forms"
-    (key,) = cache[section]
+    (key,) = cache["forms"]  # the network form (runtimes) or layout (eager family) chosen
     assert "2x3x12x12" in key and "threads=1" in key and not first.get("cached")
+    if backend == "autotune":  # per-layer choices, tuned in each layout
+        assert set(cache["autotune"]) == {"nchw", "channels_last"}
+        assert all(len(v) == 1 for v in cache["autotune"].values())
     fn, again = prepare(backend, pruned, x, threads=1, cache=cache)
     assert again["cached"] and again["form"] == first["form"]
     with torch.inference_mode():
         assert torch.allclose(torch.as_tensor(fn(x)), pruned(x), atol=1e-4, rtol=1e-4)
     prepare(backend, pruned, torch.randn(1, 3, 12, 12), threads=1, cache=cache)
-    assert len(cache[section]) == 2  # another batch is another entry
+    assert len(cache["forms"]) == 2  # another batch is another entry
 
 
 @pytest.mark.parametrize("backend", ["eager", "autotune"])
