@@ -146,10 +146,9 @@ def _eager(
         elif backend == "autotune" and form != "dense":
             x = example if layout == "nchw" else example.contiguous(memory_format=_CL)
             layers = None if cache is None else cache.setdefault("autotune", {})
-            key = layout if layout == "nchw" else "channels_last"
             tuned = autotune(
                 net, x, rounds=rounds, threads=threads,
-                cache=None if layers is None else layers.setdefault(key, {}),
+                cache=None if layers is None else layers.setdefault(layout, {}),
             )  # fmt: skip
             picks = [c["backend"] for c in tuned.values()]
             info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
