@@ -226,6 +226,15 @@ def latency_rows(
     return rows
 
 
+def _config(text: str) -> dict[str, Any]:
+    """A row's ``config`` JSON ({} when it is not an object)."""
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def _labels(frame: pd.DataFrame) -> list[str]:
     """Each row's method, with its knobs where one model has rows of several configurations."""
     configs = frame.groupby(["model", "method"])["config"].nunique()
@@ -234,10 +243,7 @@ def _labels(frame: pd.DataFrame) -> list[str]:
         if configs[(model, method)] < 2:
             out.append(method)
             continue
-        try:
-            cfg = json.loads(config)
-        except ValueError:
-            cfg = {}
+        cfg = _config(config)
         knobs = [f"{k}={v}" for k, v in sorted((cfg.get("native") or {}).items())]
         if cfg.get("target") is not None:
             knobs.append(f"target={cfg['target']}")
@@ -288,9 +294,7 @@ def goals_markdown(frame: pd.DataFrame) -> str:
     batch, threads): the values each goal covers, per thread count, and whether all meet it."""
     frame = frame.drop_duplicates(["run_id", "backend", "batch", "threads", "device"], keep="last")
     frame = frame[frame["device"] == "cpu"]
-    rate = frame["config"].str.contains('"rate":0.75') | frame["config"].str.contains(
-        '"rate": 0.75'
-    )
+    rate = frame["config"].map(lambda c: (_config(c).get("native") or {}).get("rate") == 0.75)
     gkp = frame["method"].isin(GKP_FAMILY)
     r56, r50 = frame["model"] == "resnet56", frame["model"] == "resnet50"
     goals = [

@@ -122,8 +122,8 @@ def apply_choices(model: nn.Module, choices: Mapping[str, str], example: Tensor 
             f"{extra[:3]}); tune it again (drop the cache entry)"
         )
     for name, backend in choices.items():
-        x = example if example is not None else torch.empty(0)
-        allowed = candidates(x, layers[name]) if example is not None else _all(layers[name])
+        layer = layers[name]
+        allowed = _all(layer) if example is None else candidates(example, layer)
         if backend not in allowed:
             raise ValueError(
                 f"stored autotune choice {backend!r} for {name} cannot run here (choose from "
@@ -131,8 +131,7 @@ def apply_choices(model: nn.Module, choices: Mapping[str, str], example: Tensor 
             )
     for name, backend in choices.items():
         layers[name].backend = backend
-        layers[name].__dict__.pop("_dense", None)
-        layers[name].__dict__.pop("_per_group", None)
+        layers[name].drop_built()
 
 
 def _all(layer: nn.Module) -> tuple[str, ...]:

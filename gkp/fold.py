@@ -1,7 +1,8 @@
 """Fold inference BatchNorm into the conv before it, for dense and deploy-form layers alike.
 
 In eval mode ``bn(conv(x))`` is ``conv'(x)`` with ``w'[o] = w[o]·s[o]`` and
-``b'[o] = (b[o] − mean[o])·s[o] + beta[o]``, ``s = gamma / sqrt(var + eps)``. Every deployment
+``b'[o] = (b[o] − mean[o])·s[o] + beta[o]``, ``s = gamma / sqrt(var + eps)``
+(``torch.nn.utils.fusion.fuse_conv_bn_weights`` computes them). Every deployment
 runtime does this (ONNX Runtime and OpenVINO fold it on load); :func:`fold_batchnorm` does it
 for eager PyTorch so a latency comparison times the convolutions, not a BN pass that dense and
 pruned networks share. Grouped-kernel layers fold per final output channel (through their
@@ -20,8 +21,9 @@ import warnings
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from gkp.nn import DEPLOY_FORMS, GroupedKernelConv2d, PerGroupConv2d, set_module
+from gkp.nn import DEPLOY_FORMS, GroupedKernelConv2d, set_module
 
 __all__ = ["fold_batchnorm"]
 
@@ -48,44 +50,30 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    s = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        s = s * bn.weight
-    shift = -bn.running_mean * s
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return s, shift
+def _fold_rows(conv: nn.Conv2d, bn: nn.BatchNorm2d, rows: Tensor | None = None) -> None:
+    """Fold ``bn``'s channels ``rows`` (all when None) into ``conv``'s output rows, in order."""
 
+    def pick(t: Tensor | None) -> Tensor | None:
+        return t if t is None or rows is None else t[rows]
 
-def _fold_conv(conv: nn.Conv2d, s: Tensor, shift: Tensor) -> None:
-    """Fold per-output-channel ``y·s + shift`` into ``conv`` (rows in conv's own order)."""
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(s)
-    conv.weight.mul_(s.reshape(-1, 1, 1, 1).to(conv.weight))
-    new_bias = (bias * s + shift).to(conv.weight)
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias)
-    else:
-        conv.bias.copy_(new_bias)
+    conv.weight, conv.bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, pick(bn.running_mean), pick(bn.running_var), bn.eps,
+        pick(bn.weight), pick(bn.bias),
+    )  # fmt: skip
 
 
 def _fold(layer: nn.Module, bn: nn.BatchNorm2d) -> None:
-    s, shift = _scale_shift(bn)
     if isinstance(layer, nn.Conv2d):
-        _fold_conv(layer, s, shift)
-    elif isinstance(layer, GroupedKernelConv2d):
-        # final channel o comes from grouped filter output_index[o]: reorder into grouped rows
-        order = torch.argsort(layer.output_index)  # grouped filter q -> final channel
-        _fold_conv(layer.conv, s[order], shift[order])
-    elif isinstance(layer, PerGroupConv2d):
-        order = torch.argsort(layer.output_index)
-        start = 0
-        for sub, d in zip(layer.convs, layer.group_sizes, strict=True):
-            rows = order[start : start + d]
-            _fold_conv(sub, s[rows], shift[rows])
-            start += d
-    for slot in ("_dense", "_per_group"):  # built forms are rebuilt from the folded weights
-        layer.__dict__.pop(slot, None)
+        _fold_rows(layer, bn)
+        return
+    # final channel o comes from row output_index[o] of the grouped (or concatenated) convs
+    order = torch.argsort(layer.output_index)  # row q -> the final channel it feeds
+    if isinstance(layer, GroupedKernelConv2d):
+        _fold_rows(layer.conv, bn, order)
+    else:  # PerGroupConv2d: group g owns the next group_sizes[g] rows
+        for sub, rows in zip(layer.convs, order.split(layer.group_sizes), strict=True):
+            _fold_rows(sub, bn, rows)
+    layer.drop_built()  # built forms are rebuilt from the folded weights
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ implementation, so ``torch.compile`` and ``torch.export`` trace through it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
 
+@functools.cache
 def build_id() -> str:
     """A short hash of the kernel's source and flags: what a cached tuning choice was made with."""
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())

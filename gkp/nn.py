@@ -265,6 +265,12 @@ class _DeployForm(nn.Module):
         """The masked dense conv, built on first use and kept outside the module's state."""
         return self._copy("_dense", self.to_dense, x)
 
+    def drop_built(self) -> None:
+        """Forget the modules built for the ``"dense"``/``"per_group"`` backends (after a
+        backend change or an edit of the weights: they are rebuilt on next use)."""
+        for slot in ("_dense", "_per_group"):
+            self.__dict__.pop(slot, None)
+
     def _copy(self, slot: str, build, x: Tensor) -> nn.Module:
         """An equivalent module built by ``build()`` on first use (and again when ``x`` moves to
         another device or dtype), kept outside the module's state (no state-dict keys)."""
@@ -529,8 +535,7 @@ def set_backend(model: nn.Module, backend: str) -> int:
         if isinstance(layer, DEPLOY_FORMS):
             ok = isinstance(layer, GroupedKernelConv2d) or backend in PerGroupConv2d.BACKENDS
             layer.backend = backend if ok else "torch"
-            layer.__dict__.pop("_dense", None)
-            layer.__dict__.pop("_per_group", None)
+            layer.drop_built()
             count += ok
     return count
 
