@@ -2,6 +2,7 @@
 shapes, the same as the PyTorch form inside networks, traceable by torch.compile and
 torch.export, and a warned fallback when it cannot be built."""
 
+import itertools
 import random
 import shutil
 
@@ -281,27 +282,42 @@ def test_bench_reports_ideal_and_how_it_deployed(capsys):
         assert r["deploy"] == "autotune" and sum(r["deploy_choices"]["autotune"].values()) == 18
 
 
-TILES = ["1,3,4", "1,6,2", "1,8,1", "2,1,4", "2,2,3", "2,3,2", "2,6,1", "4,1,3", "4,1,2", "4,3,1",
-         "4,2,1", "8,1,1"]  # fmt: skip
+TILES = ["1,3,4", "1,6,2", "1,8,1", "2,1,4", "2,2,3", "2,3,2", "2,6,1", "4,1,2", "4,2,1", "8,1,1"]
 
 
 @pytest.mark.parametrize("tile", TILES)
 def test_every_tile_shape_is_exact(op, tile, monkeypatch):
     """Each register-tile shape (forced; normally the cost model picks one) on the three code
-    paths: 3x3 and 1x1 with unit stride (unrolled taps) and a strided, dilated 3x3 (generic)."""
+    paths: 3x3 and 1x1 with unit stride (unrolled taps) and a strided, dilated 3x3 (generic), and
+    both ways of splitting the work at 2 threads: batch 1 (planes padded into one shared buffer,
+    (image, group) tasks) and batch 2 (one image per thread, padded into its own buffer)."""
     monkeypatch.setenv("GKP_FUSED_TILE", tile)
     gen = torch.Generator().manual_seed(len(tile) + sum(map(int, tile.split(","))))
-    for k, stride, pad, dil, hw in [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)),
-                                    (3, 2, 2, 2, (17, 19))]:  # fmt: skip
-        x = torch.randn(2, 12, *hw, generator=gen)
-        weight = torch.randn(16, 5, k, k, generator=gen)
-        bias = torch.randn(16, generator=gen)
-        gather = torch.randint(0, 12, (10,), generator=gen)
-        out_idx = torch.randperm(16, generator=gen)
-        args = ((stride, stride), (pad, pad), (dil, dil), 2)
-        want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
-        got = op(x, weight, bias, gather, out_idx, *args)
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tile, k, stride)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for batch, (k, stride, pad, dil, hw) in itertools.product(
+            [1, 2], [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)), (3, 2, 2, 2, (17, 19))]
+        ):
+            x = torch.randn(batch, 12, *hw, generator=gen)
+            weight = torch.randn(16, 5, k, k, generator=gen)
+            bias = torch.randn(16, generator=gen)
+            gather = torch.randint(0, 12, (10,), generator=gen)
+            out_idx = torch.randperm(16, generator=gen)
+            args = ((stride, stride), (pad, pad), (dil, dil), 2)
+            want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
+            got = op(x, weight, bias, gather, out_idx, *args)
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tile, batch, k, stride)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("tile", ["4,3,1", "2;2;2"])
+def test_an_unknown_tile_shape_is_refused(op, tile, monkeypatch):
+    monkeypatch.setenv("GKP_FUSED_TILE", tile)
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="GKP_FUSED_TILE"):
+        op(x, weight, None, torch.arange(4), torch.arange(8), (1, 1), (1, 1), (1, 1), 2)
 
 
 def test_op_runs_on_torchs_thread_pool(op):

@@ -4,12 +4,16 @@
 //
 // with g = q / (C_out / groups); i.e. exactly GroupedKernelConv2d.forward, float32, NCHW.
 //
-// Every input plane is copied once into a zero-padded buffer (for stride s each padded row is
-// stored as s phase planes, so every kernel tap reads contiguous memory); each (image, group)
-// task then reads its kept channels from that buffer through the index table (the gather costs
-// one pointer per channel). Tiles of D filters x R output rows x T vectors of 8 output columns
-// accumulate in registers over every (kept channel, ky, kx): each input vector load feeds D
-// filters and each weight broadcast feeds R*T vectors. The tile shape is chosen per layer by a
+// Input planes are copied into a zero-padded buffer (for stride s each padded row is stored as s
+// phase planes, so every kernel tap reads contiguous memory), and each (image, group) task reads
+// its kept channels from that buffer through the index table (the gather costs one pointer per
+// channel). With at least as many images as threads each thread pads one image at a time into
+// its own buffer and runs all that image's groups while it is in cache; with fewer, all planes
+// are padded once into a shared buffer and (image, group) tasks are spread over the threads.
+// Tiles of D filters x R output rows x T vectors of 8 output columns accumulate in registers
+// over every (kept channel, ky, kx): each input vector load feeds D filters and each weight
+// broadcast feeds R*T vectors (whichever of the two sets is smaller is held in registers, so a
+// tile never needs more than AVX2's 16 vector registers). The tile shape is chosen per layer by a
 // small cost model (FMA throughput, loads, FMA latency, edge waste; GKP_FUSED_TILE="D,R,T" forces
 // one, for kernel tuning only); 3x3 and 1x1 kernels with unit stride and dilation get fully
 // unrolled tap loops. Weights are packed once per call as [block][kept channel][tap][D] so a
@@ -24,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -95,14 +100,26 @@ void tile(const float* const* chan, const float* w, const float* bias, float* co
       for (int64_t kx = 0; kx < kw; ++kx) {
         const float* at = base + (K ? ky * g.row + kx : ky * g.dh * g.row + g.tap[kx]);
         const float* wt = w + (ky * kw + kx) * D;
-        v8 wv[D];  // D broadcasts held; each input vector is loaded once and feeds D filters
-        for (int f = 0; f < D; ++f) wv[f] = broadcast(wt[f]);
-        for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t) {
-            v8 xv = load8(at + r * rstep + 8 * t);
-            asm("" : "+x"(xv));  // keep it in a register: a load per FMA saturates the load ports
-            for (int f = 0; f < D; ++f) acc[f][r][t] += wv[f] * xv;
+        if constexpr (D * R * T + D + 1 <= 16) {  // accumulators + held broadcasts + one load
+          v8 wv[D];  // D broadcasts held; each input vector is loaded once and feeds D filters
+          for (int f = 0; f < D; ++f) wv[f] = broadcast(wt[f]);
+          for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) {
+              v8 xv = load8(at + r * rstep + 8 * t);
+              asm("" : "+x"(xv));  // keep it in a register: a load per FMA saturates the load ports
+              for (int f = 0; f < D; ++f) acc[f][r][t] += wv[f] * xv;
+            }
+        } else {
+          v8 xv[R][T];  // R*T input vectors held; each weight broadcast feeds them all
+          for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) xv[r][t] = load8(at + r * rstep + 8 * t);
+          for (int f = 0; f < D; ++f) {
+            v8 wv = broadcast(wt[f]);
+            asm("" : "+x"(wv));
+            for (int r = 0; r < R; ++r)
+              for (int t = 0; t < T; ++t) acc[f][r][t] += wv * xv[r][t];
           }
+        }
       }
     }
   }
@@ -134,11 +151,12 @@ struct Shape {
 
 #define GKP_SHAPE(D, R, T) \
   { D, R, T, { &tile<D, R, T, 3>, &tile<D, R, T, 1>, &tile<D, R, T, 0> } }
-// 8 to 12 accumulators (of AVX2's 16 vector registers), one set per filter count D.
+// 8 to 12 accumulators (of AVX2's 16 vector registers) plus the held operands: at most 16
+// registers in all, so nothing spills (shapes needing 17, like (4, 3, 1), ran at half speed).
 const Shape SHAPES[] = {
     GKP_SHAPE(1, 3, 4), GKP_SHAPE(1, 6, 2), GKP_SHAPE(1, 8, 1), GKP_SHAPE(2, 1, 4),
-    GKP_SHAPE(2, 2, 3), GKP_SHAPE(2, 3, 2), GKP_SHAPE(2, 6, 1), GKP_SHAPE(4, 1, 3),
-    GKP_SHAPE(4, 1, 2), GKP_SHAPE(4, 3, 1), GKP_SHAPE(4, 2, 1), GKP_SHAPE(8, 1, 1),
+    GKP_SHAPE(2, 2, 3), GKP_SHAPE(2, 3, 2), GKP_SHAPE(2, 6, 1),
+    GKP_SHAPE(4, 1, 2), GKP_SHAPE(4, 2, 1), GKP_SHAPE(8, 1, 1),
 };
 #undef GKP_SHAPE
 
@@ -158,9 +176,14 @@ const Shape& choose(int64_t d, int64_t n_keep, const Geo& g) {
   double best_cost = 0;
   if (const char* force = std::getenv("GKP_FUSED_TILE")) {  // "D,R,T": for kernel tuning only
     int D = 0, R = 0, T = 0;
-    if (std::sscanf(force, "%d,%d,%d", &D, &R, &T) == 3)
-      for (const Shape& s : SHAPES)
-        if (s.D == D && s.R == R && s.T == T && d % D == 0) return s;
+    TORCH_CHECK(std::sscanf(force, "%d,%d,%d", &D, &R, &T) == 3,
+                "gkp_fused: GKP_FUSED_TILE must be \"D,R,T\", got \"", force, "\"");
+    const Shape* forced = nullptr;
+    for (const Shape& s : SHAPES)
+      if (s.D == D && s.R == R && s.T == T) forced = &s;
+    TORCH_CHECK(forced, "gkp_fused: GKP_FUSED_TILE=", force, " is not one of the kernel's tile "
+                "shapes (SHAPES in grouped_kernel_conv.cpp)");
+    if (d % D == 0) return *forced;  // a layer whose filter groups it does not divide: the model
   }
   for (const Shape& s : SHAPES) {
     if (d % s.D != 0) continue;
@@ -250,7 +273,36 @@ at::Tensor grouped_kernel_conv_cpu(
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
-  // every input plane padded once (groups read their kept channels from it by index)
+  // one (image, group) task: its D-filter blocks, each swept over the output plane in tiles
+  auto run_group = [&](const float* img, int64_t n, int64_t grp, const float** chan) {
+    for (int64_t j = 0; j < n_keep; ++j) chan[j] = img + gp[grp * n_keep + j] * g.plane;
+    for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
+      float* out[8];
+      for (int f = 0; f < s.D; ++f) out[f] = yp + (n * C_out + pos[q + f]) * g.Ho * g.Wo;
+      const float* w = pk + q * per_filter;
+      const float* b = bp ? bp + q : nullptr;
+      for (int64_t oy = 0; oy < g.Ho; oy += s.R)
+        for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += 8 * s.T) run(chan, w, b, out, n_keep, g, oy, ox0);
+    }
+  };
+  const int64_t threads = at::get_num_threads();
+  if (N % threads == 0 || N >= 4 * threads) {
+    // images split evenly enough over the threads: each pads one image at a time into its own
+    // buffer and runs all its groups while that buffer is still in cache
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<float[]> buf(new float[C_in * g.plane + slack]);
+      std::memset(buf.get() + C_in * g.plane, 0, sizeof(float) * slack);
+      std::vector<const float*> chan(n_keep);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t c = 0; c < C_in; ++c)
+          pad_plane(buf.get() + c * g.plane, xp + (n * C_in + c) * g.H * g.W, g);
+        for (int64_t grp = 0; grp < groups; ++grp) run_group(buf.get(), n, grp, chan.data());
+      }
+    });
+    return y;
+  }
+  // fewer images than threads: every input plane padded once, in parallel, then (image, group)
+  // tasks read their kept channels from that shared buffer
   at::Tensor padded = at::empty({N * C_in * g.plane + slack}, x.options());
   float* pp = padded.data_ptr<float>();
   std::memset(pp + N * C_in * g.plane, 0, sizeof(float) * slack);
@@ -260,17 +312,8 @@ at::Tensor grouped_kernel_conv_cpu(
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(n_keep);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / groups, grp = task % groups;
-      for (int64_t j = 0; j < n_keep; ++j) chan[j] = pp + (n * C_in + gp[grp * n_keep + j]) * g.plane;
-      for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
-        float* out[8];
-        for (int f = 0; f < s.D; ++f) out[f] = yp + (n * C_out + pos[q + f]) * g.Ho * g.Wo;
-        const float* w = pk + q * per_filter;
-        const float* b = bp ? bp + q : nullptr;
-        for (int64_t oy = 0; oy < g.Ho; oy += s.R)
-          for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += 8 * s.T)
-            run(chan.data(), w, b, out, n_keep, g, oy, ox0);
-      }
+      const int64_t n = task / groups;
+      run_group(pp + n * C_in * g.plane, n, task % groups, chan.data());
     }
   });
   return y;
