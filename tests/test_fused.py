@@ -285,13 +285,17 @@ def test_bench_reports_ideal_and_how_it_deployed(capsys):
 TILES = ["1,3,4", "1,6,2", "1,8,1", "2,1,4", "2,2,3", "2,3,2", "2,6,1", "4,1,2", "4,2,1", "8,1,1"]
 
 
+@pytest.mark.parametrize("order", ["group", "band"])
 @pytest.mark.parametrize("tile", TILES)
-def test_every_tile_shape_is_exact(op, tile, monkeypatch):
+def test_every_tile_shape_is_exact(op, tile, order, monkeypatch):
     """Each register-tile shape (forced; normally the cost model picks one) on the three code
-    paths: 3x3 and 1x1 with unit stride (unrolled taps) and a strided, dilated 3x3 (generic), and
-    both ways of splitting the work at 2 threads: batch 1 (planes padded into one shared buffer,
-    (image, group) tasks) and batch 2 (one image per thread, padded into its own buffer)."""
+    paths: 3x3 and 1x1 with unit stride (unrolled taps) and a strided, dilated 3x3 (generic), in
+    both loop orders (group by group, or band of rows by band; forced, normally chosen by the
+    planes' size against the L2 cache), and both ways of splitting the work at 2 threads:
+    batch 1 (planes padded into one shared buffer, (image, group) or (image, band) tasks) and
+    batch 2 (one image per thread, padded into its own buffer)."""
     monkeypatch.setenv("GKP_FUSED_TILE", tile)
+    monkeypatch.setenv("GKP_FUSED_ORDER", order)
     gen = torch.Generator().manual_seed(len(tile) + sum(map(int, tile.split(","))))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -312,11 +316,14 @@ def test_every_tile_shape_is_exact(op, tile, monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("tile", ["4,3,1", "2;2;2"])
-def test_an_unknown_tile_shape_is_refused(op, tile, monkeypatch):
-    monkeypatch.setenv("GKP_FUSED_TILE", tile)
+@pytest.mark.parametrize(
+    "var, value",
+    [("GKP_FUSED_TILE", "4,3,1"), ("GKP_FUSED_TILE", "2;2;2"), ("GKP_FUSED_ORDER", "rows")],
+)
+def test_an_unknown_tuning_override_is_refused(op, var, value, monkeypatch):
+    monkeypatch.setenv(var, value)
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 2, 3, 3)
-    with pytest.raises(RuntimeError, match="GKP_FUSED_TILE"):
+    with pytest.raises(RuntimeError, match=var):
         op(x, weight, None, torch.arange(4), torch.arange(8), (1, 1), (1, 1), (1, 1), 2)
 
 

@@ -15,7 +15,7 @@
 // broadcast feeds R*T vectors (whichever of the two sets is smaller is held in registers, so a
 // tile never needs more than AVX2's 16 vector registers). The tile shape is chosen per layer by a
 // small cost model (FMA throughput, loads, FMA latency, edge waste; GKP_FUSED_TILE="D,R,T" forces
-// one, for kernel tuning only); 3x3 and 1x1 kernels with unit stride and dilation get fully
+// one, and GKP_FUSED_ORDER=band|group the loop order below, for kernel tuning and tests only); 3x3 and 1x1 kernels with unit stride and dilation get fully
 // unrolled tap loops. Weights are packed once per call as [block][kept channel][tap][D] so a
 // tile's broadcasts are sequential. Results go straight to each filter's final channel (the
 // un-permute costs nothing). Work runs on ATen's intra-op thread pool (torch.set_num_threads).
@@ -30,6 +30,8 @@
 #include <cstring>
 #include <memory>
 #include <vector>
+
+#include <unistd.h>
 
 namespace {
 
@@ -273,47 +275,72 @@ at::Tensor grouped_kernel_conv_cpu(
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
-  // one (image, group) task: its D-filter blocks, each swept over the output plane in tiles
-  auto run_group = [&](const float* img, int64_t n, int64_t grp, const float** chan) {
-    for (int64_t j = 0; j < n_keep; ++j) chan[j] = img + gp[grp * n_keep + j] * g.plane;
-    for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
+  // Groups [g0, g1) and output rows [oy0, oy1) of image n (img: its padded planes; chan: room
+  // for groups * n_keep channel pointers). Group by group (each block of D filters swept over the
+  // rows), or, when one group's kept planes overflow the L2 cache, band by band of R rows with
+  // every group inside, so that a band's input rows stay in cache for all groups (group-major
+  // wins otherwise: it streams each block's weights once, not once per band).
+  const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE) > 0 ? sysconf(_SC_LEVEL2_CACHE_SIZE) : 512 << 10;
+  bool by_band = n_keep * g.plane * int64_t(sizeof(float)) > l2 * 3 / 4;
+  if (const char* order = std::getenv("GKP_FUSED_ORDER")) {  // "band" or "group": tuning, tests
+    TORCH_CHECK(!std::strcmp(order, "band") || !std::strcmp(order, "group"),
+                "gkp_fused: GKP_FUSED_ORDER must be \"band\" or \"group\", got \"", order, "\"");
+    by_band = !std::strcmp(order, "band");
+  }
+  auto compute = [&](const float* img, int64_t n, int64_t g0, int64_t g1, int64_t oy0,
+                     int64_t oy1, const float** chan) {
+    for (int64_t i = g0 * n_keep; i < g1 * n_keep; ++i) chan[i] = img + gp[i] * g.plane;
+    auto block = [&](int64_t q, int64_t oy) {  // D filters from grouped filter q, R rows from oy
       float* out[8];
       for (int f = 0; f < s.D; ++f) out[f] = yp + (n * C_out + pos[q + f]) * g.Ho * g.Wo;
-      const float* w = pk + q * per_filter;
       const float* b = bp ? bp + q : nullptr;
-      for (int64_t oy = 0; oy < g.Ho; oy += s.R)
-        for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += 8 * s.T) run(chan, w, b, out, n_keep, g, oy, ox0);
+      for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += 8 * s.T)
+        run(chan + (q / d) * n_keep, pk + q * per_filter, b, out, n_keep, g, oy, ox0);
+    };
+    if (by_band) {
+      for (int64_t oy = oy0; oy < oy1; oy += s.R)
+        for (int64_t q = g0 * d; q < g1 * d; q += s.D) block(q, oy);
+    } else {
+      for (int64_t q = g0 * d; q < g1 * d; q += s.D)
+        for (int64_t oy = oy0; oy < oy1; oy += s.R) block(q, oy);
     }
   };
   const int64_t threads = at::get_num_threads();
   if (N % threads == 0 || N >= 4 * threads) {
     // images split evenly enough over the threads: each pads one image at a time into its own
-    // buffer and runs all its groups while that buffer is still in cache
+    // buffer and computes it while that buffer is still in cache
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::unique_ptr<float[]> buf(new float[C_in * g.plane + slack]);
       std::memset(buf.get() + C_in * g.plane, 0, sizeof(float) * slack);
-      std::vector<const float*> chan(n_keep);
+      std::vector<const float*> chan(groups * n_keep);
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t c = 0; c < C_in; ++c)
           pad_plane(buf.get() + c * g.plane, xp + (n * C_in + c) * g.H * g.W, g);
-        for (int64_t grp = 0; grp < groups; ++grp) run_group(buf.get(), n, grp, chan.data());
+        compute(buf.get(), n, 0, groups, 0, g.Ho, chan.data());
       }
     });
     return y;
   }
-  // fewer images than threads: every input plane padded once, in parallel, then (image, group)
-  // tasks read their kept channels from that shared buffer
+  // fewer images than threads: every input plane padded once, in parallel, into a shared
+  // buffer, then (image, band of R rows) or (image, group) tasks are spread over the threads
   at::Tensor padded = at::empty({N * C_in * g.plane + slack}, x.options());
   float* pp = padded.data_ptr<float>();
   std::memset(pp + N * C_in * g.plane, 0, sizeof(float) * slack);
   at::parallel_for(0, N * C_in, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) pad_plane(pp + p * g.plane, xp + p * g.H * g.W, g);
   });
-  at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> chan(n_keep);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / groups;
-      run_group(pp + n * C_in * g.plane, n, task % groups, chan.data());
+  const int64_t per_image = by_band ? bands : groups;
+  at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> chan(groups * n_keep);
+    for (int64_t task = begin; task < end;) {  // this call's consecutive tasks of one image
+      const int64_t n = task / per_image, first = task % per_image;
+      const int64_t last = std::min(end, (n + 1) * per_image) - n * per_image;  // exclusive
+      const float* img = pp + n * C_in * g.plane;
+      if (by_band)
+        compute(img, n, 0, groups, first * s.R, std::min(g.Ho, last * s.R), chan.data());
+      else
+        compute(img, n, first, last, 0, g.Ho, chan.data());
+      task = n * per_image + last;
     }
   });
   return y;
