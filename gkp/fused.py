@@ -4,8 +4,10 @@ One op does gather → grouped conv → un-permute (``gkp/csrc/grouped_kernel_co
 input plane is zero-padded once, each (image, group) task reads its kept channels from it through
 the index table, register-blocked FMA tiles (8-wide vectors, compiler-vectorised; the tile shape
 picked per layer by a cost model) accumulate every kernel tap, and each filter's output is
-written straight to its final channel. float32, NCHW, CPU, inference only (no autograd: training
-uses the masked dense form, ``gkp.masked``).
+written straight to its final channel. float32, CPU, NCHW or channels-last (a channels-last input
+is read in place and gives a channels-last output, so a channels-last network runs it without
+layout conversions around it), inference only (no autograd: training uses the masked dense
+form, ``gkp.masked``).
 
 :func:`load` builds it with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``: the
 work runs on ATen's OpenMP thread pool, sized by ``torch.set_num_threads``) on first use and
@@ -91,7 +93,15 @@ def _build(verbose: bool) -> bool:
 def _register_fake() -> None:
     @torch.library.register_fake("gkp_fused::grouped_kernel_conv")
     def _fake(x, weight, bias, gather_index, output_index, stride, padding, dilation, groups):
-        return x.new_empty(output_shape(x, weight, stride, padding, dilation))
+        shape = output_shape(x, weight, stride, padding, dilation)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
+
+
+def layout_of(x: Tensor) -> torch.memory_format:
+    """The op's output layout: channels-last for a channels-last input (one that is not also
+    NCHW-contiguous), NCHW otherwise; the C++ op decides the same way."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, ...]:

@@ -56,6 +56,28 @@ def test_op_equals_gather_grouped_conv_unpermute(op, seed):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_channels_last_input_gives_an_exact_channels_last_output(op, seed):
+    """A channels-last input is read in place (no NCHW copy) and the output comes back
+    channels-last, equal to the reference; at 2 threads batch 1 and 3 take the shared-buffer
+    path and batch 2 the one-image-per-thread path."""
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(random.Random(seed))
+    x = torch.randn(1 + seed % 3, x.shape[1], max(x.shape[2], 2), max(x.shape[3], 2))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = op(x_cl, weight, bias, gather, out_idx, stride, pad, dil, groups)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == want.shape
+    assert got.is_contiguous(memory_format=fused.layout_of(x_cl))
+    if want.shape[1] > 1 and want.shape[2] * want.shape[3] > 1:
+        assert not got.is_contiguous(), "a channels-last output, not an NCHW copy"
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_inputs_raise_clear_errors(op):
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
     gather, out = torch.tensor([0, 1, 2, 3]), torch.arange(4)
@@ -112,10 +134,11 @@ def test_autograd_and_training_use_the_pytorch_ops(op):
     assert pruned[2].conv.weight.grad is not None
 
 
-def test_compile_and_export_trace_through_the_op(op):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_compile_and_export_trace_through_the_op(op, layout):
     _, _, pruned = grouped_net()
     set_backend(pruned, "fused")
-    x = torch.randn(2, 3, 15, 15)
+    x = torch.randn(2, 3, 15, 15).contiguous(memory_format=layout)
     with torch.no_grad():
         want = pruned(x)
         compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
@@ -125,6 +148,20 @@ def test_compile_and_export_trace_through_the_op(op):
     assert "gkp_fused.grouped_kernel_conv" in graph
     with torch.no_grad():
         assert torch.allclose(exported.module()(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fake_implementation_matches_the_op_shape_and_layout(op, layout):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 6, 9, 11).contiguous(memory_format=layout)
+    args = (torch.randn(8, 3, 3, 3), None, torch.randint(0, 6, (6,)), torch.randperm(8),
+            (2, 1), (1, 1), (1, 1), 2)  # fmt: skip
+    real = op(x, *args)
+    with FakeTensorMode() as mode:
+        fake = op(mode.from_tensor(x), *(mode.from_tensor(a) if torch.is_tensor(a) else a
+                                         for a in args))  # fmt: skip
+    assert fake.shape == real.shape and fake.stride() == real.stride()
 
 
 def test_without_a_compiler_it_warns_and_keeps_pytorch(monkeypatch):

@@ -2,7 +2,10 @@
 //
 //   y[:, o] = conv2d(x[:, gather[g*n_keep : (g+1)*n_keep]], weight[q], bias[q])   q = output_index[o]
 //
-// with g = q / (C_out / groups); i.e. exactly GroupedKernelConv2d.forward, float32, NCHW.
+// with g = q / (C_out / groups); i.e. exactly GroupedKernelConv2d.forward, float32, NCHW or
+// channels-last (a channels-last input is padded straight from its pixels and the output
+// comes back channels-last: tiles fill NCHW planes of a staging buffer that is transposed
+// into the output per image, while in cache, so no layout conversion surrounds the op).
 //
 // Input planes are copied into a zero-padded buffer (for stride s each padded row is stored as s
 // phase planes, so every kernel tap reads contiguous memory), and each (image, group) task reads
@@ -77,6 +80,29 @@ void pad_plane(float* dst, const float* src, const Geo& g) {
         for (; ix < g.W; ix += g.sw) *dphase++ = srow[ix];
       }
     }
+  }
+}
+
+// Channels [c0, c1) of one channels-last image (pixel (iy, ix) at src + (iy * W + ix) * C) into
+// their padded planes: zeroed, then filled pixel by pixel, each pixel's channels in one read.
+void pad_channels_last(float* dst, const float* src, const Geo& g, int64_t C, int64_t c0,
+                       int64_t c1) {
+  std::memset(dst + c0 * g.plane, 0, sizeof(float) * (c1 - c0) * g.plane);
+  for (int64_t iy = 0; iy < g.H; ++iy)
+    for (int64_t ix = 0; ix < g.W; ++ix) {
+      const int64_t col = ix + g.pw;  // padded column: phase plane col % sw, entry col / sw
+      float* d = dst + (iy + g.ph) * g.row + (col % g.sw) * g.Wq + col / g.sw;
+      const float* __restrict px = src + (iy * g.W + ix) * C;
+      for (int64_t c = c0; c < c1; ++c) d[c * g.plane] = px[c];
+    }
+}
+
+// Pixels [p0, p1) of one image from NCHW planes (HW floats each) to channels-last.
+void to_channels_last(float* dst, const float* src, int64_t C, int64_t HW, int64_t p0,
+                      int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* __restrict d = dst + p * C;
+    for (int64_t c = 0; c < C; ++c) d[c] = src[c * HW + p];
   }
 }
 
@@ -204,7 +230,11 @@ at::Tensor grouped_kernel_conv_cpu(
               "gkp_fused: float32 only");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "gkp_fused: stride, padding and dilation take two values");
-  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous();
+  // a channels-last input is read as it is and gives a channels-last output (tiles fill NCHW
+  // planes of a per-image staging buffer, transposed into the output while still in cache)
+  const bool cl = x_.dim() == 4 && x_.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  !x_.is_contiguous();
+  const at::Tensor x = cl ? x_ : x_.contiguous(), weight = weight_.contiguous();
   const at::Tensor gather = gather_.to(at::kLong).contiguous();
   const at::Tensor outidx = output_index_.to(at::kLong).contiguous();
   const int64_t N = x.size(0), C_in = x.size(1), C_out = weight.size(0), n_keep = weight.size(1);
@@ -244,7 +274,9 @@ at::Tensor grouped_kernel_conv_cpu(
     TORCH_CHECK(bias_->numel() == C_out, "gkp_fused: bias has the wrong length");
     bias = bias_->to(at::kFloat).contiguous();
   }
-  at::Tensor y = at::empty({N, C_out, g.Ho, g.Wo}, x.options());
+  at::Tensor y = at::empty({N, C_out, g.Ho, g.Wo},
+                           x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                        : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
 
   const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
@@ -287,12 +319,14 @@ at::Tensor grouped_kernel_conv_cpu(
                 "gkp_fused: GKP_FUSED_ORDER must be \"band\" or \"group\", got \"", order, "\"");
     by_band = !std::strcmp(order, "band");
   }
-  auto compute = [&](const float* img, int64_t n, int64_t g0, int64_t g1, int64_t oy0,
+  const int64_t HWo = g.Ho * g.Wo;
+  // ybase: image n's output planes (NCHW: in y; channels-last: a staging buffer)
+  auto compute = [&](const float* img, float* ybase, int64_t g0, int64_t g1, int64_t oy0,
                      int64_t oy1, const float** chan) {
     for (int64_t i = g0 * n_keep; i < g1 * n_keep; ++i) chan[i] = img + gp[i] * g.plane;
     auto block = [&](int64_t q, int64_t oy) {  // D filters from grouped filter q, R rows from oy
       float* out[8];
-      for (int f = 0; f < s.D; ++f) out[f] = yp + (n * C_out + pos[q + f]) * g.Ho * g.Wo;
+      for (int f = 0; f < s.D; ++f) out[f] = ybase + pos[q + f] * HWo;
       const float* b = bp ? bp + q : nullptr;
       for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += 8 * s.T)
         run(chan + (q / d) * n_keep, pk + q * per_filter, b, out, n_keep, g, oy, ox0);
@@ -305,6 +339,12 @@ at::Tensor grouped_kernel_conv_cpu(
         for (int64_t oy = oy0; oy < oy1; oy += s.R) block(q, oy);
     }
   };
+  // channels [c0, c1) of image n into its padded planes at dst
+  auto pad = [&](float* dst, int64_t n, int64_t c0, int64_t c1) {
+    const float* img = xp + n * C_in * g.H * g.W;
+    if (cl) return pad_channels_last(dst, img, g, C_in, c0, c1);
+    for (int64_t c = c0; c < c1; ++c) pad_plane(dst + c * g.plane, img + c * g.H * g.W, g);
+  };
   const int64_t threads = at::get_num_threads();
   if (N % threads == 0 || N >= 4 * threads) {
     // images split evenly enough over the threads: each pads one image at a time into its own
@@ -312,11 +352,13 @@ at::Tensor grouped_kernel_conv_cpu(
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::unique_ptr<float[]> buf(new float[C_in * g.plane + slack]);
       std::memset(buf.get() + C_in * g.plane, 0, sizeof(float) * slack);
+      std::unique_ptr<float[]> staging(cl ? new float[C_out * HWo] : nullptr);
       std::vector<const float*> chan(groups * n_keep);
       for (int64_t n = begin; n < end; ++n) {
-        for (int64_t c = 0; c < C_in; ++c)
-          pad_plane(buf.get() + c * g.plane, xp + (n * C_in + c) * g.H * g.W, g);
-        compute(buf.get(), n, 0, groups, 0, g.Ho, chan.data());
+        pad(buf.get(), n, 0, C_in);
+        float* yn = yp + n * C_out * HWo;
+        compute(buf.get(), cl ? staging.get() : yn, 0, groups, 0, g.Ho, chan.data());
+        if (cl) to_channels_last(yn, staging.get(), C_out, HWo, 0, HWo);
       }
     });
     return y;
@@ -326,9 +368,15 @@ at::Tensor grouped_kernel_conv_cpu(
   at::Tensor padded = at::empty({N * C_in * g.plane + slack}, x.options());
   float* pp = padded.data_ptr<float>();
   std::memset(pp + N * C_in * g.plane, 0, sizeof(float) * slack);
-  at::parallel_for(0, N * C_in, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) pad_plane(pp + p * g.plane, xp + p * g.H * g.W, g);
+  const int64_t chunks = (C_in + 15) / 16;  // tasks of 16 channels (a cache line per pixel)
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / chunks, c0 = t % chunks * 16;
+      pad(pp + n * C_in * g.plane, n, c0, std::min(C_in, c0 + 16));
+    }
   });
+  at::Tensor staged = cl ? at::empty({N * C_out * HWo}, x.options()) : at::Tensor();
+  float* ys = cl ? staged.data_ptr<float>() : yp;
   const int64_t per_image = by_band ? bands : groups;
   at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
@@ -336,13 +384,21 @@ at::Tensor grouped_kernel_conv_cpu(
       const int64_t n = task / per_image, first = task % per_image;
       const int64_t last = std::min(end, (n + 1) * per_image) - n * per_image;  // exclusive
       const float* img = pp + n * C_in * g.plane;
+      float* yn = ys + n * C_out * HWo;
       if (by_band)
-        compute(img, n, 0, groups, first * s.R, std::min(g.Ho, last * s.R), chan.data());
+        compute(img, yn, 0, groups, first * s.R, std::min(g.Ho, last * s.R), chan.data());
       else
-        compute(img, n, first, last, 0, g.Ho, chan.data());
+        compute(img, yn, first, last, 0, g.Ho, chan.data());
       task = n * per_image + last;
     }
   });
+  if (cl)
+    at::parallel_for(0, N * g.Ho, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {  // one output row of one image per task
+        const int64_t n = t / g.Ho, p0 = t % g.Ho * g.Wo;
+        to_channels_last(yp + n * C_out * HWo, ys + n * C_out * HWo, C_out, HWo, p0, p0 + g.Wo);
+      }
+    });
   return y;
 }
 
