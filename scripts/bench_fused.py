@@ -2,10 +2,11 @@
 
 For the 3x3 layers of ResNet-56 (32x32 input) and of ResNet-50's stages (224x224 input), G = 8
 groups keeping n_keep = 9/16 of the input channels (p = 0.4375), times in one interleaved run
-(``gkp.metrics.compare_latency``: eval, inference_mode, warm-up, fixed threads, median):
-the dense conv, the PyTorch deploy form (gather -> grouped conv -> un-permute) and the fused
-op (``gkp.fused``). Prints a Markdown table (GMAC/s of the MACs each form must do, and speed-up
-against dense) and writes it as CSV.
+(``gkp.metrics.time_interleaved``: eval, inference_mode, warm-up, fixed threads, median): the
+dense conv in NCHW and channels-last, the PyTorch deploy form (gather -> grouped conv ->
+un-permute) and the fused op (``gkp.fused``) on an NCHW and a channels-last input. Prints a
+Markdown table (GMAC/s of the MACs each form must do, and speed-up against the faster dense
+layout) and writes it as CSV.
 
     taskset -c 0,1 .venv/bin/python scripts/bench_fused.py --threads 1,2 \
         --out results/fused_kernel.csv
@@ -14,6 +15,7 @@ against dense) and writes it as CSV.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import random
 import sys
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gkp import fused  # noqa: E402
-from gkp.metrics import compare_latency  # noqa: E402
+from gkp.metrics import time_interleaved  # noqa: E402
 from gkp.nn import GroupedKernelConv2d, GroupPlan, set_backend  # noqa: E402
 
 # (network, channels, spatial size, batch)
@@ -80,31 +82,43 @@ def main() -> None:
 
 def measure(threads: int, rounds: int) -> list[dict]:
     rows = []
+    cl = torch.channels_last
     for net, c, hw, batch in LAYERS:
         conv, grouped, n_keep = layer_pair(c, seed=c + hw)
         fast = GroupedKernelConv2d.from_conv(conv, grouped.plan())
         set_backend(fast, "fused")
-        stats = compare_latency(
-            {"dense": conv, "torch": grouped, "fused": fast},
-            (batch, c, hw, hw),
-            rounds=rounds,
-            threads=threads,
-        )
+        conv_cl = copy.deepcopy(conv).to(memory_format=cl)
+        x = torch.randn(batch, c, hw, hw)
+        x_cl = x.contiguous(memory_format=cl)
+        runs = {  # name: (module, its input)
+            "dense": (conv, x), "dense_cl": (conv_cl, x_cl), "torch": (grouped, x),
+            "fused": (fast, x), "fused_cl": (fast, x_cl),
+        }  # fmt: skip
+        stats = time_interleaved(
+            {name: _on(module.eval(), inp) for name, (module, inp) in runs.items()},
+            x, rounds=rounds, warmup=5, threads=threads,
+        )  # fmt: skip
         dense_macs = batch * c * c * 9 * hw * hw
         kept = dense_macs * n_keep // c
         ms = {k: v.median_ms for k, v in stats.items()}
+        best = min(ms["dense"], ms["dense_cl"])  # speed-ups against the faster dense layout
         rows.append(
             {
                 "network": net, "channels": c, "size": hw, "batch": batch, "groups": GROUPS,
                 "n_keep": n_keep, "threads": threads,
-                "dense_ms": ms["dense"], "torch_ms": ms["torch"], "fused_ms": ms["fused"],
-                "dense_gmacs": dense_macs / ms["dense"] / 1e6,
-                "torch_gmacs": kept / ms["torch"] / 1e6, "fused_gmacs": kept / ms["fused"] / 1e6,
-                "ideal": c / n_keep, "torch_speedup": ms["dense"] / ms["torch"],
-                "fused_speedup": ms["dense"] / ms["fused"],
+                **{f"{k}_ms": v for k, v in ms.items()},
+                **{f"{k}_gmacs": (dense_macs if k.startswith("dense") else kept) / v / 1e6
+                   for k, v in ms.items()},
+                "ideal": c / n_keep,
+                **{f"{k}_speedup": best / ms[k] for k in ("torch", "fused", "fused_cl")},
             }
         )  # fmt: skip
     return rows
+
+
+def _on(module: nn.Module, inp: torch.Tensor):
+    """A callable for time_interleaved that runs ``module`` on its own (prepared) input."""
+    return lambda _x: module(inp)
 
 
 def _num(v: str):
@@ -124,18 +138,21 @@ def print_table(rows: list[dict]) -> None:
 def table(rows: list[dict]) -> str:
     """The Markdown table of ``rows`` (what the README shows, generated from the CSV)."""
     lines = [
-        f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1",
+        f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1; (x ...): speed-up over the faster "
+        "dense layout",
         "",
-        "| layer | batch | threads | dense GMAC/s | torch grouped GMAC/s (x dense) "
-        "| fused GMAC/s (x dense) | ideal |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| layer | batch | threads | dense NCHW GMAC/s | dense channels-last GMAC/s "
+        "| torch grouped GMAC/s (x) | fused NCHW GMAC/s (x) | fused channels-last GMAC/s (x) "
+        "| ideal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['network']} C={r['channels']} {r['size']}x{r['size']} | {r['batch']} | "
-            f"{r['threads']} | "
-            f"{r['dense_gmacs']:.1f} | {r['torch_gmacs']:.1f} (x{r['torch_speedup']:.2f}) | "
-            f"{r['fused_gmacs']:.1f} (x{r['fused_speedup']:.2f}) | x{r['ideal']:.2f} |"
+            f"{r['threads']} | {r['dense_gmacs']:.1f} | {r['dense_cl_gmacs']:.1f} | "
+            f"{r['torch_gmacs']:.1f} (x{r['torch_speedup']:.2f}) | "
+            f"{r['fused_gmacs']:.1f} (x{r['fused_speedup']:.2f}) | "
+            f"{r['fused_cl_gmacs']:.1f} (x{r['fused_cl_speedup']:.2f}) | x{r['ideal']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
