@@ -1,10 +1,12 @@
 """The fused CPU kernel of the grouped-kernel layer, custom op ``gkp_fused::grouped_kernel_conv``.
 
-One op does gather → grouped conv → un-permute (``gkp/csrc/grouped_kernel_conv.cpp``): every
-input plane is zero-padded once, each (image, group) task reads its kept channels from it through
-the index table, register-blocked FMA tiles (8-wide vectors, compiler-vectorised; the tile shape
-picked per layer by a cost model) accumulate every kernel tap, and each filter's output is
-written straight to its final channel. float32, CPU, NCHW or channels-last (a channels-last input
+One op does gather → grouped conv → un-permute (``gkp/csrc/grouped_kernel_conv.cpp``): input
+planes are zero-padded (an image at a time per thread when the batch splits evenly over the
+threads, else all at once into a shared buffer), each group reads its kept channels through the
+index table, register-blocked FMA tiles (8-wide vectors, compiler-vectorised; the tile shape
+picked per layer by a cost model, no shape needing more than 16 vector registers) accumulate
+every kernel tap, and each filter's output is written straight to its final channel (the file's
+header comment has the details). float32, CPU, NCHW or channels-last (a channels-last input
 is read in place and gives a channels-last output, so a channels-last network runs it without
 layout conversions around it), inference only (no autograd: training uses the masked dense
 form, ``gkp.masked``).

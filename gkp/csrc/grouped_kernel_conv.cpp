@@ -8,11 +8,13 @@
 // into the output per image, while in cache, so no layout conversion surrounds the op).
 //
 // Input planes are copied into a zero-padded buffer (for stride s each padded row is stored as s
-// phase planes, so every kernel tap reads contiguous memory), and each (image, group) task reads
-// its kept channels from that buffer through the index table (the gather costs one pointer per
-// channel). With at least as many images as threads each thread pads one image at a time into
-// its own buffer and runs all that image's groups while it is in cache; with fewer, all planes
-// are padded once into a shared buffer and (image, group) tasks are spread over the threads.
+// phase planes, so every kernel tap reads contiguous memory), and each group reads its kept
+// channels from that buffer through the index table (the gather costs one pointer per channel).
+// When the batch splits evenly over the threads (N a multiple of them, or at least 4 per
+// thread) each thread pads one image at a time into its own buffer and runs all that image's
+// groups while it is in cache; otherwise all planes
+// are padded once into a shared buffer and (image, group) tasks, or (image, band of output
+// rows) tasks for layers run band by band (below), are spread over the threads.
 // Tiles of D filters x R output rows x T vectors of 8 output columns accumulate in registers
 // over every (kept channel, ky, kx): each input vector load feeds D filters and each weight
 // broadcast feeds R*T vectors (whichever of the two sets is smaller is held in registers, so a
@@ -312,7 +314,8 @@ at::Tensor grouped_kernel_conv_cpu(
   // rows), or, when one group's kept planes overflow the L2 cache, band by band of R rows with
   // every group inside, so that a band's input rows stay in cache for all groups (group-major
   // wins otherwise: it streams each block's weights once, not once per band).
-  const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE) > 0 ? sysconf(_SC_LEVEL2_CACHE_SIZE) : 512 << 10;
+  static const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE) > 0 ? sysconf(_SC_LEVEL2_CACHE_SIZE)
+                                                               : 512 << 10;  // bytes
   bool by_band = n_keep * g.plane * int64_t(sizeof(float)) > l2 * 3 / 4;
   if (const char* order = std::getenv("GKP_FUSED_ORDER")) {  // "band" or "group": tuning, tests
     TORCH_CHECK(!std::strcmp(order, "band") || !std::strcmp(order, "group"),
