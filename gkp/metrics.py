@@ -267,16 +267,16 @@ def time_interleaved(
     rounds: int,
     warmup: int,
     threads: int,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> dict[str, LatencyStats]:
     """Median/IQR of several ready-to-run callables on ``x``, rounds interleaved and rotated.
 
     The core of :func:`compare_latency`, for anything that runs a batch: prepared modules, a
     compiled model, an ONNX Runtime or OpenVINO session wrapped as ``fn(x)``. Runs under
     ``inference_mode`` with ``threads`` intra-op threads (PyTorch's; a runtime session fixes its
-    own when it is built).
+    own when it is built). ``device`` (default: ``x``'s) picks the clock: CUDA events on a GPU.
     """
-    device = torch.device(device)
+    device = x.device if device is None else torch.device(device)
     items = list(fns.items())
     time_once = _time_cuda if device.type == "cuda" else _time_cpu
     times: dict[str, list[float]] = {k: [] for k, _ in items}
@@ -297,7 +297,7 @@ def fastest_of(
     rounds: int,
     threads: int,
     margin: float = 1.5,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Median ms of each candidate, for choosing the fastest: a race with early drop-outs.
 
@@ -306,9 +306,10 @@ def fastest_of(
     first timed round, stops running (its median is then of the rounds it ran; of its warm-up
     call if it ran no other, as when one candidate is left after the warm-up). Choosing among
     forms that differ several-fold (a grouped conv that ONNX Runtime runs 3-8x slower than
-    dense) costs one slow call, not ``rounds + 1``.
+    dense) costs one slow call, not ``rounds + 1``. ``device`` (default: ``x``'s) picks the
+    clock: on a GPU, CUDA events after a synchronise (wall time would count only the launches).
     """
-    device = torch.device(device)
+    device = x.device if device is None else torch.device(device)
     items = list(fns.items())
     time_once = _time_cuda if device.type == "cuda" else _time_cpu
     warm = {}

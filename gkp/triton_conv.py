@@ -19,6 +19,7 @@ tests check it on machines without a GPU.
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import torch
 from torch import Tensor
@@ -47,6 +48,7 @@ def _build():
         sh, sw, ph, pw, dh, dw,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         pid_m, pid_n, grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (n, oy, ox)
@@ -73,7 +75,9 @@ def _build():
             a = tl.load(x_ptr + src, mask=ok, other=0.0)
             b = tl.load(w_ptr + q[None, :] * K + ks[:, None],
                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # fmt: skip
-            acc += tl.dot(a, b, input_precision="ieee")
+            if UPCAST:  # the interpreter multiplies bfloat16 tiles' raw bits: widen them first
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + q, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         o = tl.load(pos_ptr + q, mask=col_ok, other=0)  # final channel of filter q
@@ -82,6 +86,23 @@ def _build():
                  mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 
     return kernel
+
+
+_INVERSES: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def _inverse(output_index: Tensor) -> Tensor:
+    """``argsort(output_index)``, kept per index tensor (and its version) while it lives: a
+    deployed layer's indices never change, so each forward saves the argsort's launches."""
+    key = id(output_index)
+    hit = _INVERSES.get(key)
+    if hit is not None and hit[0]() is output_index and hit[1] == output_index._version:
+        return hit[2]
+    for k in [k for k, v in _INVERSES.items() if v[0]() is None]:
+        del _INVERSES[k]
+    inverse = torch.argsort(output_index.to(torch.int64))
+    _INVERSES[key] = (weakref.ref(output_index), output_index._version, inverse)
+    return inverse
 
 
 def grouped_kernel_conv_triton(
@@ -94,8 +115,17 @@ def grouped_kernel_conv_triton(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    blocks: tuple[int, int, int] | None = None,
 ) -> Tensor:
-    """Launch the kernel (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)."""
+    """Launch the kernel (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
+
+    float32 products follow PyTorch's convolution setting: TF32 tensor cores when
+    ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's default, what the cuDNN forms of the
+    layer do), exact float32 ("ieee") when it is off or under the interpreter (which also
+    widens bfloat16 tiles to float32 before the product: its own bfloat16 product is wrong).
+    ``blocks``: (BLOCK_M, BLOCK_N, BLOCK_K) tile sizes instead of the defaults (for tuning
+    measurements).
+    """
     global _kernel
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError("gkp_triton: x and weight must be 4-D")
@@ -111,12 +141,12 @@ def grouped_kernel_conv_triton(
     if _kernel is None:
         _kernel = _build()
     x, weight = x.contiguous(), weight.contiguous()
-    pos = torch.argsort(output_index.to(torch.int64)).to(torch.int32)  # filter q -> channel
-    gather = gather_index.to(torch.int32).contiguous()
+    pos = _inverse(output_index)  # filter q -> its final channel
+    gather = gather_index.contiguous()  # read as stored (int64 or int32): no cast launch
     y = torch.empty(n_img, c_out, ho, wo, device=x.device, dtype=x.dtype)
     d = c_out // groups
-    block_n = 16 if d <= 16 else 32
-    block_m, block_k = 64, 32
+    block_m, block_n, block_k = blocks or (64, 16 if d <= 16 else 32, 32)
+    tf32 = x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     grid = (-(-n_img * ho * wo // block_m), -(-d // block_n), groups)  # ceil divisions
     _kernel[grid](
         x, weight, bias if bias is not None else weight, gather, pos, y,
@@ -124,6 +154,8 @@ def grouped_kernel_conv_triton(
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=kh, KW=kw, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if not (tf32 or x.dtype == torch.bfloat16 and x.is_cuda) else "tf32",
+        UPCAST=not x.is_cuda,
     )  # fmt: skip
     return y
 

@@ -1,0 +1,272 @@
+"""The grouped-kernel layer and GKP networks on a CUDA GPU: the Triton kernel checked and timed.
+
+Three parts, each written to its own file in ``--out`` as soon as it is done:
+
+1. ``gpu_check.csv``: the Triton op (``gkp.triton_conv``) against gather -> conv2d -> un-permute
+   on the GPU over the random cases of ``tests/test_fused.py`` (strides, padding, dilation, odd
+   sizes, batch 1, overlapping kept sets), in exact float32, TF32 and bfloat16.
+2. ``gpu_kernel.csv``: layer timings (CUDA events, ``gkp.metrics.time_interleaved``, rounds
+   interleaved, median) of the 3x3 layers of ``scripts/bench_fused.py`` (G = 8, p = 0.4375):
+   dense conv (cuDNN, NCHW and channels-last), the PyTorch deploy form (gather -> grouped conv
+   -> un-permute) and the Triton op, with GMAC/s and the speed-up against the faster dense
+   layout; the Triton op also with other tile sizes (``--sweep``).
+3. ``gpu_networks.csv``: whole networks (BN folded, untrained weights: latency only) of the
+   latency suite's GKP configurations, dense (NCHW and channels-last) against the pruned
+   network in the PyTorch form (both layouts), the Triton op in every grouped layer, and
+   per-layer autotune (``gkp.autotune``, whose candidates include the Triton op on a GPU).
+
+Precisions: ``fp32`` (exact float32: TF32 off for cuDNN and Triton), ``tf32`` (PyTorch's default
+for convolutions) and ``bf16``. Needs a CUDA GPU and Triton::
+
+    python scripts/bench_gpu.py --sweep --out results/gpu
+
+``--device cpu`` (with ``TRITON_INTERPRET=1``) runs the same code on a CPU without the Triton
+forms: a smoke test of the script, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+PRECISIONS = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
+              "bf16": (torch.bfloat16, True)}  # fmt: skip
+# (network, channels, spatial size, batch): bench_fused's layers plus larger GPU batches
+GPU_LAYERS = [
+    (net, c, s, b)
+    for net, sizes, batches in (
+        ("resnet56", ((16, 32), (32, 16), (64, 8)), (1, 64, 256)),
+        ("resnet50", ((64, 56), (128, 28), (256, 14), (512, 7)), (1, 16, 64)),
+    )
+    for c, s in sizes
+    for b in batches
+]
+SWEEP = [(32, 16, 32), (128, 16, 32), (64, 16, 64), (128, 32, 64)]
+NETWORKS = [  # (model, method, native knobs, MACs target, batches)
+    *[("resnet56", m, {"groups": 8}, 0.436, (1, 64, 256))
+      for m in ("gkp-l2", "tmi-gkp", "sr-gkp", "gkp-random")],
+    *[("resnet50", m, {"groups": 8}, 0.436, (1, 16, 64))
+      for m in ("gkp-l2", "tmi-gkp", "sr-gkp", "gkp-random")],
+    ("resnet50", "gkp-l2", {"groups": 8, "rate": 0.75}, None, (1, 16, 64)),
+]  # fmt: skip
+
+
+DEV, TRITON = "cuda", True  # set by main()
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test)"
+
+
+def set_precision(name: str) -> torch.dtype:
+    dtype, tf32 = PRECISIONS[name]
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return dtype
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    if rows:
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def check(out: Path, n: int) -> None:
+    from test_fused import random_case
+
+    from gkp.triton_conv import grouped_kernel_conv_triton as op
+
+    rows = []
+    for prec in PRECISIONS:
+        dtype = set_precision(prec)
+        worst, bad = 0.0, []
+        for seed in range(n):
+            x, w, b, gather, out_idx, stride, pad, dil, groups = random_case(random.Random(seed))
+            x, w = x.to(DEV).to(dtype), w.to(DEV).to(dtype)
+            b = None if b is None else b.to(DEV).to(dtype)
+            gather, out_idx = gather.to(DEV), out_idx.to(DEV)
+            torch.backends.cudnn.allow_tf32 = False  # the reference: exact float32 of the inputs
+            want = F.conv2d(x.float()[:, gather], w.float(), None if b is None else b.float(),
+                            stride, pad, dil, groups)[:, out_idx]  # fmt: skip
+            torch.backends.cudnn.allow_tf32 = PRECISIONS[prec][1]
+            got = op(x, w, b, gather, out_idx, stride, pad, dil, groups).float()
+            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            worst = max(worst, err)
+            tol = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 2e-2}[prec]
+            if got.shape != want.shape or not err <= tol:
+                bad.append(seed)
+        rows.append({"precision": prec, "cases": n, "worst_rel_err": f"{worst:.2e}",
+                     "failed_seeds": " ".join(map(str, bad)) or "none"})  # fmt: skip
+        print(rows[-1], flush=True)
+    write(out / "gpu_check.csv", rows)
+
+
+def time_layers(out: Path, rounds: int, sweep: bool) -> None:
+    from bench_fused import layer_pair
+
+    from gkp.metrics import time_interleaved
+    from gkp.nn import set_backend
+    from gkp.triton_conv import grouped_kernel_conv_triton
+
+    rows = []
+    gpu = gpu_name()
+    for prec in PRECISIONS:
+        dtype = set_precision(prec)
+        for net, c, size, batch in GPU_LAYERS:
+            conv, layer, n_keep = layer_pair(c, seed=c + size)
+            conv, layer = conv.to(DEV).to(dtype).eval(), layer.to(DEV).to(dtype).eval()
+            conv_cl = conv.to(memory_format=torch.channels_last)
+            x = torch.randn(batch, c, size, size, device=DEV, dtype=dtype)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            tri = copy.deepcopy(layer)
+            fns = {"dense": conv, "dense_cl": lambda _x, c=conv_cl, xc=x_cl: c(xc),
+                   "torch": layer}  # fmt: skip
+            if TRITON:
+                set_backend(tri, "triton")
+                fns["triton"] = tri
+            if TRITON and sweep and prec == "tf32" and batch > 1:
+                cv = tri.conv
+                for blocks in SWEEP:
+                    fns["triton_" + "x".join(map(str, blocks))] = (
+                        lambda _x, cv=cv, t=tri, bl=blocks: grouped_kernel_conv_triton(
+                            _x, cv.weight, cv.bias, t.gather_index, t.output_index,
+                            cv.stride, cv.padding, cv.dilation, t.n_groups, blocks=bl))  # fmt: skip
+            stats = time_interleaved(fns, x, rounds=rounds, warmup=3, threads=1)
+            gmac_dense = batch * size * size * c * c * 9 / 1e9
+            gmac_pruned = gmac_dense * n_keep / c
+            best_dense = min(stats["dense"].median_ms, stats["dense_cl"].median_ms)
+            for form, st in stats.items():
+                dense_form = form.startswith("dense")
+                rows.append({
+                    "gpu": gpu, "precision": prec, "network": net, "channels": c,
+                    "size": size, "batch": batch, "n_keep": n_keep, "form": form,
+                    "median_ms": round(st.median_ms, 5), "iqr_ms": round(st.iqr_ms, 5),
+                    "gmacs": round((gmac_dense if dense_form else gmac_pruned)
+                                   / (st.median_ms / 1e3), 1),
+                    "speedup_vs_dense": round(best_dense / st.median_ms, 3),
+                    "ideal": round(c / n_keep, 3), "rounds": rounds,
+                })  # fmt: skip
+            print(
+                prec,
+                net,
+                c,
+                size,
+                batch,
+                {k: round(best_dense / v.median_ms, 2) for k, v in stats.items()},
+                flush=True,
+            )
+            write(out / "gpu_kernel.csv", rows)
+
+
+def time_networks(out: Path, rounds: int, cache: Path | None) -> None:
+    from benchmarks.bench import cached_untrained
+    from benchmarks.latency import untrained_run_id
+    from benchmarks.runconfig import RunConfig
+    from gkp import metrics
+    from gkp.autotune import autotune
+    from gkp.fold import fold_batchnorm
+    from gkp.nn import set_backend
+
+    rows = []
+    gpu = gpu_name()
+    cl = torch.channels_last
+    for model, method, native, target, batches in NETWORKS:
+        dataset = "synthetic" if model == "resnet56" else "imagenet"
+        cfg = RunConfig(model=model, dataset=dataset, method=method, target=target,
+                        native=native, progress=False)  # fmt: skip
+        t0 = time.time()
+        dense, pruned, x1 = cached_untrained(cfg, cache)
+        macs_dense, macs = metrics.macs(dense, x1), metrics.macs(pruned, x1)
+        rid = untrained_run_id(model, cfg.bench_key(), x1.shape[1:])
+        print(f"{model} {method} {native}: structure in {time.time() - t0:.1f} s", flush=True)
+        dense, pruned = fold_batchnorm(dense), fold_batchnorm(pruned)
+        for prec in ("tf32", "bf16"):
+            dtype = set_precision(prec)
+            d = dense.to(DEV).to(dtype).eval()
+            d_cl = copy.deepcopy(d).to(memory_format=cl)
+            p = pruned.to(DEV).to(dtype).eval()
+            p_cl = copy.deepcopy(p).to(memory_format=cl)
+            p_tri = copy.deepcopy(p)
+            if TRITON:
+                set_backend(p_tri, "triton")
+            for batch in batches:
+                x = torch.randn(batch, *x1.shape[1:], device=DEV, dtype=dtype)
+                x_cl = x.contiguous(memory_format=cl)
+                p_auto = copy.deepcopy(p)
+                t0 = time.time()
+                with torch.inference_mode():
+                    choices = autotune(p_auto, x, threads=1)
+                picked = [ch["backend"] for ch in choices.values()]
+                tuned_s = time.time() - t0
+                fns = {"dense": d, "dense_cl": lambda _x, m=d_cl, xc=x_cl: m(xc),
+                       "torch": p, "torch_cl": lambda _x, m=p_cl, xc=x_cl: m(xc),
+                       "triton": p_tri, "autotune": p_auto}  # fmt: skip
+                if not TRITON:
+                    del fns["triton"]
+                stats = metrics.time_interleaved(fns, x, rounds=rounds, warmup=3, threads=1)
+                best_dense = min(stats["dense"].median_ms, stats["dense_cl"].median_ms)
+                for form, st in stats.items():
+                    rows.append({
+                        "gpu": gpu, "precision": prec, "run_id": rid, "model": model,
+                        "method": method, "config": cfg.bench_key(), "batch": batch,
+                        "form": form, "median_ms": round(st.median_ms, 5),
+                        "iqr_ms": round(st.iqr_ms, 5),
+                        "speedup_vs_dense": round(best_dense / st.median_ms, 3),
+                        "ideal": round(macs_dense / macs, 3), "macs_dense": macs_dense,
+                        "macs": macs, "rounds": rounds,
+                        "autotune": json.dumps({b: picked.count(b) for b in sorted(set(picked))})
+                        if form == "autotune" else "",
+                        "tune_s": round(tuned_s, 1) if form == "autotune" else "",
+                        "torch": torch.__version__,
+                    })  # fmt: skip
+                print(prec, model, method, native.get("rate", ""), batch,
+                      {k: round(best_dense / v.median_ms, 2) for k, v in stats.items()},
+                      {b: picked.count(b) for b in set(picked)}, f"tune {tuned_s:.1f}s",
+                      flush=True)  # fmt: skip
+                write(out / "gpu_networks.csv", rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("results/gpu"))
+    ap.add_argument("--parts", default="check,layers,networks")
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--cases", type=int, default=40, help="random cases of the check")
+    ap.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes")
+    ap.add_argument("--cache", type=Path, default=None, help="pruned-structure cache folder")
+    ap.add_argument("--device", default="cuda", help="cuda (cpu: smoke test of the script)")
+    args = ap.parse_args()
+    global DEV, TRITON
+    DEV = args.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_gpu needs a CUDA GPU (or --device cpu for a smoke test)")
+    TRITON = DEV == "cuda"
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    print(torch.__version__, gpu_name(), flush=True)
+    if "check" in parts:
+        check(args.out, args.cases)
+    if "layers" in parts:
+        time_layers(args.out, args.rounds, args.sweep)
+    if "networks" in parts:
+        time_networks(args.out, args.rounds, args.cache)
+
+
+if __name__ == "__main__":
+    main()
