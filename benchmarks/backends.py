@@ -152,6 +152,8 @@ def _eager(
             )  # fmt: skip
             picks = [c["backend"] for c in tuned.values()]
             info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
+            if set(picks) == {"dense"}:  # every layer kept the masked dense conv
+                info["form"] = "masked-dense"
             info["cached"] = all(c.get("cached") for c in tuned.values())
         if layout == "nchw":
             return net, info

@@ -168,11 +168,13 @@ def latency_rows(
     ident: Mapping[str, Any],
     command: str = "",
     progress=None,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """Time ``pruned`` against ``dense`` on every backend and batch (CPU); the long-format rows.
+    """Time ``pruned`` against ``dense`` on every backend and batch; the long-format rows.
 
     ``ident``: run_id, model, method, config of the rows. A backend that cannot run here is
-    skipped with a warning naming why.
+    skipped with a warning naming why. ``device``: ``"cuda"`` times copies of both networks on
+    the GPU (the PyTorch backends; CUDA events), recording the GPU and whether TF32 was on.
     """
     from benchmarks.backends import missing
 
@@ -187,11 +189,14 @@ def latency_rows(
             warnings.warn(f"latency: backend {backend} skipped: {why}", RuntimeWarning, 2)
             continue
         for batch in batches:
-            x = torch.randn(batch, *sample_shape)
+            x = torch.randn(batch, *sample_shape, device=device)
             run_dense, dense_info = prepare(backend, dense, x, threads)
             run_pruned, info = prepare(backend, pruned, x, threads)
             if "layout" in dense_info:
                 info["dense_layout"] = dense_info["layout"]
+            if x.is_cuda:
+                info["gpu"] = torch.cuda.get_device_name(x.device)
+                info["tf32"] = torch.backends.cudnn.allow_tf32
             stats = metrics.time_interleaved(
                 {"dense": run_dense, "pruned": run_pruned}, x, rounds=rounds, warmup=3,
                 threads=threads,
@@ -204,7 +209,7 @@ def latency_rows(
                 "backend": backend,
                 "form": info.pop("form"),
                 "backend_info": info,
-                "device": "cpu",
+                "device": x.device.type,
                 "batch": batch,
                 "threads": threads,
                 "rounds": rounds,

@@ -108,6 +108,47 @@ def _median_ms(layer: nn.Module, backends: Sequence[str], x: Tensor, rounds: int
     return metrics.fastest_of({b: run_as(b) for b in backends}, x, rounds=rounds, threads=threads)
 
 
+def _whole_network_ms(
+    model: nn.Module,
+    example: Tensor,
+    picks: Mapping[str, Mapping[str, str]],
+    rounds: int,
+    threads: int,
+) -> dict[str, float]:
+    """Median ms of the whole network with each set of per-layer backends in ``picks``."""
+    layers = dict(model.named_modules())
+
+    def run_as(backends: Mapping[str, str]):
+        def fn(inp: Tensor) -> Tensor:
+            for name, backend in backends.items():
+                layers[name].backend = backend
+            return model(inp)
+
+        return fn
+
+    fns = {label: run_as(backends) for label, backends in picks.items()}
+    return metrics.fastest_of(fns, example, rounds=max(3, rounds // 3), threads=threads)
+
+
+def _whole_network_check(
+    model: nn.Module, example: Tensor, choices: dict[str, dict[str, Any]], rounds: int, n: int
+) -> None:
+    """Layer timings do not always add up: on a GPU at small batches the launches of the
+    grouped forms (three ops, or a Triton launch, per layer) cost more in the network than each
+    layer's timing shows. So the tuned network is timed against the masked dense network (every
+    layer ``"dense"``: the dense network's cost) and the faster is kept; with dense kept, every
+    choice becomes ``"dense"`` and says ``"network_ms"``."""
+    tuned = {name: c["backend"] for name, c in choices.items()}
+    ms = _whole_network_ms(
+        model, example, {"tuned": tuned, "dense": dict.fromkeys(tuned, "dense")}, rounds, n
+    )
+    keep = "tuned" if ms["tuned"] <= ms["dense"] else "dense"
+    for name, c in choices.items():
+        c["backend"] = tuned[name] if keep == "tuned" else "dense"
+        c["network_ms"] = {k: round(v, 4) for k, v in ms.items()}
+    apply_choices(model, {name: c["backend"] for name, c in choices.items()})
+
+
 def apply_choices(model: nn.Module, choices: Mapping[str, str], example: Tensor | None = None):
     """Set each deploy-form layer's backend from ``{layer name: backend}`` (stored choices).
 
@@ -176,6 +217,8 @@ def autotune(
         ms = _median_ms(layer, candidates(x, layer), x, rounds, n)
         layer.backend = min(ms, key=ms.get)
         choices[name] = {"backend": layer.backend, "ms": ms}
+    if any(c["backend"] != "dense" for c in choices.values()):
+        _whole_network_check(model, example, choices, rounds, n)
     if cache is not None and set(choices) == set(_tunable(model)):
         cache[key] = {n: c["backend"] for n, c in choices.items()}
     return choices

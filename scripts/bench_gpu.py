@@ -12,8 +12,11 @@ Three parts, each written to its own file in ``--out`` as soon as it is done:
    layout; the Triton op also with other tile sizes (``--sweep``).
 3. ``gpu_networks.csv``: whole networks (BN folded, untrained weights: latency only) of the
    latency suite's GKP configurations, dense (NCHW and channels-last) against the pruned
-   network in the PyTorch form (both layouts), the Triton op in every grouped layer, and
-   per-layer autotune (``gkp.autotune``, whose candidates include the Triton op on a GPU).
+   network in the PyTorch form (both layouts) and with the Triton op in every grouped layer,
+   in TF32 and bfloat16.
+4. ``latency.csv``: the same networks through the latency harness (``benchmarks.latency``:
+   backends ``eager`` and ``autotune``, whose per-layer candidates include the Triton op on a
+   GPU) at the suite's batches, TF32: rows for ``results/latency.csv`` with device ``cuda``.
 
 Precisions: ``fp32`` (exact float32: TF32 off for cuDNN and Triton), ``tf32`` (PyTorch's default
 for convolutions) and ``bf16``. Needs a CUDA GPU and Triton::
@@ -179,7 +182,6 @@ def time_networks(out: Path, rounds: int, cache: Path | None) -> None:
     from benchmarks.latency import untrained_run_id
     from benchmarks.runconfig import RunConfig
     from gkp import metrics
-    from gkp.autotune import autotune
     from gkp.fold import fold_batchnorm
     from gkp.nn import set_backend
 
@@ -208,15 +210,9 @@ def time_networks(out: Path, rounds: int, cache: Path | None) -> None:
             for batch in batches:
                 x = torch.randn(batch, *x1.shape[1:], device=DEV, dtype=dtype)
                 x_cl = x.contiguous(memory_format=cl)
-                p_auto = copy.deepcopy(p)
-                t0 = time.time()
-                with torch.inference_mode():
-                    choices = autotune(p_auto, x, threads=1)
-                picked = [ch["backend"] for ch in choices.values()]
-                tuned_s = time.time() - t0
                 fns = {"dense": d, "dense_cl": lambda _x, m=d_cl, xc=x_cl: m(xc),
                        "torch": p, "torch_cl": lambda _x, m=p_cl, xc=x_cl: m(xc),
-                       "triton": p_tri, "autotune": p_auto}  # fmt: skip
+                       "triton": p_tri}  # fmt: skip
                 if not TRITON:
                     del fns["triton"]
                 stats = metrics.time_interleaved(fns, x, rounds=rounds, warmup=3, threads=1)
@@ -229,23 +225,50 @@ def time_networks(out: Path, rounds: int, cache: Path | None) -> None:
                         "iqr_ms": round(st.iqr_ms, 5),
                         "speedup_vs_dense": round(best_dense / st.median_ms, 3),
                         "ideal": round(macs_dense / macs, 3), "macs_dense": macs_dense,
-                        "macs": macs, "rounds": rounds,
-                        "autotune": json.dumps({b: picked.count(b) for b in sorted(set(picked))})
-                        if form == "autotune" else "",
-                        "tune_s": round(tuned_s, 1) if form == "autotune" else "",
-                        "torch": torch.__version__,
+                        "macs": macs, "rounds": rounds, "torch": torch.__version__,
                     })  # fmt: skip
                 print(prec, model, method, native.get("rate", ""), batch,
                       {k: round(best_dense / v.median_ms, 2) for k, v in stats.items()},
-                      {b: picked.count(b) for b in set(picked)}, f"tune {tuned_s:.1f}s",
                       flush=True)  # fmt: skip
                 write(out / "gpu_networks.csv", rows)
+
+
+def time_backends(out: Path, rounds: int, cache: Path | None) -> None:
+    """The latency suite's GKP configurations on the GPU through the harness's own backends
+    (``benchmarks.backends.prepare``: eager and autotune, each network in its faster layout),
+    at the suite's batches, float32 with PyTorch's default TF32: rows of ``results/latency.csv``
+    (device ``cuda``), validated and appended to ``out/latency.csv``."""
+    from benchmarks.bench import cached_untrained
+    from benchmarks.latency import append_rows, latency_rows, untrained_run_id
+    from benchmarks.runconfig import RunConfig
+
+    set_precision("tf32")
+    command = "python scripts/bench_gpu.py --parts backends"
+    for model, method, native, target, batches in NETWORKS:
+        dataset = "synthetic" if model == "resnet56" else "imagenet"
+        cfg = RunConfig(model=model, dataset=dataset, method=method, target=target,
+                        native=native, progress=False)  # fmt: skip
+        dense, pruned, x1 = cached_untrained(cfg, cache)
+        ident = {"run_id": untrained_run_id(model, cfg.bench_key(), x1.shape[1:]),
+                 "model": model, "method": method, "config": cfg.bench_key()}  # fmt: skip
+        t0 = time.time()
+        rows = latency_rows(
+            dense, pruned, sample_shape=x1.shape[1:], backends=["eager", "autotune"],
+            batches=batches[:2], threads=1, rounds=rounds, ident=ident, command=command,
+            device=DEV,
+        )  # fmt: skip
+        append_rows(out / "latency.csv", rows)
+        for r in rows:
+            print(model, method, native.get("rate", ""), r["backend"], r["batch"],
+                  f"{r['speedup']:.2f}x", r["form"], json.dumps(r["backend_info"])[:160],
+                  flush=True)  # fmt: skip
+        print(f"  ({time.time() - t0:.1f} s)", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("results/gpu"))
-    ap.add_argument("--parts", default="check,layers,networks")
+    ap.add_argument("--parts", default="check,layers,networks,backends")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--cases", type=int, default=40, help="random cases of the check")
     ap.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes")
@@ -266,6 +289,8 @@ def main() -> None:
         time_layers(args.out, args.rounds, args.sweep)
     if "networks" in parts:
         time_networks(args.out, args.rounds, args.cache)
+    if "backends" in parts:
+        time_backends(args.out, args.rounds, args.cache)
 
 
 if __name__ == "__main__":

@@ -282,7 +282,10 @@ def test_autotune_times_every_candidate_and_keeps_the_output():
     choices = autotune(pruned, x, rounds=3, threads=1)
     assert set(choices) == {"2", "5"}
     for name, c in choices.items():
-        assert set(c["ms"]) == set(candidates(x)) and c["backend"] == min(c["ms"], key=c["ms"].get)
+        fastest = min(c["ms"], key=c["ms"].get)
+        whole = c["network_ms"]  # the tuned network raced against the masked dense one
+        assert set(c["ms"]) == set(candidates(x)) and set(whole) == {"tuned", "dense"}
+        assert c["backend"] == (fastest if whole["tuned"] <= whole["dense"] else "dense")
         assert pruned.get_submodule(name).backend == c["backend"]
     with torch.inference_mode():
         assert torch.allclose(pruned(x), want, atol=1e-5)
@@ -302,6 +305,52 @@ def test_autotune_keeps_the_fastest(monkeypatch):
     _, _, pruned = grouped_net()
     choices = tune.autotune(pruned, torch.randn(1, 3, 15, 15))
     assert {c["backend"] for c in choices.values()} == {"dense"}
+
+
+@pytest.mark.parametrize("tuned_ms,kept", [(1.0, "torch"), (3.0, "dense")])
+def test_autotune_keeps_dense_when_the_whole_network_runs_faster_so(monkeypatch, tuned_ms, kept):
+    """Per-layer picks that lose as a whole network (launch-bound GPUs) give way to dense."""
+    from gkp import autotune as tune
+
+    fake = {"torch": 1.0, "fused": 2.0, "channels_last": 4.0, "per_group": 5.0, "dense": 3.0}
+    monkeypatch.setattr(
+        tune,
+        "_median_ms",
+        lambda layer, backends, x, rounds, threads: {b: fake[b] for b in backends},
+    )
+    raced = []
+
+    def whole(model, example, picks, rounds, threads):
+        raced.append(picks)
+        return {"tuned": tuned_ms, "dense": 2.0}
+
+    monkeypatch.setattr(tune, "_whole_network_ms", whole)
+    _, _, pruned = grouped_net()
+    x, cache = torch.randn(1, 3, 15, 15), {}
+    with torch.inference_mode():
+        want = pruned(x)
+    choices = tune.autotune(pruned, x, threads=1, cache=cache)
+    assert raced == [{"tuned": {"2": "torch", "5": "torch"}, "dense": {"2": "dense", "5": "dense"}}]
+    assert {c["backend"] for c in choices.values()} == {kept}
+    assert {pruned.get_submodule(n).backend for n in choices} == {kept}
+    assert cache[tune.tune_key(x, 1)] == {"2": kept, "5": kept}
+    with torch.inference_mode():
+        assert torch.allclose(pruned(x), want, atol=1e-5)
+
+
+def test_whole_network_timing_runs_each_set_of_picks():
+    from gkp import autotune as tune
+
+    _, _, pruned = grouped_net()
+    x = torch.randn(2, 3, 15, 15)
+    seen = []
+    layer = pruned.get_submodule("2")
+    layer.register_forward_pre_hook(lambda m, _args: seen.append(m.backend))
+    ms = tune._whole_network_ms(
+        pruned, x, {"a": {"2": "torch", "5": "torch"}, "b": {"2": "dense", "5": "dense"}}, 3, 1
+    )
+    assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
+    assert {"torch", "dense"} <= set(seen)
 
 
 def test_bench_reports_ideal_and_how_it_deployed(capsys):

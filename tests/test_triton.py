@@ -1,6 +1,8 @@
 """The Triton GPU kernel of the grouped-kernel layer, checked on CPU by Triton's interpreter
 (``TRITON_INTERPRET=1``, in a subprocess: it must be set before Triton is imported) against
-gather → grouped conv → un-permute over random shapes, strides, paddings and dilations."""
+gather → grouped conv → un-permute over random shapes, strides, paddings and dilations, in
+float32 and bfloat16; on a GPU also against the PyTorch form in float32, TF32 and bfloat16
+(``scripts/bench_gpu.py`` runs the same random cases on a GPU)."""
 
 import importlib.util
 import os
@@ -28,9 +30,16 @@ from gkp.triton_conv import grouped_kernel_conv_triton as op
 bad = []
 for seed in range({n}):
     x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(random.Random(seed))
-    want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+    dtype = torch.bfloat16 if seed % 4 == 3 else torch.float32  # every 4th case in bfloat16
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    f = lambda t: None if t is None else t.float()
+    want = F.conv2d(f(x)[:, gather], f(weight), f(bias), stride, pad, dil, groups)[:, out_idx]
     got = op(x, weight, bias, gather, out_idx, stride, pad, dil, groups)
-    if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+    tol = 1e-4 if dtype == torch.float32 else 1e-2  # bfloat16 output: 8 significant bits
+    if got.dtype != dtype or got.shape != want.shape or not torch.allclose(
+        got.float(), want, atol=tol * want.abs().max().item(), rtol=tol
+    ):
         bad.append(seed)
 print("BAD", bad)
 """
@@ -78,9 +87,13 @@ def test_triton_backend_needs_a_gpu():
 
 
 @pytest.mark.skipif(not triton_conv.available(), reason="needs Triton and a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_layer_equals_pytorch_form(dtype):
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_gpu_layer_equals_pytorch_form(precision, monkeypatch):
     from gkp.nn import GroupedKernelConv2d, GroupPlan
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # fp32: exact products on both sides; tf32: PyTorch's default, TF32 tensor cores on both
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", precision != "fp32")
 
     conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=True)
     plan = GroupPlan.from_lists([list(range(g, 16, 8)) for g in range(8)],
@@ -91,5 +104,5 @@ def test_gpu_layer_equals_pytorch_form(dtype):
         want = layer(x).float()
         set_backend(layer, "triton")
         got = layer(x).float()
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    tol = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 5e-2}[precision]
     assert torch.allclose(got, want, atol=tol * want.abs().max().item(), rtol=tol)
