@@ -152,8 +152,9 @@ def _eager(
             )  # fmt: skip
             picks = [c["backend"] for c in tuned.values()]
             info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
-            if set(picks) == {"dense"}:  # every layer kept the masked dense conv
-                info["form"] = "masked-dense"
+            if set(picks) == {"dense"}:  # every layer kept the masked dense conv: run it as
+                info["form"] = "masked-dense"  # plain convs, without the layers' dispatch
+                net = densify(net) if layout == "nchw" else densify(net).to(memory_format=_CL)
             info["cached"] = all(c.get("cached") for c in tuned.values())
         if layout == "nchw":
             return net, info

@@ -44,7 +44,7 @@ def _build():
     @triton.jit
     def kernel(
         x_ptr, w_ptr, b_ptr, gather_ptr, pos_ptr, y_ptr,
-        N, C_in, H, W, C_out, Ho, Wo, n_keep, d,
+        N, C_in, H, W, C_out, Ho, Wo, n_keep, d, K,
         sh, sw, ph, pw, dh, dw,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -58,8 +58,7 @@ def _build():
         oy = (rows % (Ho * Wo)) // Wo
         ox = rows % Wo
         q = grp * d + cols  # grouped filter index
-        taps = KH * KW
-        K = n_keep * taps
+        taps = KH * KW  # K = n_keep * taps, passed in (a plain argument for range())
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -150,7 +149,7 @@ def grouped_kernel_conv_triton(
     grid = (-(-n_img * ho * wo // block_m), -(-d // block_n), groups)  # ceil divisions
     _kernel[grid](
         x, weight, bias if bias is not None else weight, gather, pos, y,
-        n_img, c_in, h, w, c_out, ho, wo, n_keep, d,
+        n_img, c_in, h, w, c_out, ho, wo, n_keep, d, n_keep * kh * kw,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=kh, KW=kw, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

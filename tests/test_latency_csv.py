@@ -94,6 +94,31 @@ def test_dense_runs_in_the_faster_layout_and_computes_the_same(backend):
     assert again["cached"] and again["layout"] == info["layout"]
 
 
+def test_autotune_that_keeps_dense_everywhere_runs_plain_convs(monkeypatch):
+    """When every layer keeps the masked dense conv, the network runs as plain convs (no
+    per-layer dispatch: on a launch-bound GPU that dispatch alone is a few percent)."""
+    from gkp import autotune as tune
+
+    monkeypatch.setattr(
+        tune,
+        "_median_ms",
+        lambda layer, b, x, rounds, threads: {k: 2.0 - (k == "dense") for k in b},
+    )
+    _, pruned = small_grouped()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.inference_mode():
+        want = pruned(x)
+    fn, info = prepare("autotune", pruned, x, threads=1)
+    assert info["form"] == "masked-dense" and info["autotune"] == {"dense": 1}
+
+    def boom(self, inp):
+        raise AssertionError("a grouped layer ran")
+
+    monkeypatch.setattr(GroupedKernelConv2d, "forward", boom)
+    with torch.inference_mode():
+        assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
+
+
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         missing("tensorrt")
