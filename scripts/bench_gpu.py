@@ -22,6 +22,8 @@ Precisions: ``fp32`` (exact float32: TF32 off for cuDNN and Triton), ``tf32`` (P
 for convolutions) and ``bf16``. Needs a CUDA GPU and Triton::
 
     python scripts/bench_gpu.py --sweep --out results/gpu
+    python scripts/bench_gpu.py --table results/gpu      # the tables of the saved CSVs
+    python scripts/bench_gpu.py --table results/gpu --brief   # the README's subset
 
 ``--device cpu`` (with ``TRITON_INTERPRET=1``) runs the same code on a CPU without the Triton
 forms: a smoke test of the script, not a measurement.
@@ -43,7 +45,6 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 PRECISIONS = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
@@ -91,6 +92,7 @@ def write(path: Path, rows: list[dict]) -> None:
 
 
 def check(out: Path, n: int) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
     from test_fused import random_case
 
     from gkp.triton_conv import grouped_kernel_conv_triton as op
@@ -233,17 +235,17 @@ def time_networks(out: Path, rounds: int, cache: Path | None) -> None:
                 write(out / "gpu_networks.csv", rows)
 
 
-def time_backends(out: Path, rounds: int, cache: Path | None) -> None:
+def time_backends(latency: Path, rounds: int, cache: Path | None) -> None:
     """The latency suite's GKP configurations on the GPU through the harness's own backends
     (``benchmarks.backends.prepare``: eager and autotune, each network in its faster layout),
     at the suite's batches, float32 with PyTorch's default TF32: rows of ``results/latency.csv``
-    (device ``cuda``), validated and appended to ``out/latency.csv``."""
+    (device ``cuda``), validated and appended to ``latency``."""
     from benchmarks.bench import cached_untrained
     from benchmarks.latency import append_rows, latency_rows, untrained_run_id
     from benchmarks.runconfig import RunConfig
 
     set_precision("tf32")
-    command = "python scripts/bench_gpu.py --parts backends"
+    command = f"python scripts/bench_gpu.py --parts backends --rounds {rounds}"
     for model, method, native, target, batches in NETWORKS:
         dataset = "synthetic" if model == "resnet56" else "imagenet"
         cfg = RunConfig(model=model, dataset=dataset, method=method, target=target,
@@ -257,12 +259,85 @@ def time_backends(out: Path, rounds: int, cache: Path | None) -> None:
             batches=batches[:2], threads=1, rounds=rounds, ident=ident, command=command,
             device=DEV,
         )  # fmt: skip
-        append_rows(out / "latency.csv", rows)
+        append_rows(latency, rows)
         for r in rows:
             print(model, method, native.get("rate", ""), r["backend"], r["batch"],
                   f"{r['speedup']:.2f}x", r["form"], json.dumps(r["backend_info"])[:160],
                   flush=True)  # fmt: skip
         print(f"  ({time.time() - t0:.1f} s)", flush=True)
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+LAYER_HEAD = (
+    "| precision | layer | batch | dense NCHW | dense channels-last | torch grouped (x) "
+    "| Triton (x) | best tile (x) | ideal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+NET_HEAD = (
+    "| precision | model | method | rate | batch | ideal | dense NCHW | torch NCHW "
+    "| torch channels-last | Triton op |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def tables(folder: Path, brief: bool = False) -> str:
+    """Markdown of the saved CSVs in ``folder``: the check, the layer table, the network table
+    (``brief``: layers in TF32 only, networks of gkp-l2 only, for the README)."""
+    checks = _read(folder / "gpu_check.csv")
+    layers = _read(folder / "gpu_kernel.csv")
+    nets = _read(folder / "gpu_networks.csv")
+    gpu = layers[0]["gpu"] if layers else "?"
+    out = [
+        f"Triton op against gather -> conv2d -> un-permute on the GPU ({gpu}), random cases:",
+        "",
+        "| precision | cases | worst error / max output | failed |\n|---|---:|---:|---|",
+        *(f"| {r['precision']} | {r['cases']} | {r['worst_rel_err']} | {r['failed_seeds']} |"
+          for r in checks),
+    ]  # fmt: skip
+    by_layer: dict[tuple, dict[str, dict]] = {}
+    for r in layers:
+        if not brief or r["precision"] == "tf32":
+            key = (r["precision"], r["network"], r["channels"], r["size"], r["batch"])
+            by_layer.setdefault(key, {})[r["form"]] = r
+    out += ["", "Layers (G = 8, n_keep = 9/16 of C, 3x3): GMAC/s of the MACs each form does, "
+            "(x speed-up over the faster dense layout); best tile: the fastest swept Triton tile "
+            "(BLOCK_M x BLOCK_N x BLOCK_K)", "", LAYER_HEAD]  # fmt: skip
+    for (prec, net, c, size, batch), forms in by_layer.items():
+
+        def cell(name: str, forms=forms) -> str:
+            r = forms.get(name)
+            return "" if r is None else f"{r['gmacs']} (x{float(r['speedup_vs_dense']):.2f})"
+
+        swept = [f for f in forms if f.startswith("triton_")]
+        best = max(swept, key=lambda f: float(forms[f]["speedup_vs_dense"])) if swept else ""
+        tile = f"{best.removeprefix('triton_')}: {cell(best)}" if best else ""
+        out.append(
+            f"| {prec} | {net} C={c} {size}x{size} | {batch} | {forms['dense']['gmacs']} "
+            f"| {forms['dense_cl']['gmacs']} | {cell('torch')} | {cell('triton')} | {tile} "
+            f"| x{float(forms['dense']['ideal']):.2f} |"
+        )
+    by_net: dict[tuple, dict[str, dict]] = {}
+    for r in nets:
+        if not brief or r["method"] == "gkp-l2":
+            rate = (json.loads(r["config"]).get("native") or {}).get("rate", 0.4375)
+            key = (r["precision"], r["model"], r["method"], rate, r["batch"])
+            by_net.setdefault(key, {})[r["form"]] = r
+    out += ["", "Networks (BN folded, eager PyTorch): speed-up over the faster dense layout", "",
+            NET_HEAD]  # fmt: skip
+    for (prec, model, method, rate, batch), f in by_net.items():
+        cells = [
+            f"{float(f[k]['speedup_vs_dense']):.2f}×" if k in f else ""
+            for k in ("dense", "torch", "torch_cl", "triton")
+        ]
+        ideal = float(next(iter(f.values()))["ideal"])
+        out.append(
+            f"| {prec} | {model} | {method} | {rate} | {batch} | {ideal:.2f}× | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
@@ -273,8 +348,19 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=40, help="random cases of the check")
     ap.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes")
     ap.add_argument("--cache", type=Path, default=None, help="pruned-structure cache folder")
+    ap.add_argument(
+        "--latency",
+        type=Path,
+        default=None,
+        help="latency CSV the backends part appends to (default: OUT/latency.csv)",
+    )
     ap.add_argument("--device", default="cuda", help="cuda (cpu: smoke test of the script)")
+    ap.add_argument("--table", type=Path, default=None, help="print the tables of this folder")
+    ap.add_argument("--brief", action="store_true", help="with --table: the README's subset")
     args = ap.parse_args()
+    if args.table is not None:
+        print(tables(args.table, args.brief), end="")
+        return
     global DEV, TRITON
     DEV = args.device
     if DEV == "cuda" and not torch.cuda.is_available():
@@ -290,7 +376,7 @@ def main() -> None:
     if "networks" in parts:
         time_networks(args.out, args.rounds, args.cache)
     if "backends" in parts:
-        time_backends(args.out, args.rounds, args.cache)
+        time_backends(args.latency or args.out / "latency.csv", args.rounds, args.cache)
 
 
 if __name__ == "__main__":

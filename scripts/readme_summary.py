@@ -9,7 +9,9 @@ is ``gkp-bench leaderboard latency`` over ``results/latency.csv``'s first ``N`` 
 goal table between ``<!-- goals:start rows=N -->`` and ``<!-- goals:end -->`` is
 ``benchmarks.latency.goals_markdown`` over the same rows, and the
 layer table between ``<!-- fused:start -->`` and ``<!-- fused:end -->`` is
-``scripts/bench_fused.py --table results/fused_kernel.csv``:
+``scripts/bench_fused.py --table results/fused_kernel.csv``, and the GPU tables between
+``<!-- gpu:start -->`` and ``<!-- gpu:end -->`` are ``scripts/bench_gpu.py --table results/gpu
+--brief``:
 
     .venv/bin/python scripts/readme_summary.py
 """
@@ -33,6 +35,8 @@ LATENCY_BLOCK = re.compile(r"<!-- latency:start rows=(\d+) -->\n(.*?)<!-- latenc
 GOALS_BLOCK = re.compile(r"<!-- goals:start rows=(\d+) -->\n(.*?)<!-- goals:end -->", re.S)
 FUSED = ROOT / "results" / "fused_kernel.csv"
 FUSED_BLOCK = re.compile(r"<!-- fused:start -->\n(.*?)<!-- fused:end -->", re.S)
+GPU = ROOT / "results" / "gpu"
+GPU_BLOCK = re.compile(r"<!-- gpu:start -->\n(.*?)<!-- gpu:end -->", re.S)
 
 
 def fused_generated() -> str:
@@ -40,6 +44,13 @@ def fused_generated() -> str:
     import bench_fused
 
     return bench_fused.table(bench_fused.read_rows(FUSED))
+
+
+def gpu_generated() -> str:
+    """The GPU tables of results/gpu/ (the README's subset)."""
+    import bench_gpu
+
+    return bench_gpu.tables(GPU, brief=True)
 
 
 def goals_generated(rows: int) -> str:
@@ -83,6 +94,9 @@ def main() -> int:
         if FUSED_BLOCK.search(text):
             fused = f"<!-- fused:start -->\n{fused_generated()}<!-- fused:end -->"
             text = FUSED_BLOCK.sub(lambda _m, fused=fused: fused, text)
+        if GPU_BLOCK.search(text):
+            gpu = f"<!-- gpu:start -->\n{gpu_generated()}<!-- gpu:end -->"
+            text = GPU_BLOCK.sub(lambda _m, gpu=gpu: gpu, text)
         path.write_text(text)
     return 0
 

@@ -44,6 +44,12 @@ def test_fused_kernel_table_is_the_generated_one():
     )
 
 
+def test_gpu_tables_are_the_generated_ones():
+    match = readme_summary.GPU_BLOCK.search(readme_summary.FILES[0].read_text())
+    assert match is not None, "README.md has no <!-- gpu:start --> block"
+    assert match.group(1) == readme_summary.gpu_generated(), "run: python scripts/readme_summary.py"
+
+
 def test_goal_table_is_the_generated_one():
     match = readme_summary.GOALS_BLOCK.search(readme_summary.FILES[0].read_text())
     assert match is not None, "README.md has no <!-- goals:start rows=N --> block"
