@@ -3,8 +3,10 @@
 Each backend turns an eval-mode model into ``fn(x) -> output`` for a fixed input shape; the dense
 network is prepared by the same backend, so every speed-up compares like with like:
 
-- ``eager``: PyTorch eager, grouped layers as gather → grouped conv → un-permute (``torch``).
-- ``fused``: eager with the fused CPU op (:mod:`gkp.fused`) in every grouped layer.
+- ``eager``: PyTorch eager, grouped layers as gather → grouped conv → un-permute (``torch``),
+  or the masked dense network where that runs faster (below).
+- ``fused``: eager with the fused CPU op (:mod:`gkp.fused`) in every grouped layer, or the
+  masked dense network where that runs faster.
 - ``autotune``: eager, each grouped layer the fastest of its exact forms for this shape and thread
   count (:mod:`gkp.autotune`: PyTorch ops, fused op, masked dense).
 - ``compile``: ``torch.compile`` (inductor) of the deployed network.
@@ -20,11 +22,14 @@ Every backend first folds each BatchNorm into the conv before it (:func:`gkp.fol
 for dense and pruned networks alike, as ONNX Runtime and OpenVINO do on load), so eager speed-ups
 compare the convolutions rather than BN passes both networks share.
 
-For ``compile`` and the two runtimes a grouped network has two exact forms: its grouped deploy
-form and the masked dense form (``gkp.nn.densify``: the removed kernels as zeros, i.e. dense
-cost). Like ``autotune`` does per layer, the backend times both (a few rounds) and keeps the
-faster for the whole network; ``form`` in the returned info says which ran (``grouped``,
-``per-group``, ``masked-dense`` or ``dense`` for networks with one form).
+A grouped network has two exact forms on every backend: its grouped deploy form and the masked
+dense form (``gkp.nn.densify``: the removed kernels as zeros, i.e. dense cost). Every backend
+deploys the faster: ``compile``, the runtimes, ``eager`` and ``fused`` time both for the whole
+network (a few rounds; the eager family in both layouts), ``autotune`` per layer and then the
+tuned network against the masked dense one. ``form`` in the returned info says which ran
+(``grouped``, ``per-group``, ``masked-dense`` or ``dense`` for networks with one form), and the
+medians that chose it are kept (``forms_ms`` / ``layouts_ms``), so the grouped form's own speed
+stays on record where it lost.
 """
 
 from __future__ import annotations
@@ -135,13 +140,20 @@ def _eager(
     alike (oneDNN picks other conv kernels for channels-last; the input's conversion is timed
     too), so speed-ups are against the faster dense layout. Under ``autotune`` each layout is
     tuned on its own input, so a layer keeping the masked dense conv runs it in the layout dense
-    runs in. ``info["layout"]`` says which layout runs."""
+    runs in. ``info["layout"]`` says which layout runs.
+
+    Like the runtimes, ``eager`` and ``fused`` also race the masked dense network (in both
+    layouts) against the pruned form and deploy the faster (``form`` = ``masked-dense``,
+    ``layouts_ms`` keys ``masked-dense|<layout>``); ``autotune`` does the same inside
+    :func:`gkp.autotune.autotune`, network against masked dense network."""
     from gkp.autotune import autotune, tune_key
 
-    def variant(layout: str) -> tuple[Callable[[Tensor], Any], dict[str, Any]]:
-        net = model if layout == "nchw" else copy.deepcopy(model).to(memory_format=_CL)
-        info: dict[str, Any] = {"form": form, "layout": layout}
-        if backend == "fused":
+    def variant(choice: str) -> tuple[Callable[[Tensor], Any], dict[str, Any]]:
+        masked, _, layout = choice.rpartition("|")  # "nchw", "masked-dense|channels_last", ...
+        net = densify(model) if masked else model
+        net = net if layout == "nchw" else copy.deepcopy(net).to(memory_format=_CL)
+        info: dict[str, Any] = {"form": masked or form, "layout": layout}
+        if backend == "fused" and not masked:
             set_backend(net, "fused")
         elif backend == "autotune" and form != "dense":
             x = example if layout == "nchw" else example.contiguous(memory_format=_CL)
@@ -160,12 +172,15 @@ def _eager(
             return net, info
         return (lambda x: net(x.contiguous(memory_format=_CL))), info
 
+    choices = ["nchw", "channels_last"]
+    if backend in ("eager", "fused") and form != "dense":
+        choices += [f"masked-dense|{layout}" for layout in choices]
     key = f"{backend}|layout|{tune_key(example, threads)}"
     forms = {} if cache is None else cache.setdefault("forms", {})
-    if forms.get(key) in ("nchw", "channels_last"):
+    if forms.get(key) in choices:
         fn, info = variant(forms[key])
         return fn, {**info, "cached": info.get("cached", True)}
-    variants = {layout: variant(layout) for layout in ("nchw", "channels_last")}
+    variants = {choice: variant(choice) for choice in choices}
     fns = {k: v[0] for k, v in variants.items()}
     ms = metrics.fastest_of(fns, example, rounds=max(3, rounds // 3), threads=threads)
     forms[key] = best = min(ms, key=ms.get)

@@ -119,6 +119,41 @@ def test_autotune_that_keeps_dense_everywhere_runs_plain_convs(monkeypatch):
         assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+@pytest.mark.parametrize("winner", ["nchw", "masked-dense|channels_last"])
+def test_eager_family_deploys_the_faster_of_grouped_and_masked_dense(backend, winner, monkeypatch):
+    """Like the runtimes, eager and fused race the masked dense network against the grouped
+    one (both layouts) and deploy the faster; the losing form's median stays on record."""
+    from gkp import metrics
+
+    if missing(backend):
+        pytest.skip(missing(backend))
+    _, pruned = small_grouped()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.inference_mode():
+        want = pruned(x)
+    raced = []
+
+    def race(fns, example, **kw):
+        raced.append(sorted(fns))
+        return {k: 1.0 if k == winner else 2.0 for k in fns}
+
+    monkeypatch.setattr(metrics, "fastest_of", race)
+    fn, info = prepare(backend, pruned, x, threads=1)
+    choices = ["channels_last", "masked-dense|channels_last", "masked-dense|nchw", "nchw"]
+    assert raced == [choices] and set(info["layouts_ms"]) == set(choices)
+    assert info["form"] == ("grouped" if winner == "nchw" else "masked-dense")
+    assert info["layout"] == winner.rpartition("|")[2]
+    if winner != "nchw":  # the masked dense network runs: no grouped layer is called
+
+        def boom(self, inp):
+            raise AssertionError("a grouped layer ran")
+
+        monkeypatch.setattr(GroupedKernelConv2d, "forward", boom)
+    with torch.inference_mode():
+        assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
+
+
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         missing("tensorrt")
