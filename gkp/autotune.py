@@ -34,6 +34,9 @@ from gkp.nn import DEPLOY_FORMS, PerGroupConv2d
 __all__ = ["apply_choices", "autotune", "candidates", "tune_key"]
 
 
+TUNE_VERSION = 2  # 2: the tuned network raced against the masked dense one; older entries re-tune
+
+
 def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
     """The backends worth timing for ``layer`` (a grouped layer when None) on input ``x``:
     always the PyTorch ops and masked dense; for a grouped layer also channels-last, one conv
@@ -54,7 +57,8 @@ def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
 
 def tune_key(example: Tensor, threads: int | None = None) -> str:
     """Where choices hold: device and processor, dtype, input shape, threads, torch version,
-    the candidates a grouped layer is timed among and the fused kernel's build."""
+    the candidates a grouped layer is timed among, the fused kernel's build and how choices are
+    made (:data:`TUNE_VERSION`)."""
     if example.is_cuda:
         where = f"cuda:{torch.cuda.get_device_name(example.device)}"
     else:
@@ -65,7 +69,7 @@ def tune_key(example: Tensor, threads: int | None = None) -> str:
     tried = "+".join(candidates(example))  # other candidates (a new form, no compiler): re-tune
     if "fused" in tried:
         tried += f"|fused={fused.build_id()}"  # a changed kernel: re-tune
-    return f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}|{tried}"
+    return f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}|{tried}|v{TUNE_VERSION}"
 
 
 def _cpu_name() -> str:
