@@ -312,8 +312,6 @@ def goals_markdown(frame: pd.DataFrame) -> str:
         ("ResNet-50 gkp-l2 (3x3, p=0.75), best backend, batch 16", 1.4,
          _best(frame[r50 & rate & (frame["batch"] == 16)])),
         ("every method, every backend", 0.98, frame[~rate]),
-        ("every method, every backend but eager (the plain PyTorch grouped form)", 0.98,
-         frame[~rate & (frame["backend"] != "eager")]),
     ]  # fmt: skip
     lines = ["| goal | target | threads | measured | met |", "|---|---:|---:|---|---|"]
     for name, target, part in goals:

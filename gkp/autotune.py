@@ -140,8 +140,8 @@ def _whole_network_check(
     """Layer timings do not always add up: on a GPU at small batches the launches of the
     grouped forms (three ops, or a Triton launch, per layer) cost more in the network than each
     layer's timing shows. So the tuned network is timed against the masked dense network (every
-    layer ``"dense"``: the dense network's cost) and the faster is kept; with dense kept, every
-    choice becomes ``"dense"`` and says ``"network_ms"``."""
+    layer ``"dense"``: the dense network's cost) and the faster is kept (with dense kept, every
+    choice becomes ``"dense"``); each choice records both medians in ``"network_ms"``."""
     tuned = {name: c["backend"] for name, c in choices.items()}
     ms = _whole_network_ms(
         model, example, {"tuned": tuned, "dense": dict.fromkeys(tuned, "dense")}, rounds, n

@@ -146,6 +146,7 @@ def grouped_kernel_conv_triton(
     d = c_out // groups
     block_m, block_n, block_k = blocks or (64, 16 if d <= 16 else 32, 32)
     tf32 = x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    tensor_cores = tf32 or (x.is_cuda and x.dtype == torch.bfloat16)  # else exact float32
     grid = (-(-n_img * ho * wo // block_m), -(-d // block_n), groups)  # ceil divisions
     _kernel[grid](
         x, weight, bias if bias is not None else weight, gather, pos, y,
@@ -153,7 +154,7 @@ def grouped_kernel_conv_triton(
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=kh, KW=kw, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if not (tf32 or x.dtype == torch.bfloat16 and x.is_cuda) else "tf32",
+        PRECISION="tf32" if tensor_cores else "ieee",
         UPCAST=not x.is_cuda,
     )  # fmt: skip
     return y
