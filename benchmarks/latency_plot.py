@@ -1,4 +1,5 @@
-"""``latency_backends.png``: measured vs ideal speed-up, one panel per backend, from latency.csv.
+"""``latency_backends.png``: measured vs ideal speed-up, one panel per backend (and device: GPU
+rows get their own panels, titled ``<backend> (cuda)``), from latency.csv.
 
 Each point is one (method, model, batch, threads) of ``results/latency.csv`` (the last row when a
 run id was timed again): x = ideal speed-up (``macs_dense / macs`` of the deployed network),
@@ -32,21 +33,24 @@ def latency_figure(latency_csv: str | os.PathLike, colors: Mapping[str, str] | N
         return None
     keys = ["run_id", "backend", "batch", "threads", "device"]
     frame = frame.drop_duplicates(subset=keys, keep="last")
-    backends = [b for b in BACKENDS if b in set(frame["backend"])]
+    present = set(zip(frame["backend"], frame["device"], strict=True))
+    panels = [(b, d) for d in ("cpu", "cuda") for b in BACKENDS if (b, d) in present]
     palette = method_colors(sorted(set(frame["method"])), colors)
     kinds = sorted({(m, int(b)) for m, b in zip(frame["model"], frame["batch"], strict=True)})
     marker = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(kinds)}
-    fig = Figure(figsize=(4.2 * len(backends) + 2.6, 4.2), dpi=DPI)
-    axes = fig.subplots(1, len(backends), squeeze=False)[0]
+    fig = Figure(figsize=(4.2 * len(panels) + 2.6, 4.2), dpi=DPI)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     top = max(frame["ideal"].max(), frame["speedup"].max(), 1.0) * 1.08
-    for ax, backend in zip(axes, backends, strict=True):
-        part = frame[frame["backend"] == backend].sort_values(["method", "model", "batch"])
+    for ax, (backend, device) in zip(axes, panels, strict=True):
+        part = frame[(frame["backend"] == backend) & (frame["device"] == device)]
+        part = part.sort_values(["method", "model", "batch"])
         ax.plot([0, top], [0, top], "k--", linewidth=1)
         ax.axhline(1, color="0.5", linestyle=":", linewidth=1)
         for row in part.itertuples():
             style = {"color": palette[row.method], "marker": marker[(row.model, int(row.batch))]}
             ax.plot(row.ideal, row.speedup, linestyle="none", markersize=6, alpha=0.85, **style)
-        ax.set(title=backend, xlim=(0.8, top), ylim=(0, top), xlabel="ideal speed-up (MACs ratio)")
+        title = backend if device == "cpu" else f"{backend} ({device})"
+        ax.set(title=title, xlim=(0.8, top), ylim=(0, top), xlabel="ideal speed-up (MACs ratio)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("measured speed-up vs dense, same backend")
     handles = [Line2D([], [], color=palette[m], marker="o", linestyle="none", label=m)
@@ -54,7 +58,7 @@ def latency_figure(latency_csv: str | os.PathLike, colors: Mapping[str, str] | N
     handles += [Line2D([], [], color="0.3", marker=marker[k], linestyle="none",
                        label=f"{k[0]} batch {k[1]}") for k in kinds]  # fmt: skip
     fig.legend(handles=handles, loc="center right", fontsize="small", frameon=False)
-    fig.subplots_adjust(left=0.06, right=1 - 2.6 / (4.2 * len(backends) + 2.6), wspace=0.25,
+    fig.subplots_adjust(left=0.06, right=1 - 2.6 / (4.2 * len(panels) + 2.6), wspace=0.25,
                         bottom=0.13, top=0.9)  # fmt: skip
     return fig
 

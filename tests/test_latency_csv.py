@@ -254,6 +254,11 @@ def test_suite_json_becomes_rows_and_the_figure_has_a_panel_per_backend(tmp_path
     append_rows(out / "latency.csv", [good_row(backend="eager"), good_row(backend="openvino")])
     fig = latency_figure(out / "latency.csv")
     assert [ax.get_title() for ax in fig.axes] == ["eager", "onnxruntime", "openvino"]
+    append_rows(out / "latency.csv", [good_row(backend="eager", device="cuda")])
+    fig = latency_figure(out / "latency.csv")  # GPU rows get their own panel, after the CPU ones
+    assert [ax.get_title() for ax in fig.axes] == ["eager", "onnxruntime", "openvino",
+                                                   "eager (cuda)"]  # fmt: skip
+    assert len(fig.axes[-1].lines) == 2 + 1  # the two guide lines and the one GPU point
 
 
 def test_rows_from_suite_skip_pairs_without_macs():
