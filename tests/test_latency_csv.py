@@ -41,14 +41,19 @@ def small_grouped() -> tuple[nn.Module, nn.Module]:
 CPU_BACKENDS = [b for b in BACKENDS if b != "compile"]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_every_backend_computes_what_eager_computes(backend):
+def grouped_case(backend: str):
+    """(pruned network, input, its eager output) for a backend test; skips where it can't run."""
     if missing(backend):
         pytest.skip(missing(backend))
     _, pruned = small_grouped()
     x = torch.randn(2, 3, 12, 12)
     with torch.inference_mode():
-        want = pruned(x)
+        return pruned, x, pruned(x)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_backend_computes_what_eager_computes(backend):
+    pruned, x, want = grouped_case(backend)
     fn, info = prepare(backend, pruned, x, threads=1)
     with torch.inference_mode():
         got = torch.as_tensor(fn(x))
@@ -126,12 +131,7 @@ def test_eager_family_deploys_the_faster_of_grouped_and_masked_dense(backend, wi
     one (both layouts) and deploy the faster; the losing form's median stays on record."""
     from gkp import metrics
 
-    if missing(backend):
-        pytest.skip(missing(backend))
-    _, pruned = small_grouped()
-    x = torch.randn(2, 3, 12, 12)
-    with torch.inference_mode():
-        want = pruned(x)
+    pruned, x, want = grouped_case(backend)
     raced = []
 
     def race(fns, example, **kw):
