@@ -146,12 +146,13 @@ def _eager(
     layouts) against the pruned form and deploy the faster (``form`` = ``masked-dense``,
     ``layouts_ms`` keys ``masked-dense|<layout>``); ``autotune`` does the same inside
     :func:`gkp.autotune.autotune`, network against masked dense network."""
-    from gkp.autotune import autotune, tune_key
+    from gkp.autotune import autotune, plain_if_all_dense, tune_key
 
     def variant(choice: str) -> tuple[Callable[[Tensor], Any], dict[str, Any]]:
         masked, _, layout = choice.rpartition("|")  # "nchw", "masked-dense|channels_last", ...
-        net = densify(model) if masked else model
-        net = net if layout == "nchw" else copy.deepcopy(net).to(memory_format=_CL)
+        net = densify(model) if masked else model  # densify returns a copy
+        if layout != "nchw":
+            net = (net if masked else copy.deepcopy(net)).to(memory_format=_CL)
         info: dict[str, Any] = {"form": masked or form, "layout": layout}
         if backend == "fused" and not masked:
             set_backend(net, "fused")
@@ -164,9 +165,11 @@ def _eager(
             )  # fmt: skip
             picks = [c["backend"] for c in tuned.values()]
             info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
-            if set(picks) == {"dense"}:  # every layer kept the masked dense conv: run it as
-                info["form"] = "masked-dense"  # plain convs, without the layers' dispatch
-                net = densify(net) if layout == "nchw" else densify(net).to(memory_format=_CL)
+            if set(picks) == {"dense"}:  # every layer kept the masked dense conv
+                info["form"] = "masked-dense"
+                net = plain_if_all_dense(net, tuned)
+                if layout != "nchw":
+                    net = net.to(memory_format=_CL)
             info["cached"] = all(c.get("cached") for c in tuned.values())
         if layout == "nchw":
             return net, info

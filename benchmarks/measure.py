@@ -54,8 +54,8 @@ def deployed_as(
     are stored in it); ``fused`` falls back to ``torch`` (with a warning) where the op cannot
     be built.
     """
-    from gkp.autotune import autotune
-    from gkp.nn import densify, set_backend
+    from gkp.autotune import autotune, plain_if_all_dense
+    from gkp.nn import set_backend
 
     if deploy not in DEPLOYS:
         raise ValueError(f"unknown --deploy {deploy!r}; choose one of {', '.join(DEPLOYS)}")
@@ -66,9 +66,8 @@ def deployed_as(
         return out, {"fused_layers": set_backend(out, "fused")}
     choices = autotune(out, torch.randn(*shape, device=device), threads=threads, cache=tune_cache)
     picked = [c["backend"] for c in choices.values()]
-    if set(picked) == {"dense"}:  # every layer kept the masked dense conv: plain convs run it
-        out = densify(out)
-    return out, {"autotune": {b: picked.count(b) for b in sorted(set(picked))}}
+    counts = {b: picked.count(b) for b in sorted(set(picked))}
+    return plain_if_all_dense(out, choices), {"autotune": counts}
 
 
 def latency_columns(

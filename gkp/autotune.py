@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from gkp import fused, metrics
 from gkp.nn import DEPLOY_FORMS, PerGroupConv2d
 
-__all__ = ["apply_choices", "autotune", "candidates", "tune_key"]
+__all__ = ["apply_choices", "autotune", "candidates", "plain_if_all_dense", "tune_key"]
 
 
 TUNE_VERSION = 2  # 2: the tuned network raced against the masked dense one; older entries re-tune
@@ -151,6 +151,15 @@ def _whole_network_check(
         c["backend"] = tuned[name] if keep == "tuned" else "dense"
         c["network_ms"] = {k: round(v, 4) for k, v in ms.items()}
     apply_choices(model, {name: c["backend"] for name, c in choices.items()})
+
+
+def plain_if_all_dense(model: nn.Module, choices: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+    """``model`` as tuned: when every layer kept the masked dense conv, a copy made of plain
+    convs (:func:`gkp.nn.densify`: the same network without the layers' dispatch), else itself."""
+    from gkp.nn import densify
+
+    picks = {c["backend"] for c in choices.values()}
+    return densify(model) if picks == {"dense"} else model
 
 
 def apply_choices(model: nn.Module, choices: Mapping[str, str], example: Tensor | None = None):
