@@ -223,6 +223,337 @@ const Shape& choose(int64_t d, int64_t n_keep, const Geo& g) {
   return *best;  // D = 1 shapes always qualify
 }
 
+// ---- The lanes path (batches of 8 or more): 8 images in the vector lanes ----------------------
+//
+// A block of 8 images is padded into [channel][padded row][padded column][8 images] (transposed
+// 8 x 8 at a time), so every kernel tap of every output pixel is one aligned vector load, for
+// any stride, and a tile of D filters x P output pixels of one row is D*P accumulators with no
+// partial vectors at the right edge. Tiles write [channel][pixel][8 images] staging planes that
+// are transposed back into the output (NCHW or channels-last, each image's channels in their
+// final order) while in cache. A last block of fewer than 8 images runs with zero lanes.
+
+constexpr int LANES = 8;
+#if defined(__AVX512VL__)
+constexpr int VREGS = 32;  // AVX-512VL: 32 vector registers for 8-float vectors
+#else
+constexpr int VREGS = 16;
+#endif
+
+typedef int v8i __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define GKP_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define GKP_SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
+// r[i][j] -> r[j][i] for an 8 x 8 block held as 8 vectors (three rounds of interleaves).
+inline void transpose8(v8* r) {
+  v8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = GKP_SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = GKP_SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      u[i + 2 * k] = GKP_SHUF(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * k + 1] = GKP_SHUF(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = GKP_SHUF(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[k + 4] = GKP_SHUF(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+#undef GKP_SHUF
+
+struct LGeo {
+  int64_t H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+  int64_t Hp, Wp;  // padded rows and columns
+  int64_t plane;   // floats per padded channel: Hp * Wp * LANES
+};
+
+// One tile: D filters x P output pixels of row oy from column ox0, 8 images per vector. K > 0:
+// a K x K kernel with unit stride and dilation; K == 0: any. Pixels past the row are computed
+// from whatever the buffer holds there (never stored).
+template <int D, int P, int K>
+void ltile(const float* const* chan, const float* w, const float* bias, float* const* out,
+           int64_t n_keep, const LGeo& g, int64_t oy, int64_t ox0) {
+  v8 acc[D][P];
+  for (int f = 0; f < D; ++f)
+    for (int p = 0; p < P; ++p) acc[f][p] = (v8){} + (bias ? bias[f] : 0.f);
+  const int64_t kh = K ? K : g.kh, kw = K ? K : g.kw, taps = kh * kw;
+  const int64_t step = (K ? 1 : g.sw) * LANES;  // floats between output pixels
+  const int64_t start = ((K ? oy : oy * g.sh) * g.Wp + (K ? ox0 : ox0 * g.sw)) * LANES;
+  for (int64_t j = 0; j < n_keep; ++j, w += taps * D) {
+    const float* base = chan[j] + start;
+    for (int64_t ky = 0; ky < kh; ++ky)
+      for (int64_t kx = 0; kx < kw; ++kx) {
+        const float* at =
+            base + (K ? ky * g.Wp + kx : ky * g.dh * g.Wp + kx * g.dw) * LANES;
+        const float* wt = w + (ky * kw + kx) * D;
+        v8 wv[D];
+        for (int f = 0; f < D; ++f) wv[f] = broadcast(wt[f]);
+        for (int p = 0; p < P; ++p) {
+          v8 xv;
+          std::memcpy(&xv, at + p * step, sizeof(v8));
+          for (int f = 0; f < D; ++f) acc[f][p] += wv[f] * xv;
+        }
+      }
+  }
+  const int64_t valid = std::min<int64_t>(P, g.Wo - ox0);
+  for (int f = 0; f < D; ++f) {
+    float* dst = out[f] + (oy * g.Wo + ox0) * LANES;
+    for (int p = 0; p < valid; ++p) std::memcpy(dst + p * LANES, &acc[f][p], sizeof(v8));
+  }
+}
+
+using TileFn_l = void (*)(const float* const*, const float*, const float*, float* const*,
+                           int64_t, const LGeo&, int64_t, int64_t);
+
+struct LShape {
+  int D, P;
+  TileFn_l fn[3];  // 3x3 unit stride, 1x1 unit stride, anything
+};
+
+#define GKP_LSHAPE(D, P) \
+  { D, P, { &ltile<D, P, 3>, &ltile<D, P, 1>, &ltile<D, P, 0> } }
+const LShape LSHAPES[] = {
+    GKP_LSHAPE(1, 7), GKP_LSHAPE(1, 8), GKP_LSHAPE(1, 14), GKP_LSHAPE(1, 16),
+    GKP_LSHAPE(2, 4), GKP_LSHAPE(2, 6), GKP_LSHAPE(2, 7), GKP_LSHAPE(2, 8),
+    GKP_LSHAPE(2, 14), GKP_LSHAPE(4, 3), GKP_LSHAPE(4, 4), GKP_LSHAPE(4, 6),
+    GKP_LSHAPE(8, 1), GKP_LSHAPE(8, 2),
+};
+#undef GKP_LSHAPE
+
+// Registers a shape needs: its accumulators, the D weight broadcasts and one input vector.
+constexpr int lregs(int D, int P) { return D * P + D + 1; }
+
+// Modelled cycles of one filter group's plane: per tap the larger of FMA issue, loads (input
+// vectors and weight broadcasts, 2 per cycle) and FMA latency, plus a cost per tile; pixels
+// computed past the row's end cost in full.
+double lcost(const LShape& s, int64_t d, int64_t n_keep, const LGeo& g) {
+  const double acc = s.D * s.P;
+  const double per_tap = std::max({acc / 2, (s.P + s.D) / 2.0, 4.0}) + 0.5;
+  const double tiles = double(d / s.D) * g.Ho * ((g.Wo + s.P - 1) / s.P);
+  return tiles * (n_keep * g.kh * g.kw * per_tap + 2 * acc + 20);
+}
+
+const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
+  if (const char* force = std::getenv("GKP_FUSED_LANE_TILE")) {  // "D,P": for tuning and tests
+    int D = 0, P = 0;
+    TORCH_CHECK(std::sscanf(force, "%d,%d", &D, &P) == 2,
+                "gkp_fused: GKP_FUSED_LANE_TILE must be \"D,P\", got \"", force, "\"");
+    for (const LShape& s : LSHAPES)
+      if (s.D == D && s.P == P) {
+        if (d % D == 0) return s;  // a layer whose filter groups it does not divide: the model
+        break;
+      }
+    bool known = false;
+    for (const LShape& s : LSHAPES) known |= s.D == D && s.P == P;
+    TORCH_CHECK(known, "gkp_fused: GKP_FUSED_LANE_TILE=", force, " is not one of the kernel's "
+                "lane tile shapes (LSHAPES in grouped_kernel_conv.cpp)");
+  }
+  const LShape* best = nullptr;
+  double best_cost = 0;
+  for (const LShape& s : LSHAPES) {
+    if (d % s.D != 0 || lregs(s.D, s.P) > VREGS) continue;
+    const double c = lcost(s, d, n_keep, g);
+    if (!best || c < best_cost) best = &s, best_cost = c;
+  }
+  return *best;  // (1, 7) and (1, 8) always qualify
+}
+
+// Whether a batch of N runs on the lanes path: 8 or more images with at most a quarter of the
+// lanes empty (GKP_FUSED_PATH=lanes|rows forces it, for tuning and tests).
+bool use_lanes(int64_t N) {
+  if (const char* path = std::getenv("GKP_FUSED_PATH")) {
+    TORCH_CHECK(!std::strcmp(path, "lanes") || !std::strcmp(path, "rows"),
+                "gkp_fused: GKP_FUSED_PATH must be \"lanes\" or \"rows\", got \"", path, "\"");
+    return !std::strcmp(path, "lanes");
+  }
+  const int64_t empty = (N + LANES - 1) / LANES * LANES - N;
+  return N >= LANES && 4 * empty <= N;
+}
+
+// Weights [C_out][n_keep][taps] packed per block of D filters: [block][kept channel][tap][D].
+at::Tensor pack_weights(const at::Tensor& weight, int64_t D) {
+  const int64_t C_out = weight.size(0);
+  const int64_t per_filter = weight.size(1) * weight.size(2) * weight.size(3);
+  at::Tensor packed = at::empty({C_out * per_filter}, weight.options());
+  const float* wp = weight.data_ptr<float>();
+  float* pk = packed.data_ptr<float>();
+  at::parallel_for(0, C_out / D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      for (int64_t f = 0; f < D; ++f) {
+        const float* src = wp + (blk * D + f) * per_filter;
+        float* dst = pk + blk * D * per_filter + f;
+        for (int64_t i = 0; i < per_filter; ++i) dst[i * D] = src[i];
+      }
+  });
+  return packed;
+}
+
+at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, const float* bp,
+                      const int64_t* gp, const std::vector<int64_t>& pos, int64_t groups,
+                      LGeo g, at::Tensor y) {
+  const int64_t N = x.size(0), C_in = x.size(1), C_out = weight.size(0), n_keep = weight.size(1);
+  const int64_t d = C_out / groups, HW = g.H * g.W, HWo = g.Ho * g.Wo;
+  const LShape& s = lchoose(d, n_keep, g);
+  const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
+  const int variant = unit && g.kh == 3 && g.kw == 3 ? 0 : (unit && g.kh == 1 && g.kw == 1 ? 1 : 2);
+  const TileFn_l run = s.fn[variant];
+  const int64_t per_filter = n_keep * g.kh * g.kw;
+  const at::Tensor packed = pack_weights(weight, s.D);
+  const float* pk = packed.data_ptr<float>();
+  // reads past the last plane: the last tile's pixels beyond the row, one row down at most
+  const int64_t slack = (g.Wp + s.P * g.sw + g.kw * g.dw) * LANES;
+  const int64_t nblk = (N + LANES - 1) / LANES;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  static const float zeros[LANES] = {};
+
+  // channels [c0, c1) of block b into its padded planes at dst (borders zeroed)
+  auto pad = [&](float* dst, int64_t b, int64_t c0, int64_t c1) {
+    const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
+    for (int64_t c = c0; c < c1; ++c) {  // borders: top and bottom rows, left and right columns
+      float* pl = dst + c * g.plane;
+      std::memset(pl, 0, sizeof(float) * g.ph * g.Wp * LANES);
+      std::memset(pl + (g.ph + g.H) * g.Wp * LANES, 0,
+                  sizeof(float) * (g.Hp - g.ph - g.H) * g.Wp * LANES);
+      for (int64_t iy = 0; iy < g.H; ++iy) {
+        float* row = pl + (iy + g.ph) * g.Wp * LANES;
+        std::memset(row, 0, sizeof(float) * g.pw * LANES);
+        std::memset(row + (g.pw + g.W) * LANES, 0, sizeof(float) * (g.Wp - g.pw - g.W) * LANES);
+      }
+    }
+    if (!cl) {  // image k's row of 8 pixels -> 8 pixels' vectors of 8 images
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t iy = 0; iy < g.H; ++iy) {
+          const float* src[LANES];
+          for (int k = 0; k < LANES; ++k)
+            src[k] = k < nimg ? xp + ((n0 + k) * C_in + c) * HW + iy * g.W : nullptr;
+          float* row = dst + c * g.plane + ((iy + g.ph) * g.Wp + g.pw) * LANES;
+          int64_t ix = 0;
+          for (; ix + 8 <= g.W; ix += 8) {
+            v8 r[8];
+            for (int k = 0; k < LANES; ++k) r[k] = src[k] ? load8(src[k] + ix) : (v8){};
+            transpose8(r);
+            std::memcpy(row + ix * LANES, r, sizeof(r));
+          }
+          for (; ix < g.W; ++ix)
+            for (int k = 0; k < LANES; ++k) row[ix * LANES + k] = src[k] ? src[k][ix] : 0.f;
+        }
+      return;
+    }
+    for (int64_t iy = 0; iy < g.H; ++iy)  // image k's 8 channels of a pixel -> 8 channels' vectors
+      for (int64_t ix = 0; ix < g.W; ++ix) {
+        const float* src[LANES];
+        for (int k = 0; k < LANES; ++k)
+          src[k] = k < nimg ? xp + (n0 + k) * C_in * HW + (iy * g.W + ix) * C_in : zeros;
+        float* at = dst + ((iy + g.ph) * g.Wp + ix + g.pw) * LANES;
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) {
+          v8 r[8];
+          for (int k = 0; k < LANES; ++k) r[k] = k < nimg ? load8(src[k] + c) : (v8){};
+          transpose8(r);
+          for (int j = 0; j < 8; ++j) std::memcpy(at + (c + j) * g.plane, &r[j], sizeof(v8));
+        }
+        for (; c < c1; ++c)
+          for (int k = 0; k < LANES; ++k) at[c * g.plane + k] = k < nimg ? src[k][c] : 0.f;
+      }
+  };
+  // staged pixels [p0, p1) of block b (stage: [C_out][HWo][8]) into the output
+  auto unstage = [&](const float* stage, int64_t b, int64_t p0, int64_t p1) {
+    const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
+    if (!cl) {
+      for (int64_t o = 0; o < C_out; ++o) {
+        const float* src = stage + o * HWo * LANES;
+        int64_t p = p0;
+        for (; p + 8 <= p1; p += 8) {
+          v8 r[8];
+          std::memcpy(r, src + p * LANES, sizeof(r));
+          transpose8(r);
+          for (int k = 0; k < nimg; ++k)
+            std::memcpy(yp + ((n0 + k) * C_out + o) * HWo + p, &r[k], sizeof(v8));
+        }
+        for (; p < p1; ++p)
+          for (int k = 0; k < nimg; ++k)
+            yp[((n0 + k) * C_out + o) * HWo + p] = src[p * LANES + k];
+      }
+      return;
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t o = 0;
+      for (; o + 8 <= C_out; o += 8) {
+        v8 r[8];
+        for (int j = 0; j < 8; ++j) std::memcpy(&r[j], stage + ((o + j) * HWo + p) * LANES, sizeof(v8));
+        transpose8(r);
+        for (int k = 0; k < nimg; ++k)
+          std::memcpy(yp + ((n0 + k) * HWo + p) * C_out + o, &r[k], sizeof(v8));
+      }
+      for (; o < C_out; ++o)
+        for (int k = 0; k < nimg; ++k)
+          yp[((n0 + k) * HWo + p) * C_out + o] = stage[(o * HWo + p) * LANES + k];
+    }
+  };
+  // groups [g0, g1) of one block: img its padded planes, stage its staging planes
+  auto compute = [&](const float* img, float* stage, int64_t g0, int64_t g1, const float** chan) {
+    for (int64_t i = g0 * n_keep; i < g1 * n_keep; ++i) chan[i] = img + gp[i] * g.plane;
+    float* out[8];
+    for (int64_t grp = g0; grp < g1; ++grp)
+      for (int64_t oy = 0; oy < g.Ho; ++oy)  // rows outer: a row band's reads stay in cache
+        for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
+          for (int f = 0; f < s.D; ++f) out[f] = stage + pos[q + f] * HWo * LANES;
+          const float* bq = bp ? bp + q : nullptr;
+          for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += s.P)
+            run(chan + grp * n_keep, pk + q * per_filter, bq, out, n_keep, g, oy, ox0);
+        }
+  };
+  const int64_t threads = at::get_num_threads();
+  const int64_t in_floats = C_in * g.plane, st_floats = C_out * HWo * LANES;
+  if (nblk % threads == 0 || nblk >= 4 * threads) {  // a block at a time per thread, in cache
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<float[]> buf(new float[in_floats + slack]);
+      std::memset(buf.get() + in_floats, 0, sizeof(float) * slack);
+      std::unique_ptr<float[]> stage(new float[st_floats]);
+      std::vector<const float*> chan(groups * n_keep);
+      for (int64_t b = begin; b < end; ++b) {
+        pad(buf.get(), b, 0, C_in);
+        compute(buf.get(), stage.get(), 0, groups, chan.data());
+        unstage(stage.get(), b, 0, HWo);
+      }
+    });
+    return y;
+  }
+  // fewer blocks than threads: all blocks padded into one buffer, then (block, group) tasks
+  at::Tensor padded = at::empty({nblk * in_floats + slack}, x.options());
+  at::Tensor staged = at::empty({nblk * st_floats}, x.options());
+  float* pp = padded.data_ptr<float>();
+  float* sp = staged.data_ptr<float>();
+  std::memset(pp + nblk * in_floats, 0, sizeof(float) * slack);
+  const int64_t chunks = (C_in + 7) / 8;
+  at::parallel_for(0, nblk * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / chunks, c0 = t % chunks * 8;
+      pad(pp + b * in_floats, b, c0, std::min(C_in, c0 + 8));
+    }
+  });
+  at::parallel_for(0, nblk * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> chan(groups * n_keep);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / groups, grp = t % groups;
+      compute(pp + b * in_floats, sp + b * st_floats, grp, grp + 1, chan.data());
+    }
+  });
+  const int64_t pchunks = (HWo + 63) / 64;  // tasks of 64 pixels
+  at::parallel_for(0, nblk * pchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / pchunks, p0 = t % pchunks * 64;
+      unstage(sp + b * st_floats, b, p0, std::min(HWo, p0 + 64));
+    }
+  });
+  return y;
+}
+
 at::Tensor grouped_kernel_conv_cpu(
     const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
     const at::Tensor& gather_, const at::Tensor& output_index_, at::IntArrayRef stride,
@@ -281,6 +612,13 @@ at::Tensor grouped_kernel_conv_cpu(
                                                         : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
 
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (use_lanes(N)) {
+    LGeo lg{g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.Ho, g.Wo,
+            g.H + 2 * g.ph, g.W + 2 * g.pw, (g.H + 2 * g.ph) * (g.W + 2 * g.pw) * LANES};
+    return lanes_path(x, cl, weight, bp, gp, pos, groups, lg, y);
+  }
+
   const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
   const int variant = unit && g.kh == 3 && g.kw == 3 ? 0 : (unit && g.kh == 1 && g.kw == 1 ? 1 : 2);
   const Shape& s = choose(d, n_keep, g);
@@ -293,20 +631,10 @@ at::Tensor grouped_kernel_conv_cpu(
   const int64_t slack = g.row + g.tap[g.kw - 1] + cols + 8;  // reads past the last plane
 
   // weights packed per block of D grouped filters: [block][kept channel][tap][D]
-  const int64_t taps = g.kh * g.kw, per_filter = n_keep * taps;
-  at::Tensor packed = at::empty({C_out * per_filter}, weight.options());
-  const float* wp = weight.data_ptr<float>();
-  float* pk = packed.data_ptr<float>();
-  at::parallel_for(0, C_out / s.D, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk)
-      for (int64_t f = 0; f < s.D; ++f) {
-        const float* src = wp + (blk * s.D + f) * per_filter;
-        float* dst = pk + blk * s.D * per_filter + f;
-        for (int64_t i = 0; i < per_filter; ++i) dst[i * s.D] = src[i];
-      }
-  });
+  const int64_t per_filter = n_keep * g.kh * g.kw;
+  const at::Tensor packed = pack_weights(weight, s.D);
+  const float* pk = packed.data_ptr<float>();
 
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   // Groups [g0, g1) and output rows [oy0, oy1) of image n (img: its padded planes; chan: room
