@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -58,6 +59,31 @@ struct Geo {
   int64_t plane;  // floats per padded channel: rows * row
   int64_t tap[32];  // offset of kernel column kx in the buffer row: phase plane + shift
 };
+
+// Scratch memory of the calling thread, kept between calls: 64-byte aligned (every vector of the
+// lanes path is one cache line), grown on demand, freed when the thread ends. Buffers allocated
+// and first touched on every call cost page faults comparable to the work of a small layer.
+// Slots: 0 padded input, 1 staged output, 2 packed weights.
+float* scratch(int slot, int64_t floats) {
+  struct Buf {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf bufs[3];
+  Buf& b = bufs[slot];
+  if (floats > b.n) {
+    std::free(b.p);
+    b.p = nullptr;
+    b.n = 0;
+    void* mem = nullptr;
+    TORCH_CHECK(posix_memalign(&mem, 64, sizeof(float) * std::max<int64_t>(floats, 16)) == 0,
+                "gkp_fused: could not allocate ", sizeof(float) * floats, " bytes of scratch");
+    b.p = static_cast<float*>(mem);
+    b.n = floats;
+  }
+  return b.p;
+}
 
 // Copy one input plane into its zero-padded, phase-split buffer plane (rows beyond the padded
 // input, read by the last band of tiles, are zeros too).
@@ -223,47 +249,83 @@ const Shape& choose(int64_t d, int64_t n_keep, const Geo& g) {
   return *best;  // D = 1 shapes always qualify
 }
 
-// ---- The lanes path (batches of 8 or more): 8 images in the vector lanes ----------------------
+// ---- The lanes path (large batches): LANES images in the vector lanes -------------------------
 //
-// A block of 8 images is padded into [channel][padded row][padded column][8 images] (transposed
-// 8 x 8 at a time), so every kernel tap of every output pixel is one aligned vector load, for
-// any stride, and a tile of D filters x P output pixels of one row is D*P accumulators with no
-// partial vectors at the right edge. Tiles write [channel][pixel][8 images] staging planes that
-// are transposed back into the output (NCHW or channels-last, each image's channels in their
-// final order) while in cache. A last block of fewer than 8 images runs with zero lanes.
+// A block of LANES images (16 with AVX-512, else 8) is padded into [channel][padded row][padded
+// column][image] (transposed LANES x LANES at a time), so every kernel tap of every output pixel
+// is one aligned vector load, for any stride, and a tile of D filters x P output pixels of one
+// row is D*P accumulators with no partial vectors at the right edge. Tiles write
+// [channel][pixel][image] staging planes that are transposed back into the output (NCHW or
+// channels-last, each image's channels in their final order) while in cache. A last block of
+// fewer than LANES images runs with zero lanes.
 
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+#else
 constexpr int LANES = 8;
-#if defined(__AVX512VL__)
-constexpr int VREGS = 32;  // AVX-512VL: 32 vector registers for 8-float vectors
+#endif
+#if defined(__AVX512F__) || defined(__AVX512VL__)
+constexpr int VREGS = 32;  // AVX-512: 32 vector registers
 #else
 constexpr int VREGS = 16;
 #endif
+typedef float vl __attribute__((vector_size(4 * LANES)));
+typedef int vli __attribute__((vector_size(4 * LANES)));
 
-typedef int v8i __attribute__((vector_size(32)));
-#if defined(__clang__)
-#define GKP_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define GKP_SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
-#endif
-
-// r[i][j] -> r[j][i] for an 8 x 8 block held as 8 vectors (three rounds of interleaves).
-inline void transpose8(v8* r) {
-  v8 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = GKP_SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = GKP_SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  for (int i = 0; i < 8; i += 4)
-    for (int k = 0; k < 2; ++k) {
-      u[i + 2 * k] = GKP_SHUF(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 2 * k + 1] = GKP_SHUF(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-  for (int k = 0; k < 4; ++k) {
-    r[k] = GKP_SHUF(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    r[k + 4] = GKP_SHUF(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-  }
+inline vl loadl(const float* p) {
+  vl v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
-#undef GKP_SHUF
+
+inline void storel(float* p, vl v) { std::memcpy(p, &v, sizeof(v)); }
+
+template <std::size_t... I>
+inline vl splat(float v, std::index_sequence<I...>) {
+  return vl{(static_cast<void>(I), v)...};
+}
+// v in every lane (a plain splat, which the compiler turns into a broadcast load)
+inline vl splat(float v) { return splat(v, std::make_index_sequence<LANES>()); }
+
+// Lane masks of one transpose round: in each 2b x 2b block of the matrix the two off-diagonal
+// b x b blocks swap (lo: row i's new contents, hi: row i + b's, from rows i and i + b; indices
+// from LANES on pick row i + b's lanes).
+constexpr int lo_lane(int b, int p) { return (p & b) ? LANES + p - b : p; }
+constexpr int hi_lane(int b, int p) { return (p & b) ? LANES + p : p + b; }
+template <int b, std::size_t... P>
+constexpr vli lo_mask(std::index_sequence<P...>) { return vli{lo_lane(b, P)...}; }
+template <int b, std::size_t... P>
+constexpr vli hi_mask(std::index_sequence<P...>) { return vli{hi_lane(b, P)...}; }
+
+template <int b>
+inline void transpose_round(vl* r) {
+  constexpr vli lo_m = lo_mask<b>(std::make_index_sequence<LANES>());
+  constexpr vli hi_m = hi_mask<b>(std::make_index_sequence<LANES>());
+  for (int i = 0; i < LANES; ++i)
+    if (!(i & b)) {
+#if defined(__clang__)
+      vl lo, hi;  // clang's shuffle takes constant indices only: lane by lane
+      for (int p = 0; p < LANES; ++p) {
+        const int l = lo_lane(b, p), h = hi_lane(b, p);
+        lo[p] = l < LANES ? r[i][l] : r[i + b][l - LANES];
+        hi[p] = h < LANES ? r[i][h] : r[i + b][h - LANES];
+      }
+#else
+      const vl lo = __builtin_shuffle(r[i], r[i + b], lo_m);
+      const vl hi = __builtin_shuffle(r[i], r[i + b], hi_m);
+#endif
+      r[i] = lo;
+      r[i + b] = hi;
+    }
+}
+
+// r[i][j] -> r[j][i] for a LANES x LANES block held as LANES vectors.
+inline void transpose(vl* r) {
+  if constexpr (LANES == 16) transpose_round<8>(r);
+  transpose_round<4>(r);
+  transpose_round<2>(r);
+  transpose_round<1>(r);
+}
 
 struct LGeo {
   int64_t H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
@@ -271,15 +333,15 @@ struct LGeo {
   int64_t plane;   // floats per padded channel: Hp * Wp * LANES
 };
 
-// One tile: D filters x P output pixels of row oy from column ox0, 8 images per vector. K > 0:
+// One tile: D filters x P output pixels of row oy from column ox0, LANES images per vector. K > 0:
 // a K x K kernel with unit stride and dilation; K == 0: any. Pixels past the row are computed
 // from whatever the buffer holds there (never stored).
 template <int D, int P, int K>
 void ltile(const float* const* chan, const float* w, const float* bias, float* const* out,
            int64_t n_keep, const LGeo& g, int64_t oy, int64_t ox0) {
-  v8 acc[D][P];
+  vl acc[D][P];
   for (int f = 0; f < D; ++f)
-    for (int p = 0; p < P; ++p) acc[f][p] = (v8){} + (bias ? bias[f] : 0.f);
+    for (int p = 0; p < P; ++p) acc[f][p] = splat(bias ? bias[f] : 0.f);
   const int64_t kh = K ? K : g.kh, kw = K ? K : g.kw, taps = kh * kw;
   const int64_t step = (K ? 1 : g.sw) * LANES;  // floats between output pixels
   const int64_t start = ((K ? oy : oy * g.sh) * g.Wp + (K ? ox0 : ox0 * g.sw)) * LANES;
@@ -290,11 +352,10 @@ void ltile(const float* const* chan, const float* w, const float* bias, float* c
         const float* at =
             base + (K ? ky * g.Wp + kx : ky * g.dh * g.Wp + kx * g.dw) * LANES;
         const float* wt = w + (ky * kw + kx) * D;
-        v8 wv[D];
-        for (int f = 0; f < D; ++f) wv[f] = broadcast(wt[f]);
+        vl wv[D];
+        for (int f = 0; f < D; ++f) wv[f] = splat(wt[f]);
         for (int p = 0; p < P; ++p) {
-          v8 xv;
-          std::memcpy(&xv, at + p * step, sizeof(v8));
+          const vl xv = loadl(at + p * step);
           for (int f = 0; f < D; ++f) acc[f][p] += wv[f] * xv;
         }
       }
@@ -302,7 +363,7 @@ void ltile(const float* const* chan, const float* w, const float* bias, float* c
   const int64_t valid = std::min<int64_t>(P, g.Wo - ox0);
   for (int f = 0; f < D; ++f) {
     float* dst = out[f] + (oy * g.Wo + ox0) * LANES;
-    for (int p = 0; p < valid; ++p) std::memcpy(dst + p * LANES, &acc[f][p], sizeof(v8));
+    for (int p = 0; p < valid; ++p) storel(dst + p * LANES, acc[f][p]);
   }
 }
 
@@ -362,7 +423,7 @@ const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
   return *best;  // (1, 7) and (1, 8) always qualify
 }
 
-// Whether a batch of N runs on the lanes path: 8 or more images with at most a quarter of the
+// Whether a batch of N runs on the lanes path: LANES or more images with at most a quarter of the
 // lanes empty (GKP_FUSED_PATH=lanes|rows forces it, for tuning and tests).
 bool use_lanes(int64_t N) {
   if (const char* path = std::getenv("GKP_FUSED_PATH")) {
@@ -375,12 +436,11 @@ bool use_lanes(int64_t N) {
 }
 
 // Weights [C_out][n_keep][taps] packed per block of D filters: [block][kept channel][tap][D].
-at::Tensor pack_weights(const at::Tensor& weight, int64_t D) {
+const float* pack_weights(const at::Tensor& weight, int64_t D) {
   const int64_t C_out = weight.size(0);
   const int64_t per_filter = weight.size(1) * weight.size(2) * weight.size(3);
-  at::Tensor packed = at::empty({C_out * per_filter}, weight.options());
   const float* wp = weight.data_ptr<float>();
-  float* pk = packed.data_ptr<float>();
+  float* pk = scratch(2, C_out * per_filter);
   at::parallel_for(0, C_out / D, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk)
       for (int64_t f = 0; f < D; ++f) {
@@ -389,7 +449,7 @@ at::Tensor pack_weights(const at::Tensor& weight, int64_t D) {
         for (int64_t i = 0; i < per_filter; ++i) dst[i * D] = src[i];
       }
   });
-  return packed;
+  return pk;
 }
 
 at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, const float* bp,
@@ -402,8 +462,7 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   const int variant = unit && g.kh == 3 && g.kw == 3 ? 0 : (unit && g.kh == 1 && g.kw == 1 ? 1 : 2);
   const TileFn_l run = s.fn[variant];
   const int64_t per_filter = n_keep * g.kh * g.kw;
-  const at::Tensor packed = pack_weights(weight, s.D);
-  const float* pk = packed.data_ptr<float>();
+  const float* pk = pack_weights(weight, s.D);
   // reads past the last plane: the last tile's pixels beyond the row, one row down at most
   const int64_t slack = (g.Wp + s.P * g.sw + g.kw * g.dw) * LANES;
   const int64_t nblk = (N + LANES - 1) / LANES;
@@ -411,69 +470,74 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   float* yp = y.data_ptr<float>();
   static const float zeros[LANES] = {};
 
-  // channels [c0, c1) of block b into its padded planes at dst (borders zeroed)
-  auto pad = [&](float* dst, int64_t b, int64_t c0, int64_t c1) {
-    const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
-    for (int64_t c = c0; c < c1; ++c) {  // borders: top and bottom rows, left and right columns
+  // the zero rows above and below the input in channels [c0, c1) of a block's padded planes
+  auto pad_borders = [&](float* dst, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
       float* pl = dst + c * g.plane;
       std::memset(pl, 0, sizeof(float) * g.ph * g.Wp * LANES);
       std::memset(pl + (g.ph + g.H) * g.Wp * LANES, 0,
                   sizeof(float) * (g.Hp - g.ph - g.H) * g.Wp * LANES);
-      for (int64_t iy = 0; iy < g.H; ++iy) {
-        float* row = pl + (iy + g.ph) * g.Wp * LANES;
+    }
+  };
+  // input rows [iy0, iy1) of channels [c0, c1) of block b into its padded planes at dst, with
+  // their zero columns left and right
+  auto pad = [&](float* dst, int64_t b, int64_t c0, int64_t c1, int64_t iy0, int64_t iy1) {
+    const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t iy = iy0; iy < iy1; ++iy) {
+        float* row = dst + c * g.plane + (iy + g.ph) * g.Wp * LANES;
         std::memset(row, 0, sizeof(float) * g.pw * LANES);
         std::memset(row + (g.pw + g.W) * LANES, 0, sizeof(float) * (g.Wp - g.pw - g.W) * LANES);
       }
-    }
-    if (!cl) {  // image k's row of 8 pixels -> 8 pixels' vectors of 8 images
+    if (!cl) {  // image k's row of LANES pixels -> LANES pixels' vectors of LANES images
       for (int64_t c = c0; c < c1; ++c)
-        for (int64_t iy = 0; iy < g.H; ++iy) {
+        for (int64_t iy = iy0; iy < iy1; ++iy) {
           const float* src[LANES];
           for (int k = 0; k < LANES; ++k)
             src[k] = k < nimg ? xp + ((n0 + k) * C_in + c) * HW + iy * g.W : nullptr;
           float* row = dst + c * g.plane + ((iy + g.ph) * g.Wp + g.pw) * LANES;
           int64_t ix = 0;
-          for (; ix + 8 <= g.W; ix += 8) {
-            v8 r[8];
-            for (int k = 0; k < LANES; ++k) r[k] = src[k] ? load8(src[k] + ix) : (v8){};
-            transpose8(r);
-            std::memcpy(row + ix * LANES, r, sizeof(r));
+          for (; ix + LANES <= g.W; ix += LANES) {
+            vl r[LANES];
+            for (int k = 0; k < LANES; ++k) r[k] = src[k] ? loadl(src[k] + ix) : (vl){};
+            transpose(r);
+            for (int j = 0; j < LANES; ++j) storel(row + (ix + j) * LANES, r[j]);
           }
           for (; ix < g.W; ++ix)
             for (int k = 0; k < LANES; ++k) row[ix * LANES + k] = src[k] ? src[k][ix] : 0.f;
         }
       return;
     }
-    for (int64_t iy = 0; iy < g.H; ++iy)  // image k's 8 channels of a pixel -> 8 channels' vectors
+    for (int64_t iy = iy0; iy < iy1; ++iy)  // image k's LANES channels of a pixel -> their vectors
       for (int64_t ix = 0; ix < g.W; ++ix) {
         const float* src[LANES];
         for (int k = 0; k < LANES; ++k)
           src[k] = k < nimg ? xp + (n0 + k) * C_in * HW + (iy * g.W + ix) * C_in : zeros;
         float* at = dst + ((iy + g.ph) * g.Wp + ix + g.pw) * LANES;
         int64_t c = c0;
-        for (; c + 8 <= c1; c += 8) {
-          v8 r[8];
-          for (int k = 0; k < LANES; ++k) r[k] = k < nimg ? load8(src[k] + c) : (v8){};
-          transpose8(r);
-          for (int j = 0; j < 8; ++j) std::memcpy(at + (c + j) * g.plane, &r[j], sizeof(v8));
+        for (; c + LANES <= c1; c += LANES) {
+          vl r[LANES];
+          for (int k = 0; k < LANES; ++k) r[k] = k < nimg ? loadl(src[k] + c) : (vl){};
+          transpose(r);
+          for (int j = 0; j < LANES; ++j) storel(at + (c + j) * g.plane, r[j]);
         }
         for (; c < c1; ++c)
           for (int k = 0; k < LANES; ++k) at[c * g.plane + k] = k < nimg ? src[k][c] : 0.f;
       }
   };
-  // staged pixels [p0, p1) of block b (stage: [C_out][HWo][8]) into the output
+  // staged pixels [p0, p1) of block b (stage: [C_out][HWo][LANES]) into the output
   auto unstage = [&](const float* stage, int64_t b, int64_t p0, int64_t p1) {
     const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
     if (!cl) {
       for (int64_t o = 0; o < C_out; ++o) {
         const float* src = stage + o * HWo * LANES;
         int64_t p = p0;
-        for (; p + 8 <= p1; p += 8) {
-          v8 r[8];
-          std::memcpy(r, src + p * LANES, sizeof(r));
-          transpose8(r);
+        for (; p + LANES <= p1; p += LANES) {
+          vl r[LANES];
+          for (int j = 0; j < LANES; ++j) r[j] = loadl(src + (p + j) * LANES);
+          transpose(r);
           for (int k = 0; k < nimg; ++k)
-            std::memcpy(yp + ((n0 + k) * C_out + o) * HWo + p, &r[k], sizeof(v8));
+            storel(yp + ((n0 + k) * C_out + o) * HWo + p, r[k]);
         }
         for (; p < p1; ++p)
           for (int k = 0; k < nimg; ++k)
@@ -483,24 +547,25 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
     }
     for (int64_t p = p0; p < p1; ++p) {
       int64_t o = 0;
-      for (; o + 8 <= C_out; o += 8) {
-        v8 r[8];
-        for (int j = 0; j < 8; ++j) std::memcpy(&r[j], stage + ((o + j) * HWo + p) * LANES, sizeof(v8));
-        transpose8(r);
+      for (; o + LANES <= C_out; o += LANES) {
+        vl r[LANES];
+        for (int j = 0; j < LANES; ++j) r[j] = loadl(stage + ((o + j) * HWo + p) * LANES);
+        transpose(r);
         for (int k = 0; k < nimg; ++k)
-          std::memcpy(yp + ((n0 + k) * HWo + p) * C_out + o, &r[k], sizeof(v8));
+          storel(yp + ((n0 + k) * HWo + p) * C_out + o, r[k]);
       }
       for (; o < C_out; ++o)
         for (int k = 0; k < nimg; ++k)
           yp[((n0 + k) * HWo + p) * C_out + o] = stage[(o * HWo + p) * LANES + k];
     }
   };
-  // groups [g0, g1) of one block: img its padded planes, stage its staging planes
-  auto compute = [&](const float* img, float* stage, int64_t g0, int64_t g1, const float** chan) {
-    for (int64_t i = g0 * n_keep; i < g1 * n_keep; ++i) chan[i] = img + gp[i] * g.plane;
+  // output rows [oy0, oy1) of groups [g0, g1) of one block (chan: the block's kept channels'
+  // padded planes; stage: its staging planes), row by row, each row for every group
+  auto compute = [&](const float* const* chan, float* stage, int64_t g0, int64_t g1, int64_t oy0,
+                     int64_t oy1) {
     float* out[8];
-    for (int64_t grp = g0; grp < g1; ++grp)
-      for (int64_t oy = 0; oy < g.Ho; ++oy)  // rows outer: a row band's reads stay in cache
+    for (int64_t oy = oy0; oy < oy1; ++oy)
+      for (int64_t grp = g0; grp < g1; ++grp)
         for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
           for (int f = 0; f < s.D; ++f) out[f] = stage + pos[q + f] * HWo * LANES;
           const float* bq = bp ? bp + q : nullptr;
@@ -508,40 +573,54 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
             run(chan + grp * n_keep, pk + q * per_filter, bq, out, n_keep, g, oy, ox0);
         }
   };
+  auto point = [&](const float* img, const float** chan) {
+    for (int64_t i = 0; i < groups * n_keep; ++i) chan[i] = img + gp[i] * g.plane;
+  };
   const int64_t threads = at::get_num_threads();
   const int64_t in_floats = C_in * g.plane, st_floats = C_out * HWo * LANES;
-  if (nblk % threads == 0 || nblk >= 4 * threads) {  // a block at a time per thread, in cache
+  if (nblk % threads == 0 || nblk >= 4 * threads) {
+    // a block at a time per thread, as a pipeline of rows: each output row is computed for every
+    // group right after the input rows it reads were padded, and every 64 finished pixels go
+    // out to the output, so reading the input and writing the output overlap the arithmetic
+    // and what is touched stays in cache
     at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<float[]> buf(new float[in_floats + slack]);
-      std::memset(buf.get() + in_floats, 0, sizeof(float) * slack);
-      std::unique_ptr<float[]> stage(new float[st_floats]);
+      float* buf = scratch(0, in_floats + slack);
+      std::memset(buf + in_floats, 0, sizeof(float) * slack);
+      float* stage = scratch(1, st_floats);
       std::vector<const float*> chan(groups * n_keep);
+      point(buf, chan.data());
       for (int64_t b = begin; b < end; ++b) {
-        pad(buf.get(), b, 0, C_in);
-        compute(buf.get(), stage.get(), 0, groups, chan.data());
-        unstage(stage.get(), b, 0, HWo);
+        pad_borders(buf, 0, C_in);
+        int64_t padded = 0, written = 0;  // input rows padded, output pixels written out
+        for (int64_t oy = 0; oy < g.Ho; ++oy) {
+          const int64_t need = std::min(g.H, oy * g.sh + (g.kh - 1) * g.dh + 1 - g.ph);
+          if (need > padded) pad(buf, b, 0, C_in, padded, need), padded = need;
+          compute(chan.data(), stage, 0, groups, oy, oy + 1);
+          if ((oy + 1) * g.Wo - written >= 64 || oy + 1 == g.Ho)
+            unstage(stage, b, written, (oy + 1) * g.Wo), written = (oy + 1) * g.Wo;
+        }
       }
     });
     return y;
   }
   // fewer blocks than threads: all blocks padded into one buffer, then (block, group) tasks
-  at::Tensor padded = at::empty({nblk * in_floats + slack}, x.options());
-  at::Tensor staged = at::empty({nblk * st_floats}, x.options());
-  float* pp = padded.data_ptr<float>();
-  float* sp = staged.data_ptr<float>();
+  float* pp = scratch(0, nblk * in_floats + slack);
+  float* sp = scratch(1, nblk * st_floats);
   std::memset(pp + nblk * in_floats, 0, sizeof(float) * slack);
-  const int64_t chunks = (C_in + 7) / 8;
+  const int64_t chunks = (C_in + LANES - 1) / LANES;
   at::parallel_for(0, nblk * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / chunks, c0 = t % chunks * 8;
-      pad(pp + b * in_floats, b, c0, std::min(C_in, c0 + 8));
+      const int64_t b = t / chunks, c0 = t % chunks * LANES, c1 = std::min(C_in, c0 + LANES);
+      pad_borders(pp + b * in_floats, c0, c1);
+      pad(pp + b * in_floats, b, c0, c1, 0, g.H);
     }
   });
   at::parallel_for(0, nblk * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / groups, grp = t % groups;
-      compute(pp + b * in_floats, sp + b * st_floats, grp, grp + 1, chan.data());
+      point(pp + b * in_floats, chan.data());
+      compute(chan.data(), sp + b * st_floats, grp, grp + 1, 0, g.Ho);
     }
   });
   const int64_t pchunks = (HWo + 63) / 64;  // tasks of 64 pixels
@@ -632,8 +711,7 @@ at::Tensor grouped_kernel_conv_cpu(
 
   // weights packed per block of D grouped filters: [block][kept channel][tap][D]
   const int64_t per_filter = n_keep * g.kh * g.kw;
-  const at::Tensor packed = pack_weights(weight, s.D);
-  const float* pk = packed.data_ptr<float>();
+  const float* pk = pack_weights(weight, s.D);
 
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -681,23 +759,22 @@ at::Tensor grouped_kernel_conv_cpu(
     // images split evenly enough over the threads: each pads one image at a time into its own
     // buffer and computes it while that buffer is still in cache
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<float[]> buf(new float[C_in * g.plane + slack]);
-      std::memset(buf.get() + C_in * g.plane, 0, sizeof(float) * slack);
-      std::unique_ptr<float[]> staging(cl ? new float[C_out * HWo] : nullptr);
+      float* buf = scratch(0, C_in * g.plane + slack);
+      std::memset(buf + C_in * g.plane, 0, sizeof(float) * slack);
+      float* staging = cl ? scratch(1, C_out * HWo) : nullptr;
       std::vector<const float*> chan(groups * n_keep);
       for (int64_t n = begin; n < end; ++n) {
-        pad(buf.get(), n, 0, C_in);
+        pad(buf, n, 0, C_in);
         float* yn = yp + n * C_out * HWo;
-        compute(buf.get(), cl ? staging.get() : yn, 0, groups, 0, g.Ho, chan.data());
-        if (cl) to_channels_last(yn, staging.get(), C_out, HWo, 0, HWo);
+        compute(buf, cl ? staging : yn, 0, groups, 0, g.Ho, chan.data());
+        if (cl) to_channels_last(yn, staging, C_out, HWo, 0, HWo);
       }
     });
     return y;
   }
   // fewer images than threads: every input plane padded once, in parallel, into a shared
   // buffer, then (image, band of R rows) or (image, group) tasks are spread over the threads
-  at::Tensor padded = at::empty({N * C_in * g.plane + slack}, x.options());
-  float* pp = padded.data_ptr<float>();
+  float* pp = scratch(0, N * C_in * g.plane + slack);
   std::memset(pp + N * C_in * g.plane, 0, sizeof(float) * slack);
   const int64_t chunks = (C_in + 15) / 16;  // tasks of 16 channels (a cache line per pixel)
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -706,8 +783,7 @@ at::Tensor grouped_kernel_conv_cpu(
       pad(pp + n * C_in * g.plane, n, c0, std::min(C_in, c0 + 16));
     }
   });
-  at::Tensor staged = cl ? at::empty({N * C_out * HWo}, x.options()) : at::Tensor();
-  float* ys = cl ? staged.data_ptr<float>() : yp;
+  float* ys = cl ? scratch(1, N * C_out * HWo) : yp;
   const int64_t per_image = by_band ? bands : groups;
   at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
