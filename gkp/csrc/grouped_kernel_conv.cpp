@@ -329,8 +329,7 @@ inline void transpose(vl* r) {
 
 struct LGeo {
   int64_t H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
-  int64_t Hp, Wp;  // padded rows and columns
-  int64_t plane;   // floats per padded channel: Hp * Wp * LANES
+  int64_t Wp;  // padded columns
 };
 
 // One tile: D filters x P output pixels of row oy from column ox0, LANES images per vector. K > 0:
@@ -377,23 +376,23 @@ struct LShape {
 
 #define GKP_LSHAPE(D, P) \
   { D, P, { &ltile<D, P, 3>, &ltile<D, P, 1>, &ltile<D, P, 0> } }
+// At most 16 accumulators: larger tiles (28 accumulators of AVX-512's 32 registers, like (2, 14)
+// or (4, 6)) measured slower. On equal modelled cost the earlier shape wins.
 const LShape LSHAPES[] = {
-    GKP_LSHAPE(1, 7), GKP_LSHAPE(1, 8), GKP_LSHAPE(1, 14), GKP_LSHAPE(1, 16),
-    GKP_LSHAPE(2, 4), GKP_LSHAPE(2, 6), GKP_LSHAPE(2, 7), GKP_LSHAPE(2, 8),
-    GKP_LSHAPE(2, 14), GKP_LSHAPE(4, 3), GKP_LSHAPE(4, 4), GKP_LSHAPE(4, 6),
-    GKP_LSHAPE(8, 1), GKP_LSHAPE(8, 2),
+    GKP_LSHAPE(4, 4), GKP_LSHAPE(2, 8), GKP_LSHAPE(8, 2), GKP_LSHAPE(2, 7), GKP_LSHAPE(1, 16),
+    GKP_LSHAPE(2, 4), GKP_LSHAPE(1, 8), GKP_LSHAPE(1, 7), GKP_LSHAPE(8, 1),
 };
 #undef GKP_LSHAPE
 
 // Registers a shape needs: its accumulators, the D weight broadcasts and one input vector.
 constexpr int lregs(int D, int P) { return D * P + D + 1; }
 
-// Modelled cycles of one filter group's plane: per tap the larger of FMA issue, loads (input
-// vectors and weight broadcasts, 2 per cycle) and FMA latency, plus a cost per tile; pixels
-// computed past the row's end cost in full.
+// Modelled cycles of one filter group's plane: per tap the larger of FMA issue (2 per cycle),
+// loads (an input vector, from the L2-resident buffer, a cycle; a weight broadcast half) and
+// FMA latency, plus a cost per tile; pixels computed past the row's end cost in full.
 double lcost(const LShape& s, int64_t d, int64_t n_keep, const LGeo& g) {
   const double acc = s.D * s.P;
-  const double per_tap = std::max({acc / 2, (s.P + s.D) / 2.0, 4.0}) + 0.5;
+  const double per_tap = std::max({acc / 2, s.P + s.D / 2.0, 4.0}) + 0.5;
   const double tiles = double(d / s.D) * g.Ho * ((g.Wo + s.P - 1) / s.P);
   return tiles * (n_keep * g.kh * g.kw * per_tap + 2 * acc + 20);
 }
@@ -420,7 +419,7 @@ const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
     const double c = lcost(s, d, n_keep, g);
     if (!best || c < best_cost) best = &s, best_cost = c;
   }
-  return *best;  // (1, 7) and (1, 8) always qualify
+  return *best;  // (1, 8) and (1, 7) always qualify
 }
 
 // Whether a batch of N runs on the lanes path: LANES or more images with at most a quarter of the
@@ -470,32 +469,24 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   float* yp = y.data_ptr<float>();
   static const float zeros[LANES] = {};
 
-  // the zero rows above and below the input in channels [c0, c1) of a block's padded planes
-  auto pad_borders = [&](float* dst, int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      float* pl = dst + c * g.plane;
-      std::memset(pl, 0, sizeof(float) * g.ph * g.Wp * LANES);
-      std::memset(pl + (g.ph + g.H) * g.Wp * LANES, 0,
-                  sizeof(float) * (g.Hp - g.ph - g.H) * g.Wp * LANES);
-    }
-  };
-  // input rows [iy0, iy1) of channels [c0, c1) of block b into its padded planes at dst, with
-  // their zero columns left and right
-  auto pad = [&](float* dst, int64_t b, int64_t c0, int64_t c1, int64_t iy0, int64_t iy1) {
+  // Input rows [iy0, iy1) of block b into padded planes at dst (plane floats each, first row:
+  // padded row py0), with their zero columns left and right.
+  auto pad = [&](float* dst, int64_t plane, int64_t py0, int64_t b, int64_t iy0, int64_t iy1) {
     const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
-    for (int64_t c = c0; c < c1; ++c)
+    const int64_t first = (iy0 + g.ph - py0) * g.Wp * LANES;  // row iy0 in a plane
+    for (int64_t c = 0; c < C_in; ++c)
       for (int64_t iy = iy0; iy < iy1; ++iy) {
-        float* row = dst + c * g.plane + (iy + g.ph) * g.Wp * LANES;
+        float* row = dst + c * plane + first + (iy - iy0) * g.Wp * LANES;
         std::memset(row, 0, sizeof(float) * g.pw * LANES);
         std::memset(row + (g.pw + g.W) * LANES, 0, sizeof(float) * (g.Wp - g.pw - g.W) * LANES);
       }
     if (!cl) {  // image k's row of LANES pixels -> LANES pixels' vectors of LANES images
-      for (int64_t c = c0; c < c1; ++c)
+      for (int64_t c = 0; c < C_in; ++c)
         for (int64_t iy = iy0; iy < iy1; ++iy) {
           const float* src[LANES];
           for (int k = 0; k < LANES; ++k)
             src[k] = k < nimg ? xp + ((n0 + k) * C_in + c) * HW + iy * g.W : nullptr;
-          float* row = dst + c * g.plane + ((iy + g.ph) * g.Wp + g.pw) * LANES;
+          float* row = dst + c * plane + first + ((iy - iy0) * g.Wp + g.pw) * LANES;
           int64_t ix = 0;
           for (; ix + LANES <= g.W; ix += LANES) {
             vl r[LANES];
@@ -513,121 +504,100 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
         const float* src[LANES];
         for (int k = 0; k < LANES; ++k)
           src[k] = k < nimg ? xp + (n0 + k) * C_in * HW + (iy * g.W + ix) * C_in : zeros;
-        float* at = dst + ((iy + g.ph) * g.Wp + ix + g.pw) * LANES;
-        int64_t c = c0;
-        for (; c + LANES <= c1; c += LANES) {
+        float* at = dst + first + ((iy - iy0) * g.Wp + ix + g.pw) * LANES;
+        int64_t c = 0;
+        for (; c + LANES <= C_in; c += LANES) {
           vl r[LANES];
           for (int k = 0; k < LANES; ++k) r[k] = k < nimg ? loadl(src[k] + c) : (vl){};
           transpose(r);
-          for (int j = 0; j < LANES; ++j) storel(at + (c + j) * g.plane, r[j]);
+          for (int j = 0; j < LANES; ++j) storel(at + (c + j) * plane, r[j]);
         }
-        for (; c < c1; ++c)
-          for (int k = 0; k < LANES; ++k) at[c * g.plane + k] = k < nimg ? src[k][c] : 0.f;
+        for (; c < C_in; ++c)
+          for (int k = 0; k < LANES; ++k) at[c * plane + k] = k < nimg ? src[k][c] : 0.f;
       }
   };
-  // staged pixels [p0, p1) of block b (stage: [C_out][HWo][LANES]) into the output
-  auto unstage = [&](const float* stage, int64_t b, int64_t p0, int64_t p1) {
+  // Staged pixels [p0, p1) of block b (stage: [C_out][npix][LANES], its pixel 0 being output
+  // pixel base) into the output.
+  auto unstage = [&](const float* stage, int64_t npix, int64_t base, int64_t b, int64_t p0,
+                     int64_t p1) {
     const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
     if (!cl) {
       for (int64_t o = 0; o < C_out; ++o) {
-        const float* src = stage + o * HWo * LANES;
+        const float* src = stage + o * npix * LANES;
+        float* dst = yp + o * HWo + base;  // + image's offset
         int64_t p = p0;
         for (; p + LANES <= p1; p += LANES) {
           vl r[LANES];
           for (int j = 0; j < LANES; ++j) r[j] = loadl(src + (p + j) * LANES);
           transpose(r);
-          for (int k = 0; k < nimg; ++k)
-            storel(yp + ((n0 + k) * C_out + o) * HWo + p, r[k]);
+          for (int k = 0; k < nimg; ++k) storel(dst + (n0 + k) * C_out * HWo + p, r[k]);
         }
         for (; p < p1; ++p)
-          for (int k = 0; k < nimg; ++k)
-            yp[((n0 + k) * C_out + o) * HWo + p] = src[p * LANES + k];
+          for (int k = 0; k < nimg; ++k) dst[(n0 + k) * C_out * HWo + p] = src[p * LANES + k];
       }
       return;
     }
     for (int64_t p = p0; p < p1; ++p) {
+      float* dst = yp + (base + p) * C_out;  // + image's offset
       int64_t o = 0;
       for (; o + LANES <= C_out; o += LANES) {
         vl r[LANES];
-        for (int j = 0; j < LANES; ++j) r[j] = loadl(stage + ((o + j) * HWo + p) * LANES);
+        for (int j = 0; j < LANES; ++j) r[j] = loadl(stage + ((o + j) * npix + p) * LANES);
         transpose(r);
-        for (int k = 0; k < nimg; ++k)
-          storel(yp + ((n0 + k) * HWo + p) * C_out + o, r[k]);
+        for (int k = 0; k < nimg; ++k) storel(dst + (n0 + k) * HWo * C_out + o, r[k]);
       }
       for (; o < C_out; ++o)
         for (int k = 0; k < nimg; ++k)
-          yp[((n0 + k) * HWo + p) * C_out + o] = stage[(o * HWo + p) * LANES + k];
+          dst[(n0 + k) * HWo * C_out + o] = stage[(o * npix + p) * LANES + k];
     }
   };
-  // output rows [oy0, oy1) of groups [g0, g1) of one block (chan: the block's kept channels'
-  // padded planes; stage: its staging planes), row by row, each row for every group
-  auto compute = [&](const float* const* chan, float* stage, int64_t g0, int64_t g1, int64_t oy0,
-                     int64_t oy1) {
+  // One task: output rows [oy0, oy1) of block b, in this thread's own buffers, as a pipeline
+  // of rows: each output row is computed for every group right after the input rows it reads
+  // were padded, and every 64 or more finished pixels go out to the output, so what is touched
+  // stays in cache.
+  auto band = [&](int64_t b, int64_t oy0, int64_t oy1, std::vector<const float*>& chan) {
+    const int64_t py0 = oy0 * g.sh, rows = (oy1 - oy0 - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    const int64_t plane = rows * g.Wp * LANES, npix = (oy1 - oy0) * g.Wo;
+    float* buf = scratch(0, C_in * plane + slack);
+    std::memset(buf + C_in * plane, 0, sizeof(float) * slack);
+    float* stage = scratch(1, C_out * npix * LANES);
+    for (int64_t i = 0; i < groups * n_keep; ++i) chan[i] = buf + gp[i] * plane;
+    for (int64_t c = 0; c < C_in; ++c)  // padding rows (above and below the input) are zeros
+      for (int64_t r = 0; r < rows; ++r)
+        if (py0 + r < g.ph || py0 + r >= g.ph + g.H)
+          std::memset(buf + c * plane + r * g.Wp * LANES, 0, sizeof(float) * g.Wp * LANES);
+    const int64_t last = std::min(g.H, py0 + rows - g.ph);  // input rows the band reads: < last
+    int64_t padded = std::max<int64_t>(0, py0 - g.ph), written = 0;
     float* out[8];
-    for (int64_t oy = oy0; oy < oy1; ++oy)
-      for (int64_t grp = g0; grp < g1; ++grp)
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
+      const int64_t need = std::min(last, oy * g.sh + (g.kh - 1) * g.dh + 1 - g.ph);
+      if (need > padded) pad(buf, plane, py0, b, padded, need), padded = need;
+      for (int64_t grp = 0; grp < groups; ++grp)
         for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
-          for (int f = 0; f < s.D; ++f) out[f] = stage + pos[q + f] * HWo * LANES;
+          for (int f = 0; f < s.D; ++f) out[f] = stage + pos[q + f] * npix * LANES;
           const float* bq = bp ? bp + q : nullptr;
           for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += s.P)
-            run(chan + grp * n_keep, pk + q * per_filter, bq, out, n_keep, g, oy, ox0);
+            run(chan.data() + grp * n_keep, pk + q * per_filter, bq, out, n_keep, g, oy - oy0,
+                ox0);
         }
-  };
-  auto point = [&](const float* img, const float** chan) {
-    for (int64_t i = 0; i < groups * n_keep; ++i) chan[i] = img + gp[i] * g.plane;
-  };
-  const int64_t threads = at::get_num_threads();
-  const int64_t in_floats = C_in * g.plane, st_floats = C_out * HWo * LANES;
-  if (nblk % threads == 0 || nblk >= 4 * threads) {
-    // a block at a time per thread, as a pipeline of rows: each output row is computed for every
-    // group right after the input rows it reads were padded, and every 64 finished pixels go
-    // out to the output, so reading the input and writing the output overlap the arithmetic
-    // and what is touched stays in cache
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      float* buf = scratch(0, in_floats + slack);
-      std::memset(buf + in_floats, 0, sizeof(float) * slack);
-      float* stage = scratch(1, st_floats);
-      std::vector<const float*> chan(groups * n_keep);
-      point(buf, chan.data());
-      for (int64_t b = begin; b < end; ++b) {
-        pad_borders(buf, 0, C_in);
-        int64_t padded = 0, written = 0;  // input rows padded, output pixels written out
-        for (int64_t oy = 0; oy < g.Ho; ++oy) {
-          const int64_t need = std::min(g.H, oy * g.sh + (g.kh - 1) * g.dh + 1 - g.ph);
-          if (need > padded) pad(buf, b, 0, C_in, padded, need), padded = need;
-          compute(chan.data(), stage, 0, groups, oy, oy + 1);
-          if ((oy + 1) * g.Wo - written >= 64 || oy + 1 == g.Ho)
-            unstage(stage, b, written, (oy + 1) * g.Wo), written = (oy + 1) * g.Wo;
-        }
-      }
-    });
-    return y;
-  }
-  // fewer blocks than threads: all blocks padded into one buffer, then (block, group) tasks
-  float* pp = scratch(0, nblk * in_floats + slack);
-  float* sp = scratch(1, nblk * st_floats);
-  std::memset(pp + nblk * in_floats, 0, sizeof(float) * slack);
-  const int64_t chunks = (C_in + LANES - 1) / LANES;
-  at::parallel_for(0, nblk * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / chunks, c0 = t % chunks * LANES, c1 = std::min(C_in, c0 + LANES);
-      pad_borders(pp + b * in_floats, c0, c1);
-      pad(pp + b * in_floats, b, c0, c1, 0, g.H);
+      const int64_t done = (oy + 1 - oy0) * g.Wo;
+      if (done - written >= 64 || oy + 1 == oy1)
+        unstage(stage, npix, oy0 * g.Wo, b, written, done), written = done;
     }
-  });
-  at::parallel_for(0, nblk * groups, 1, [&](int64_t begin, int64_t end) {
+  };
+  // Blocks split over the threads; when there are fewer blocks than threads (or an uneven few),
+  // each block's rows too, in bands (bands recompute nothing: they only re-pad the input rows
+  // they share).
+  const int64_t threads = at::get_num_threads();
+  const int64_t nband = nblk % threads == 0 || nblk >= 4 * threads
+                            ? 1
+                            : std::min(g.Ho, (threads + nblk - 1) / nblk);
+  const int64_t per_band = (g.Ho + nband - 1) / nband;
+  at::parallel_for(0, nblk * nband, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / groups, grp = t % groups;
-      point(pp + b * in_floats, chan.data());
-      compute(chan.data(), sp + b * st_floats, grp, grp + 1, 0, g.Ho);
-    }
-  });
-  const int64_t pchunks = (HWo + 63) / 64;  // tasks of 64 pixels
-  at::parallel_for(0, nblk * pchunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / pchunks, p0 = t % pchunks * 64;
-      unstage(sp + b * st_floats, b, p0, std::min(HWo, p0 + 64));
+      const int64_t b = t / nband, oy0 = t % nband * per_band;
+      if (oy0 < g.Ho) band(b, oy0, std::min(g.Ho, oy0 + per_band), chan);
     }
   });
   return y;
@@ -693,8 +663,7 @@ at::Tensor grouped_kernel_conv_cpu(
 
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   if (use_lanes(N)) {
-    LGeo lg{g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.Ho, g.Wo,
-            g.H + 2 * g.ph, g.W + 2 * g.pw, (g.H + 2 * g.ph) * (g.W + 2 * g.pw) * LANES};
+    LGeo lg{g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.Ho, g.Wo, g.W + 2 * g.pw};
     return lanes_path(x, cl, weight, bp, gp, pos, groups, lg, y);
   }
 
