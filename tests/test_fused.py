@@ -109,7 +109,7 @@ def grouped_net(seed=0):
     return model, plans, apply_plans(model, plans).eval()
 
 
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("batch", [1, 5, 16, 40])
 def test_fused_layers_equal_the_masked_dense_network(op, batch):
     model, plans, pruned = grouped_net()
     x = torch.randn(batch, 3, 15, 15)
@@ -402,12 +402,74 @@ def test_every_tile_shape_is_exact(op, tile, order, monkeypatch):
         torch.set_num_threads(before)
 
 
+def with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_lanes_path_equals_gather_grouped_conv_unpermute(op, seed, monkeypatch):
+    """The large-batch path (images in the vector lanes), forced: random shapes, strides,
+    paddings, dilations and repeated kept channels, batches that fill the lanes or leave some
+    empty, NCHW or channels-last input, at 1 and 2 threads (with one block of images at 2
+    threads each block is split into bands of rows)."""
+    monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
+    rng = random.Random(1000 + seed)
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(rng)
+    x = torch.randn(rng.choice([3, 8, 16, 21, 32]), *x.shape[1:])
+    if seed % 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+    got = with_threads(1 + seed // 2 % 2,
+                       lambda: op(x, weight, bias, gather, out_idx, stride, pad, dil, groups))
+    assert got.shape == want.shape
+    assert got.is_contiguous(memory_format=fused.layout_of(x))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1"]
+
+
+@pytest.mark.parametrize("tile", LANE_TILES)
+def test_every_lane_tile_shape_is_exact(op, tile, monkeypatch):
+    """Each tile shape of the lanes path (forced; normally a cost model picks one) on its three
+    code paths (3x3 and 1x1 unit stride, a strided dilated 3x3), NCHW and channels-last input,
+    one block split into bands of rows (batch 16 at 2 threads) and a block per thread (batch
+    40: the last block has empty lanes)."""
+    monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
+    monkeypatch.setenv("GKP_FUSED_LANE_TILE", tile)
+    gen = torch.Generator().manual_seed(sum(map(int, tile.split(","))))
+    for batch, cl, (k, stride, pad, dil, hw) in itertools.product(
+        [16, 40], [False, True], [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)),
+                                  (3, 2, 2, 2, (17, 19))]
+    ):  # fmt: skip
+        x = torch.randn(batch, 12, *hw, generator=gen)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(16, 5, k, k, generator=gen)
+        bias = torch.randn(16, generator=gen)
+        gather = torch.randint(0, 12, (10,), generator=gen)
+        out_idx = torch.randperm(16, generator=gen)
+        args = ((stride, stride), (pad, pad), (dil, dil), 2)
+        want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
+        got = with_threads(2, lambda: op(x, weight, bias, gather, out_idx, *args))
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tile, batch, cl, k, stride)
+
+
 @pytest.mark.parametrize(
-    "var, value",
-    [("GKP_FUSED_TILE", "4,3,1"), ("GKP_FUSED_TILE", "2;2;2"), ("GKP_FUSED_ORDER", "rows")],
-)
-def test_an_unknown_tuning_override_is_refused(op, var, value, monkeypatch):
-    monkeypatch.setenv(var, value)
+    "env",
+    [{"GKP_FUSED_TILE": "4,3,1"}, {"GKP_FUSED_TILE": "2;2;2"}, {"GKP_FUSED_ORDER": "rows"},
+     {"GKP_FUSED_PATH": "vectors"}, {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "3,3"},
+     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "4"}],
+)  # fmt: skip
+def test_an_unknown_tuning_override_is_refused(op, env, monkeypatch):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    var = list(env)[-1]
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 2, 3, 3)
     with pytest.raises(RuntimeError, match=var):
         op(x, weight, None, torch.arange(4), torch.arange(8), (1, 1), (1, 1), (1, 1), 2)
