@@ -424,8 +424,9 @@ def test_lanes_path_equals_gather_grouped_conv_unpermute(op, seed, monkeypatch):
     if seed % 2:
         x = x.contiguous(memory_format=torch.channels_last)
     want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
-    got = with_threads(1 + seed // 2 % 2,
-                       lambda: op(x, weight, bias, gather, out_idx, stride, pad, dil, groups))
+    got = with_threads(
+        1 + seed // 2 % 2, lambda: op(x, weight, bias, gather, out_idx, stride, pad, dil, groups)
+    )
     assert got.shape == want.shape
     assert got.is_contiguous(memory_format=fused.layout_of(x))
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -456,7 +457,8 @@ def test_every_lane_tile_shape_is_exact(op, tile, monkeypatch):
         out_idx = torch.randperm(16, generator=gen)
         args = ((stride, stride), (pad, pad), (dil, dil), 2)
         want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
-        got = with_threads(2, lambda: op(x, weight, bias, gather, out_idx, *args))
+        call = (x, weight, bias, gather, out_idx, *args)
+        got = with_threads(2, lambda call=call: op(*call))
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tile, batch, cl, k, stride)
 
 
