@@ -222,6 +222,9 @@ def _ort(model: nn.Module, example: Tensor, threads: int) -> Callable[[Tensor], 
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no busy-waiting after a run: dense and pruned sessions alternate in one process, and a
+    # session's spinning threads would take the cores from the other one's next run
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(
         _onnx_bytes(model, example), opts, providers=["CPUExecutionProvider"]
     )
