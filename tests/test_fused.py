@@ -368,6 +368,26 @@ def test_bench_reports_ideal_and_how_it_deployed(capsys):
         assert r["deploy"] == "autotune" and sum(r["deploy_choices"]["autotune"].values()) == 18
 
 
+def check_tile_geometries(op, gen, batches, layouts, label):
+    """The op at 2 threads against the reference on three geometries (3x3 and 1x1 unit stride,
+    a strided, dilated 3x3) for each batch and input layout (True: channels-last)."""
+    for batch, cl, (k, stride, pad, dil, hw) in itertools.product(
+        batches, layouts, [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)), (3, 2, 2, 2, (17, 19))]
+    ):
+        x = torch.randn(batch, 12, *hw, generator=gen)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(16, 5, k, k, generator=gen)
+        bias = torch.randn(16, generator=gen)
+        gather = torch.randint(0, 12, (10,), generator=gen)
+        out_idx = torch.randperm(16, generator=gen)
+        args = ((stride, stride), (pad, pad), (dil, dil), 2)
+        want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
+        call = (x, weight, bias, gather, out_idx, *args)
+        got = with_threads(2, lambda call=call: op(*call))
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (label, batch, cl, k, stride)
+
+
 TILES = ["1,3,4", "1,6,2", "1,8,1", "2,1,4", "2,2,3", "2,3,2", "2,6,1", "4,1,2", "4,2,1", "8,1,1"]
 
 
@@ -383,23 +403,7 @@ def test_every_tile_shape_is_exact(op, tile, order, monkeypatch):
     monkeypatch.setenv("GKP_FUSED_TILE", tile)
     monkeypatch.setenv("GKP_FUSED_ORDER", order)
     gen = torch.Generator().manual_seed(len(tile) + sum(map(int, tile.split(","))))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for batch, (k, stride, pad, dil, hw) in itertools.product(
-            [1, 2], [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)), (3, 2, 2, 2, (17, 19))]
-        ):
-            x = torch.randn(batch, 12, *hw, generator=gen)
-            weight = torch.randn(16, 5, k, k, generator=gen)
-            bias = torch.randn(16, generator=gen)
-            gather = torch.randint(0, 12, (10,), generator=gen)
-            out_idx = torch.randperm(16, generator=gen)
-            args = ((stride, stride), (pad, pad), (dil, dil), 2)
-            want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
-            got = op(x, weight, bias, gather, out_idx, *args)
-            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tile, batch, k, stride)
-    finally:
-        torch.set_num_threads(before)
+    check_tile_geometries(op, gen, batches=[1, 2], layouts=[False], label=tile)
 
 
 def with_threads(n, fn):
@@ -444,22 +448,7 @@ def test_every_lane_tile_shape_is_exact(op, tile, monkeypatch):
     monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
     monkeypatch.setenv("GKP_FUSED_LANE_TILE", tile)
     gen = torch.Generator().manual_seed(sum(map(int, tile.split(","))))
-    for batch, cl, (k, stride, pad, dil, hw) in itertools.product(
-        [16, 40], [False, True], [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)),
-                                  (3, 2, 2, 2, (17, 19))]
-    ):  # fmt: skip
-        x = torch.randn(batch, 12, *hw, generator=gen)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(16, 5, k, k, generator=gen)
-        bias = torch.randn(16, generator=gen)
-        gather = torch.randint(0, 12, (10,), generator=gen)
-        out_idx = torch.randperm(16, generator=gen)
-        args = ((stride, stride), (pad, pad), (dil, dil), 2)
-        want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
-        call = (x, weight, bias, gather, out_idx, *args)
-        got = with_threads(2, lambda call=call: op(*call))
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tile, batch, cl, k, stride)
+    check_tile_geometries(op, gen, batches=[16, 40], layouts=[False, True], label=tile)
 
 
 @pytest.mark.parametrize(
