@@ -34,7 +34,9 @@ from gkp.nn import DEPLOY_FORMS, PerGroupConv2d
 __all__ = ["apply_choices", "autotune", "candidates", "plain_if_all_dense", "tune_key"]
 
 
-TUNE_VERSION = 2  # 2: the tuned network raced against the masked dense one; older entries re-tune
+TUNE_VERSION = 3  # 2: the tuned network raced against the masked dense one; 3: with a margin
+# (NETWORK_MARGIN) and at least 5 rounds; older entries re-tune
+NETWORK_MARGIN = 0.03  # the tuned network must beat the masked dense one by this fraction
 
 
 def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
@@ -131,7 +133,7 @@ def _whole_network_ms(
         return fn
 
     fns = {label: run_as(backends) for label, backends in picks.items()}
-    return metrics.fastest_of(fns, example, rounds=max(3, rounds // 3), threads=threads)
+    return metrics.fastest_of(fns, example, rounds=max(5, rounds // 3), threads=threads)
 
 
 def _whole_network_check(
@@ -140,13 +142,15 @@ def _whole_network_check(
     """Layer timings do not always add up: on a GPU at small batches the launches of the
     grouped forms (three ops, or a Triton launch, per layer) cost more in the network than each
     layer's timing shows. So the tuned network is timed against the masked dense network (every
-    layer ``"dense"``: the dense network's cost) and the faster is kept (with dense kept, every
-    choice becomes ``"dense"``); each choice records both medians in ``"network_ms"``."""
+    layer ``"dense"``: the dense network's cost) and the tuned one is kept only when it is at
+    least :data:`NETWORK_MARGIN` faster: within timing noise the exact dense-cost network is
+    the safe deploy (with dense kept, every choice becomes ``"dense"``); each choice records both
+    medians in ``"network_ms"``."""
     tuned = {name: c["backend"] for name, c in choices.items()}
     ms = _whole_network_ms(
         model, example, {"tuned": tuned, "dense": dict.fromkeys(tuned, "dense")}, rounds, n
     )
-    keep = "tuned" if ms["tuned"] <= ms["dense"] else "dense"
+    keep = "tuned" if ms["tuned"] < (1 - NETWORK_MARGIN) * ms["dense"] else "dense"
     for name, c in choices.items():
         c["backend"] = tuned[name] if keep == "tuned" else "dense"
         c["network_ms"] = {k: round(v, 4) for k, v in ms.items()}

@@ -307,9 +307,13 @@ def test_autotune_keeps_the_fastest(monkeypatch):
     assert {c["backend"] for c in choices.values()} == {"dense"}
 
 
-@pytest.mark.parametrize("tuned_ms,kept", [(1.0, "torch"), (3.0, "dense")])
+@pytest.mark.parametrize(
+    "tuned_ms,kept",
+    [(1.0, "torch"), (1.9, "torch"), (1.96, "dense"), (2.0, "dense"), (3.0, "dense")],
+)
 def test_autotune_keeps_dense_when_the_whole_network_runs_faster_so(monkeypatch, tuned_ms, kept):
-    """Per-layer picks that lose as a whole network (launch-bound GPUs) give way to dense."""
+    """Per-layer picks that lose as a whole network (launch-bound GPUs), or win by less than
+    the margin (3%: timing noise), give way to dense."""
     from gkp import autotune as tune
 
     fake = {"torch": 1.0, "fused": 2.0, "channels_last": 4.0, "per_group": 5.0, "dense": 3.0}
