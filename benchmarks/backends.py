@@ -165,11 +165,10 @@ def _eager(
             )  # fmt: skip
             picks = [c["backend"] for c in tuned.values()]
             info["autotune"] = {b: picks.count(b) for b in sorted(set(picks))}
-            if set(picks) == {"dense"}:  # every layer kept the masked dense conv
+            plain = plain_if_all_dense(net, tuned)
+            if plain is not net:  # every layer kept the masked dense conv: plain convs run it
                 info["form"] = "masked-dense"
-                net = plain_if_all_dense(net, tuned)
-                if layout != "nchw":
-                    net = net.to(memory_format=_CL)
+                net = plain if layout == "nchw" else plain.to(memory_format=_CL)
             info["cached"] = all(c.get("cached") for c in tuned.values())
         if layout == "nchw":
             return net, info

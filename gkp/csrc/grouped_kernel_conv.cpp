@@ -41,7 +41,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <utility>
 #include <vector>
 
@@ -257,6 +256,14 @@ const Shape& choose(int64_t d, int64_t n_keep, const Geo& g) {
   return *best;  // D = 1 shapes always qualify
 }
 
+// Which tile instantiation runs a kernel: 0 a 3x3 and 1 a 1x1 with unit stride and dilation
+// (taps unrolled at compile time), 2 anything else. Both paths' shape tables are laid out so.
+template <class G>
+int tap_variant(const G& g) {
+  const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
+  return unit && g.kh == 3 && g.kw == 3 ? 0 : (unit && g.kh == 1 && g.kw == 1 ? 1 : 2);
+}
+
 // ---- The lanes path (large batches): LANES images in the vector lanes -------------------------
 //
 // A block of LANES images (16 with AVX-512, else 8) is padded into [channel][padded row][padded
@@ -415,15 +422,12 @@ const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
     int D = 0, P = 0;
     TORCH_CHECK(std::sscanf(force, "%d,%d", &D, &P) == 2,
                 "gkp_fused: GKP_FUSED_LANE_TILE must be \"D,P\", got \"", force, "\"");
+    const LShape* forced = nullptr;
     for (const LShape& s : LSHAPES)
-      if (s.D == D && s.P == P) {
-        if (d % D == 0) return s;  // a layer whose filter groups it does not divide: the model
-        break;
-      }
-    bool known = false;
-    for (const LShape& s : LSHAPES) known |= s.D == D && s.P == P;
-    TORCH_CHECK(known, "gkp_fused: GKP_FUSED_LANE_TILE=", force, " is not one of the kernel's "
+      if (s.D == D && s.P == P) forced = &s;
+    TORCH_CHECK(forced, "gkp_fused: GKP_FUSED_LANE_TILE=", force, " is not one of the kernel's "
                 "lane tile shapes (LSHAPES in grouped_kernel_conv.cpp)");
+    if (d % D == 0) return *forced;  // a layer whose filter groups it does not divide: the model
   }
   const LShape* best = nullptr;
   double best_cost = 0;
@@ -470,9 +474,7 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   const int64_t N = x.size(0), C_in = x.size(1), C_out = weight.size(0), n_keep = weight.size(1);
   const int64_t d = C_out / groups, HW = g.H * g.W, HWo = g.Ho * g.Wo;
   const LShape& s = lchoose(d, n_keep, g);
-  const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
-  const int variant = unit && g.kh == 3 && g.kw == 3 ? 0 : (unit && g.kh == 1 && g.kw == 1 ? 1 : 2);
-  const TileFn_l run = s.fn[variant];
+  const TileFn_l run = s.fn[tap_variant(g)];
   const int64_t per_filter = n_keep * g.kh * g.kw;
   const float* pk = pack_weights(weight, s.D);
   // reads past the last plane: the last tile's pixels beyond the row, one row down at most
@@ -680,10 +682,8 @@ at::Tensor grouped_kernel_conv_cpu(
     return lanes_path(x, cl, weight, bp, gp, pos, groups, lg, y);
   }
 
-  const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
-  const int variant = unit && g.kh == 3 && g.kw == 3 ? 0 : (unit && g.kh == 1 && g.kw == 1 ? 1 : 2);
   const Shape& s = choose(d, n_keep, g);
-  const TileFn run = s.fn[variant];
+  const TileFn run = s.fn[tap_variant(g)];
   // buffer rows: the padded input, or more when the last band of R rows reads past it
   const int64_t bands = (g.Ho + s.R - 1) / s.R, nvec = (g.Wo + 7) / 8;
   g.rows = std::max(g.H + 2 * g.ph, (bands * s.R - 1) * g.sh + (g.kh - 1) * g.dh + 1);
