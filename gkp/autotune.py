@@ -11,6 +11,14 @@ thread count, inference mode; a candidate more than 1.5x slower than the best af
 round stops early) and keeps the fastest in ``layer.backend``. Because the masked dense conv is
 always a candidate, no tuned layer is slower than its dense counterpart beyond timing noise.
 
+Layers of the same shape are timed once per process: the candidates' speed depends on the
+layer's geometry (channels, groups, kept count per group, kernel, stride, padding, dilation,
+bias), its input's shape, strides (layout) and dtype, the device and the thread count, never on which
+channels are kept or on the weights' values (:func:`layer_signature`). ResNet-56 has 27 grouped
+3x3 layers of 3 shapes, and every GKP method at the same G and rate prunes to the same shapes, so
+a later layer (or a later method's network) of a known shape reuses the timings
+(``"shared": True`` in its choice). ``share=False`` times every layer anew.
+
 Choices depend on where the network runs, so they are cached under a key of device, processor,
 dtype, input shape, thread count, torch version and candidate set (:func:`tune_key`): pass a
 dict as ``cache`` and a later call with the same key applies the stored choices without timing.
@@ -31,7 +39,15 @@ from torch import Tensor, nn
 from gkp import fused, metrics
 from gkp.nn import DEPLOY_FORMS, PerGroupConv2d
 
-__all__ = ["apply_choices", "autotune", "candidates", "plain_if_all_dense", "tune_key"]
+__all__ = [
+    "apply_choices",
+    "autotune",
+    "candidates",
+    "clear_shared_timings",
+    "layer_signature",
+    "plain_if_all_dense",
+    "tune_key",
+]
 
 
 TUNE_VERSION = 3  # 2: the tuned network raced against the masked dense one; 3: with a margin
@@ -83,6 +99,30 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+_SHARED_MS: dict[tuple, dict[str, float]] = {}  # layer_signature -> candidates' median ms
+_SHARED_MAX = 4096  # entries kept (a signature is one layer shape on one input shape)
+
+
+def layer_signature(layer: nn.Module, x: Tensor, threads: int) -> tuple:
+    """What decides how fast each exact form of ``layer`` runs on ``x``: :func:`tune_key`
+    (device, processor, dtype, input shape, threads, candidates, kernel build), the input's
+    strides (its layout) and the layer's geometry. Two layers with equal signatures differ only in which
+    channels they keep and in their weights, which no candidate's speed depends on."""
+    conv = layer.convs[0] if isinstance(layer, PerGroupConv2d) else layer.conv
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.bias is not None)
+    if isinstance(layer, PerGroupConv2d):
+        split = (tuple(layer.group_sizes), tuple(layer.keep_counts))
+    else:
+        split = (layer.n_groups, layer.n_keep)
+    return (type(layer).__name__, layer.in_channels, layer.out_channels, split, geometry,
+            tuple(x.stride()), tune_key(x, threads))  # fmt: skip
+
+
+def clear_shared_timings() -> None:
+    """Forget the per-shape layer timings of this process (the next autotune times anew)."""
+    _SHARED_MS.clear()
 
 
 def _tunable(model: nn.Module) -> dict[str, nn.Module]:
@@ -205,6 +245,7 @@ def autotune(
     rounds: int = 15,
     threads: int | None = None,
     cache: MutableMapping[str, dict[str, str]] | None = None,
+    share: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Pick the fastest exact backend of every deploy-form layer of ``model`` for ``example``.
 
@@ -213,7 +254,9 @@ def autotune(
     statistics would move otherwise); ``threads`` fixes the thread count while timing (default:
     the current one). ``cache``: a dict of earlier choices by :func:`tune_key`; an entry for
     this key that fits the model is applied without timing, otherwise the new choices are
-    stored in it.
+    stored in it. ``share``: reuse the timings of a layer of the same shape timed earlier in
+    this process (:func:`layer_signature`; those choices carry ``"shared": True``), and keep
+    this call's timings for later ones; False times every layer.
     """
     if model.training:
         raise ValueError("autotune a model in eval() mode: it runs forward passes")
@@ -231,9 +274,17 @@ def autotune(
     choices = {}
     for name, x in inputs.items():
         layer = layers[name]
-        ms = _median_ms(layer, candidates(x, layer), x, rounds, n)
+        sig = layer_signature(layer, x, n) if share else None
+        ms = _SHARED_MS.get(sig) if share else None
+        choices[name] = {"shared": True} if ms is not None else {}
+        if ms is None:
+            ms = _median_ms(layer, candidates(x, layer), x, rounds, n)
+            if share:
+                if len(_SHARED_MS) >= _SHARED_MAX:
+                    _SHARED_MS.pop(next(iter(_SHARED_MS)))
+                _SHARED_MS[sig] = ms
         layer.backend = min(ms, key=ms.get)
-        choices[name] = {"backend": layer.backend, "ms": ms}
+        choices[name].update(backend=layer.backend, ms=dict(ms))
     if any(c["backend"] != "dense" for c in choices.values()):
         _whole_network_check(model, example, choices, rounds, n)
     if cache is not None and set(choices) == set(_tunable(model)):

@@ -74,7 +74,10 @@ def _chain_costs_block(S: np.ndarray, sets: np.ndarray, e: int, lam: float) -> n
         return inner
     cols = S[:, sets].transpose(1, 0, 2)  # (B, n_in, m): S[u, i] for i in K
     e_used = min(e, m)
-    top = _seq_sum(np.sort(cols, axis=2)[:, :, m - e_used :])
+    if e_used == 1:  # SR-GKP's e: the largest value alone
+        top = cols.max(axis=2)
+    else:
+        top = _seq_sum(np.sort(cols, axis=2)[:, :, m - e_used :])
     outside = np.ones((n_sets, S.shape[0]), dtype=bool)
     outside[np.arange(n_sets)[:, None], sets] = False
     return inner - lam * _seq_sum(np.where(outside, top, 0.0))
@@ -235,42 +238,55 @@ def _expand(beam: dict, S: np.ndarray, rough: np.ndarray, width: int) -> dict:
     """Replace each entry by its children: add each of its ``width`` least-similar unkept kernels.
 
     The sums are updated incrementally (inner sum, summed and max similarity), so an expansion costs
-    ``O(entries * n_in)``.
+    ``O(entries * n_in)``. Children are written straight into their ``(entries, width, n_in)``
+    arrays by broadcasting the parent's row (no gathered copy of the parents first): the same
+    sums, bit for bit, at about half the memory traffic.
     """
     n_rows, m = beam["members"].shape
+    n_in = S.shape[0]
     masked = np.where(beam["kept"], np.inf, beam["acc"])
     rows = np.arange(n_rows)
-    picks = []
-    for _ in range(min(width, S.shape[0] - m)):
+    w = min(width, n_in - m)
+    new = np.empty((n_rows, w), dtype=np.intp)
+    for i in range(w):
         j = masked.argmin(axis=1)
-        picks.append(j)
+        new[:, i] = j
         masked[rows, j] = np.inf
-    new = np.stack(picks, axis=1).reshape(-1)
-    parent = np.repeat(rows, len(picks))
-    kept = beam["kept"][parent]
-    kept[np.arange(new.size), new] = True
+    del masked
+    s_new = S[new]  # (entries, w, n_in)
+    acc = np.add(beam["acc"][:, None, :], s_new).reshape(-1, n_in)
+    np.maximum(beam["mx"][:, None, :], s_new, out=s_new)
+    kept = np.repeat(beam["kept"], w, axis=0)
+    flat = new.reshape(-1)
+    kept[np.arange(flat.size), flat] = True
+    members = np.empty((n_rows, w, m + 1), dtype=beam["members"].dtype)
+    members[:, :, :m] = beam["members"][:, None, :]
+    members[:, :, m] = new
     return {
-        "start": beam["start"][parent],
-        "members": np.column_stack([beam["members"][parent], new]),
+        "start": np.repeat(beam["start"], w),
+        "members": members.reshape(-1, m + 1),
         "kept": kept,
-        "acc": beam["acc"][parent] + S[new],
-        "mx": np.maximum(beam["mx"][parent], S[new]),
-        "inner": beam["inner"][parent] + beam["acc"][parent, new],
-        "rough": beam["rough"][parent] + rough[new],
+        "acc": acc,
+        "mx": s_new.reshape(-1, n_in),
+        "inner": (beam["inner"][:, None] + np.take_along_axis(beam["acc"], new, axis=1)).reshape(-1),
+        "rough": (beam["rough"][:, None] + rough[new]).reshape(-1),
     }
 
 
 def _rerank(beam: dict, width: int, lam: float) -> dict:
-    """Merge duplicate sets per start, rank by ``0.9*rank(cost)+0.1*rank(rough)``, cut to width."""
+    """Merge duplicate sets per start, rank by ``0.9*rank(cost)+0.1*rank(rough)``, cut to width.
+
+    Scores are computed on the unique rows' indices and every array is gathered once, at the end.
+    """
     first = _first_unique(beam["start"], beam["kept"])
-    beam = {name: arr[first] for name, arr in beam.items()}
-    start, rough = beam["start"], beam["rough"]
-    cost = beam["inner"] - lam * np.where(beam["kept"], 0.0, beam["mx"]).sum(axis=1)
+    start, rough = beam["start"][first], beam["rough"][first]
+    outer = np.where(beam["kept"][first], 0.0, beam["mx"][first]).sum(axis=1)
+    cost = beam["inner"][first] - lam * outer
     score = 0.9 * _grouped_rank(cost, start) + 0.1 * _grouped_rank(rough, start)
     order = np.lexsort((np.arange(start.size), rough, cost, score, start))
     sorted_start = start[order]
     pos = np.arange(order.size) - np.searchsorted(sorted_start, sorted_start, side="left")
-    keep = np.sort(order[pos < width])
+    keep = first[np.sort(order[pos < width])]
     return {name: arr[keep] for name, arr in beam.items()}
 
 

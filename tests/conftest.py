@@ -10,6 +10,17 @@ from gkp.models import get_model
 X32 = torch.zeros(1, 3, 32, 32)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_layer_timings():
+    """Each test starts without the per-shape layer timings an earlier test's autotune kept
+    (:func:`gkp.autotune.clear_shared_timings`): tests that fake the timings stay independent."""
+    from gkp.autotune import clear_shared_timings
+
+    clear_shared_timings()
+    yield
+    clear_shared_timings()
+
+
 @pytest.fixture(scope="session")
 def resnet56_with_snapshots(tmp_path_factory):
     """A seeded resnet56 and three fake training snapshots (noisy copies of its weights)."""

@@ -241,6 +241,70 @@ def test_per_group_layers_have_a_dense_backend_and_are_tuned(monkeypatch):
     assert tune.autotune(model, x)["1"]["backend"] == "dense" and model[1].backend == "dense"
 
 
+def twin_net():
+    """conv -> two GKP layers of one shape (different kept channels and weights) -> a third of
+    another kept count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1) for i in range(4)])
+    rng = random.Random(0)
+    plans = {}
+    for name, keep in (("1", 6), ("2", 6), ("3", 10)):
+        plans[name] = GroupPlan.from_lists(
+            [list(range(g * 4, g * 4 + 4)) for g in range(4)],
+            [rng.sample(range(16), keep) for _ in range(4)],
+        )
+    return apply_plans(model.eval(), plans).eval()
+
+
+def test_layers_of_one_shape_are_timed_once(monkeypatch):
+    from gkp import autotune as tune
+
+    timed = []
+
+    def fake(layer, backends, x, rounds, threads):
+        timed.append(layer.n_keep)
+        return {b: {"torch": 1.0, "dense": 2.0}.get(b, 3.0) for b in backends}
+
+    monkeypatch.setattr(tune, "_median_ms", fake)
+    monkeypatch.setattr(tune, "_whole_network_ms", lambda *a: {"tuned": 1.0, "dense": 2.0})
+    pruned, x = twin_net(), torch.randn(2, 3, 8, 8)
+    choices = tune.autotune(pruned, x, threads=1)
+    assert timed == [6, 10]  # layer "2" has layer "1"'s shape: its timings are reused
+    assert [bool(choices[n].get("shared")) for n in "123"] == [False, True, False]
+    assert choices["2"]["ms"] == choices["1"]["ms"] and choices["2"]["backend"] == "torch"
+    tune.autotune(twin_net(), x, threads=1)  # a second network of the same shapes: none timed
+    assert timed == [6, 10]
+    tune.autotune(pruned, x, threads=2)  # another thread count is another signature
+    assert timed == [6, 10, 6, 10]
+    tune.autotune(pruned, x, threads=1, share=False)
+    assert timed == [6, 10, 6, 10, 6, 6, 10]
+    tune.clear_shared_timings()
+    tune.autotune(pruned, x, threads=1)
+    assert timed[7:] == [6, 10]
+
+
+def test_layer_signature_is_the_shape_not_the_kept_channels():
+    from gkp.autotune import layer_signature
+
+    pruned, x = twin_net(), torch.randn(2, 16, 8, 8)
+    one, two, other = (pruned.get_submodule(n) for n in "123")
+    assert one.gather_index.tolist() != two.gather_index.tolist()
+    assert layer_signature(one, x, 1) == layer_signature(two, x, 1)
+    assert layer_signature(one, x, 1) != layer_signature(other, x, 1)  # kept count
+    assert layer_signature(one, x, 1) != layer_signature(one, x, 2)  # threads
+    assert layer_signature(one, x, 1) != layer_signature(one, x[:1], 1)  # input shape
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert layer_signature(one, x, 1) != layer_signature(one, cl, 1)  # layout
+    strided = apply_plans(
+        nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1)).eval(),
+        {"0": one.plan()},
+    )[0]
+    assert layer_signature(one, x, 1) != layer_signature(strided, x, 1)  # stride
+    per_group = per_group_net()[1]
+    y = torch.randn(2, 8, 9, 9)
+    assert layer_signature(per_group, y, 1) == layer_signature(per_group_net(1)[1], y, 1)
+
+
 def test_autotune_choices_are_cached_by_where_they_run(monkeypatch):
     from gkp import autotune as tune
 
