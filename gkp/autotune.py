@@ -13,11 +13,11 @@ always a candidate, no tuned layer is slower than its dense counterpart beyond t
 
 Layers of the same shape are timed once per process: the candidates' speed depends on the
 layer's geometry (channels, groups, kept count per group, kernel, stride, padding, dilation,
-bias), its input's shape, strides (layout) and dtype, the device and the thread count, never on which
-channels are kept or on the weights' values (:func:`layer_signature`). ResNet-56 has 27 grouped
-3x3 layers of 3 shapes, and every GKP method at the same G and rate prunes to the same shapes, so
-a later layer (or a later method's network) of a known shape reuses the timings
-(``"shared": True`` in its choice). ``share=False`` times every layer anew.
+bias), its input's shape, strides (layout) and dtype, the device and the thread count, never on
+which channels are kept or on the weights' values (:func:`layer_signature`). ResNet-56's 54
+grouped layers have 5 shapes (ResNet-50's 16 have 7), and every GKP method at the same G and
+rate prunes to the same shapes, so a later layer (or a later method's network) of a known shape
+reuses the timings (``"shared": True`` in its choice). ``share=False`` times every layer anew.
 
 Choices depend on where the network runs, so they are cached under a key of device, processor,
 dtype, input shape, thread count, torch version and candidate set (:func:`tune_key`): pass a
@@ -108,8 +108,8 @@ _SHARED_MAX = 4096  # entries kept (a signature is one layer shape on one input 
 def layer_signature(layer: nn.Module, x: Tensor, threads: int) -> tuple:
     """What decides how fast each exact form of ``layer`` runs on ``x``: :func:`tune_key`
     (device, processor, dtype, input shape, threads, candidates, kernel build), the input's
-    strides (its layout) and the layer's geometry. Two layers with equal signatures differ only in which
-    channels they keep and in their weights, which no candidate's speed depends on."""
+    strides (its layout) and the layer's geometry. Two layers with equal signatures differ only
+    in which channels they keep and in their weights, which no candidate's speed depends on."""
     conv = layer.convs[0] if isinstance(layer, PerGroupConv2d) else layer.conv
     geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.bias is not None)
     if isinstance(layer, PerGroupConv2d):

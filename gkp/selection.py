@@ -74,10 +74,8 @@ def _chain_costs_block(S: np.ndarray, sets: np.ndarray, e: int, lam: float) -> n
         return inner
     cols = S[:, sets].transpose(1, 0, 2)  # (B, n_in, m): S[u, i] for i in K
     e_used = min(e, m)
-    if e_used == 1:  # SR-GKP's e: the largest value alone
-        top = cols.max(axis=2)
-    else:
-        top = _seq_sum(np.sort(cols, axis=2)[:, :, m - e_used :])
+    # the e largest in ascending order, summed; SR-GKP's e = 1 is the largest alone (no sort)
+    top = cols.max(axis=2) if e_used == 1 else _seq_sum(np.sort(cols, axis=2)[:, :, m - e_used :])
     outside = np.ones((n_sets, S.shape[0]), dtype=bool)
     outside[np.arange(n_sets)[:, None], sets] = False
     return inner - lam * _seq_sum(np.where(outside, top, 0.0))
@@ -268,7 +266,7 @@ def _expand(beam: dict, S: np.ndarray, rough: np.ndarray, width: int) -> dict:
         "kept": kept,
         "acc": acc,
         "mx": s_new.reshape(-1, n_in),
-        "inner": (beam["inner"][:, None] + np.take_along_axis(beam["acc"], new, axis=1)).reshape(-1),
+        "inner": (beam["inner"][:, None] + np.take_along_axis(beam["acc"], new, 1)).reshape(-1),
         "rough": (beam["rough"][:, None] + rough[new]).reshape(-1),
     }
 
