@@ -344,7 +344,8 @@ def method_colors() -> dict[str, str]:
 
 def _plot(out: Path) -> list[Path]:
     """Regenerate ``out/figures`` from ``out/leaderboard.csv`` (+ ``literature.csv`` and
-    ``latency.csv`` if there)."""
+    ``latency.csv`` if there; its CPU rows since ``CPU_SINCE``, the current machine's)."""
+    from benchmarks.latency import CPU_SINCE
     from benchmarks.latency_plot import plot_latency
 
     lit = out / "literature.csv"
@@ -354,7 +355,8 @@ def _plot(out: Path) -> list[Path]:
         out / "figures",
         colors=method_colors(),
     )
-    return written + plot_latency(out / "latency.csv", out / "figures", method_colors())
+    latency = out / "latency.csv"
+    return written + plot_latency(latency, out / "figures", method_colors(), cpu_since=CPU_SINCE)
 
 
 def cmd_plot(args: argparse.Namespace) -> Result:

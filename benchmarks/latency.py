@@ -91,6 +91,20 @@ def _check(row: Mapping[str, object]) -> tuple[dict, list[str]]:
     return clean, problems
 
 
+# CPU latency rows dated before this were measured on another machine (an AMD EPYC; the ones since
+# on an Intel Xeon with AVX-512, results/README.md). The README's latency and goal tables and the
+# latency figure leave them out (:func:`current_cpu_rows`), so no table or panel mixes the two.
+CPU_SINCE = "2026-11-27T17:00:00Z"
+
+
+def current_cpu_rows(frame: pd.DataFrame, since: str | None = CPU_SINCE) -> pd.DataFrame:
+    """``frame`` less its CPU rows dated before ``since`` (ISO-8601 UTC; None keeps every row).
+    GPU rows are all kept."""
+    if since is None:
+        return frame
+    return frame[(frame["device"] != "cpu") | (frame["date"] >= since)]
+
+
 def read_latency(path: str | os.PathLike) -> pd.DataFrame:
     """``results/latency.csv`` as a typed frame (empty when the file does not exist)."""
     path = Path(path)

@@ -5,7 +5,9 @@ Each point is one (method, model, batch, threads) of ``results/latency.csv`` (th
 run id was timed again): x = ideal speed-up (``macs_dense / macs`` of the deployed network),
 y = measured speed-up against dense *on the same backend*. Colours: one per method (as in the
 other figures); markers: one per (model, batch). The dashed diagonal is the ideal, the dotted
-line no speed-up. Same CSV, same PNG (Agg, default style, no metadata).
+line no speed-up. Same CSV, same PNG (Agg, default style, no metadata). ``gkp-bench plot`` draws
+the CPU rows since :data:`benchmarks.latency.CPU_SINCE` only (earlier ones come from another
+machine, and one panel must not mix machines); GPU rows are all drawn.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from benchmarks.backends import BACKENDS
-from benchmarks.latency import read_latency
+from benchmarks.latency import current_cpu_rows, read_latency
 from benchmarks.plots import DPI, method_colors
 
 NAME = "latency_backends.png"
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
 
 
-def latency_figure(latency_csv: str | os.PathLike, colors: Mapping[str, str] | None = None):
-    """The figure (None when the file has no rows)."""
-    frame = read_latency(latency_csv)
+def latency_figure(
+    latency_csv: str | os.PathLike,
+    colors: Mapping[str, str] | None = None,
+    cpu_since: str | None = None,
+):
+    """The figure (None when no row is left); ``cpu_since``: leave out CPU rows dated before it
+    (:func:`benchmarks.latency.current_cpu_rows`)."""
+    frame = current_cpu_rows(read_latency(latency_csv), cpu_since)
     if frame.empty:
         return None
     keys = ["run_id", "backend", "batch", "threads", "device"]
@@ -64,13 +71,17 @@ def latency_figure(latency_csv: str | os.PathLike, colors: Mapping[str, str] | N
 
 
 def plot_latency(
-    latency_csv: str | os.PathLike, out_dir: str | os.PathLike, colors=None
+    latency_csv: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    colors=None,
+    cpu_since: str | None = None,
 ) -> list[Path]:
-    """Write ``latency_backends.png`` into ``out_dir`` when the CSV has rows; the paths written."""
+    """Write ``latency_backends.png`` into ``out_dir`` when the CSV has rows (``cpu_since``: as
+    :func:`latency_figure`); the paths written."""
     if not Path(latency_csv).exists():
         return []
     with matplotlib.style.context("default"):
-        fig = latency_figure(latency_csv, colors)
+        fig = latency_figure(latency_csv, colors, cpu_since)
         if fig is None:
             return []
         out = Path(out_dir)

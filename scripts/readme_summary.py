@@ -8,7 +8,7 @@ per-backend latency table between ``<!-- latency:start rows=N -->`` and ``<!-- l
 is ``gkp-bench leaderboard latency`` over ``results/latency.csv``'s first ``N`` rows, and the
 goal table between ``<!-- goals:start rows=N -->`` and ``<!-- goals:end -->`` is
 ``benchmarks.latency.goals_markdown`` over the same rows (both leave out the CPU rows measured
-on an earlier machine, before ``CPU_SINCE``), and the
+on an earlier machine, before ``benchmarks.latency.CPU_SINCE``), and the
 layer table between ``<!-- fused:start -->`` and ``<!-- fused:end -->`` is
 ``scripts/bench_fused.py --table results/fused_kernel.csv``, and the GPU tables between
 ``<!-- gpu:start -->`` and ``<!-- gpu:end -->`` are ``scripts/bench_gpu.py --table results/gpu
@@ -23,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.latency import goals_markdown, latency_markdown, read_latency
+from benchmarks.latency import current_cpu_rows, goals_markdown, latency_markdown, read_latency
 from benchmarks.leaderboard import read_leaderboard
 from benchmarks.summary import summarize, summary_markdown
 
@@ -38,10 +38,6 @@ FUSED = ROOT / "results" / "fused_kernel.csv"
 FUSED_BLOCK = re.compile(r"<!-- fused:start -->\n(.*?)<!-- fused:end -->", re.S)
 GPU = ROOT / "results" / "gpu"
 GPU_BLOCK = re.compile(r"<!-- gpu:start -->\n(.*?)<!-- gpu:end -->", re.S)
-# CPU latency rows dated before this were measured on another machine (an AMD EPYC; the ones
-# since on an Intel Xeon with AVX-512, results/README.md): the README's latency and goal tables
-# leave them out, so no table mixes the two machines. GPU rows are kept.
-CPU_SINCE = "2026-11-27T17:00:00Z"
 
 
 def fused_generated() -> str:
@@ -59,9 +55,9 @@ def gpu_generated() -> str:
 
 
 def current_rows(rows: int):
-    """latency.csv's first ``rows`` rows, less CPU rows from before :data:`CPU_SINCE`."""
-    frame = read_latency(LATENCY).iloc[:rows]
-    return frame[(frame["device"] != "cpu") | (frame["date"] >= CPU_SINCE)]
+    """latency.csv's first ``rows`` rows, less CPU rows from before
+    ``benchmarks.latency.CPU_SINCE`` (another machine's)."""
+    return current_cpu_rows(read_latency(LATENCY).iloc[:rows])
 
 
 def goals_generated(rows: int) -> str:

@@ -14,7 +14,9 @@ from benchmarks.backends import BACKENDS, missing, prepare
 from benchmarks.cli import main
 from benchmarks.latency import (
     COLUMNS,
+    CPU_SINCE,
     append_rows,
+    current_cpu_rows,
     latency_rows,
     read_latency,
     rows_from_suite,
@@ -259,6 +261,19 @@ def test_suite_json_becomes_rows_and_the_figure_has_a_panel_per_backend(tmp_path
     assert [ax.get_title() for ax in fig.axes] == ["eager", "onnxruntime", "openvino",
                                                    "eager (cuda)"]  # fmt: skip
     assert len(fig.axes[-1].lines) == 2 + 1  # the two guide lines and the one GPU point
+
+
+def test_the_figure_leaves_out_cpu_rows_of_the_earlier_machine(tmp_path):
+    path = tmp_path / "latency.csv"
+    append_rows(path, [good_row(date="2026-11-27T12:00:00Z"),  # the AMD machine's
+                       good_row(backend="openvino", date="2026-11-27T18:00:00Z"),
+                       good_row(device="cuda", date="2026-11-27T12:00:00Z")])  # fmt: skip
+    titles = [ax.get_title() for ax in latency_figure(path).axes]
+    assert titles == ["eager", "openvino", "eager (cuda)"]
+    titles = [ax.get_title() for ax in latency_figure(path, cpu_since=CPU_SINCE).axes]
+    assert titles == ["openvino", "eager (cuda)"]  # GPU rows are kept whatever their date
+    frame = current_cpu_rows(read_latency(path))
+    assert list(frame["backend"]) == ["openvino", "eager"] and CPU_SINCE == "2026-11-27T17:00:00Z"
 
 
 def test_rows_from_suite_skip_pairs_without_macs():
