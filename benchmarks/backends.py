@@ -90,6 +90,7 @@ def prepare(
     threads: int,
     tune_rounds: int = 15,
     cache: dict[str, Any] | None = None,
+    dense_layout: str | None = None,
 ) -> Prepared:
     """``model`` (not modified) ready to run on ``backend`` for inputs shaped like ``example``.
 
@@ -99,7 +100,10 @@ def prepare(
     there was a choice, ``info["autotune"]`` the per-layer picks. ``cache``: a dict of earlier
     choices for this model (keyed by backend, engine version, device, shape and threads; see
     :func:`gkp.autotune.tune_key`): a choice found there is reused untimed
-    (``info["cached"]``), a new one is stored in it.
+    (``info["cached"]``), a new one is stored in it. ``dense_layout``: the layout the dense
+    network runs faster in (its own ``info["layout"]``), when known: ``eager`` and ``fused`` then
+    race the masked dense network in that layout only (it runs the very convs dense runs, so the
+    other layout is slower for it too), a third fewer candidate networks to time.
     Raises RuntimeError (with the fix) when the backend cannot run here.
     """
     why = missing(backend)
@@ -108,7 +112,7 @@ def prepare(
     model = fold_batchnorm(model).to(example.device)  # an eval() copy; runtimes fold BN too
     form = _form(model)
     if backend in ("eager", "fused", "autotune"):
-        return _eager(backend, model, form, example, threads, tune_rounds, cache)
+        return _eager(backend, model, form, example, threads, tune_rounds, cache, dense_layout)
     build = {"compile": _compiled, "onnxruntime": _ort, "openvino": _openvino}[backend]
     if form == "dense":
         return build(model, example, threads), {"form": form}
@@ -133,7 +137,14 @@ _CL = torch.channels_last
 
 
 def _eager(
-    backend: str, model: nn.Module, form: str, example: Tensor, threads: int, rounds: int, cache
+    backend: str,
+    model: nn.Module,
+    form: str,
+    example: Tensor,
+    threads: int,
+    rounds: int,
+    cache,
+    dense_layout: str | None = None,
 ) -> Prepared:
     """Eager PyTorch (``fused``: fused op in every grouped layer; ``autotune``: each deploy-form
     layer tuned) in the faster of NCHW and channels-last for the whole network, dense and pruned
@@ -143,9 +154,10 @@ def _eager(
     runs in. ``info["layout"]`` says which layout runs.
 
     Like the runtimes, ``eager`` and ``fused`` also race the masked dense network (in both
-    layouts) against the pruned form and deploy the faster (``form`` = ``masked-dense``,
-    ``layouts_ms`` keys ``masked-dense|<layout>``); ``autotune`` does the same inside
-    :func:`gkp.autotune.autotune`, network against masked dense network."""
+    layouts, or in ``dense_layout`` alone when given) against the pruned form and deploy the
+    faster (``form`` = ``masked-dense``, ``layouts_ms`` keys ``masked-dense|<layout>``);
+    ``autotune`` does the same inside :func:`gkp.autotune.autotune`, network against masked
+    dense network."""
     from gkp.autotune import autotune, plain_if_all_dense, tune_key
 
     def variant(choice: str) -> tuple[Callable[[Tensor], Any], dict[str, Any]]:
@@ -176,7 +188,8 @@ def _eager(
 
     choices = ["nchw", "channels_last"]
     if backend in ("eager", "fused") and form != "dense":
-        choices += [f"masked-dense|{layout}" for layout in choices]
+        dense_layouts = choices if dense_layout not in choices else [dense_layout]
+        choices += [f"masked-dense|{layout}" for layout in dense_layouts]
     key = f"{backend}|layout|{tune_key(example, threads)}"
     forms = {} if cache is None else cache.setdefault("forms", {})
     if forms.get(key) in choices:

@@ -205,9 +205,10 @@ def latency_rows(
         for batch in batches:
             x = torch.randn(batch, *sample_shape, device=device)
             run_dense, dense_info = prepare(backend, dense, x, threads)
-            run_pruned, info = prepare(backend, pruned, x, threads)
-            if "layout" in dense_info:
-                info["dense_layout"] = dense_info["layout"]
+            layout = dense_info.get("layout")  # masked dense races in that layout only
+            run_pruned, info = prepare(backend, pruned, x, threads, dense_layout=layout)
+            if layout is not None:
+                info["dense_layout"] = layout
             if x.is_cuda:
                 info["gpu"] = torch.cuda.get_device_name(x.device)
                 info["tf32"] = torch.backends.cudnn.allow_tf32

@@ -156,6 +156,28 @@ def test_eager_family_deploys_the_faster_of_grouped_and_masked_dense(backend, wi
         assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
 
 
+def test_eager_races_masked_dense_in_the_dense_layout_only_when_given(monkeypatch):
+    """Masked dense runs dense's convs: given dense's faster layout, only that one is raced."""
+    from gkp import metrics
+
+    pruned, x, want = grouped_case("eager")
+    raced = []
+
+    def race(fns, example, **kw):
+        raced.append(sorted(fns))
+        return {k: 1.0 if k == "masked-dense|nchw" else 2.0 for k in fns}
+
+    monkeypatch.setattr(metrics, "fastest_of", race)
+    fn, info = prepare("eager", pruned, x, threads=1, dense_layout="nchw")
+    assert raced == [["channels_last", "masked-dense|nchw", "nchw"]]
+    assert info["form"] == "masked-dense" and info["layout"] == "nchw"
+    with torch.inference_mode():
+        assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
+    prepare("eager", pruned, x, threads=1, dense_layout="sideways")  # unknown: both raced
+    assert raced[-1] == ["channels_last", "masked-dense|channels_last", "masked-dense|nchw",
+                         "nchw"]  # fmt: skip
+
+
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         missing("tensorrt")
