@@ -125,3 +125,36 @@ def test_equal_size_option_reaches_the_clustering(tmp_path):
     bad = {"equal_size": "greedy", "layers": ["layer1.0.conv1"]}
     with pytest.raises(ValueError, match="heuristic"):
         get_method("tmi-gkp")(model, PruneTarget(native=bad), ctx)
+
+
+@pytest.mark.parametrize("method", ["sr-gkp", "tmi-gkp"])
+def test_plans_do_not_depend_on_the_number_of_planning_threads(tmp_path, monkeypatch, method):
+    """Layers planned on two threads (forced: ResNet-20 is narrower than the parallel floor)
+    give the same plans, in the same order, as one at a time."""
+    from gkp import planning
+
+    torch.manual_seed(0)
+    model = get_model("resnet20")
+    paths = []
+    for e in (1, 2):
+        paths.append(tmp_path / f"epoch_{e:03d}.pt")
+        torch.save({k: v * (1 + 0.1 * e) for k, v in model.state_dict().items()}, paths[-1])
+    ctx = PruneContext(example_inputs=X, snapshots=tuple(paths))
+    runs = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("GKP_PLAN_WORKERS", workers)
+        monkeypatch.setattr(planning, "PARALLEL_MIN_CHANNELS", 1)
+        runs.append(get_method(method)(model, PruneTarget(), ctx).info)
+    one, two = runs
+    assert list(one["plans"]) == list(two["plans"]) and one["plans"] == two["plans"]
+    assert list(one["layers"]) == list(two["layers"]) and one["layers"] == two["layers"]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_a_bad_planning_thread_count_is_refused(monkeypatch, value):
+    from gkp.errors import UsageError
+    from gkp.planning import plan_workers
+
+    monkeypatch.setenv("GKP_PLAN_WORKERS", value)
+    with pytest.raises(UsageError, match="GKP_PLAN_WORKERS must be a whole number >= 1"):
+        plan_workers()
