@@ -178,6 +178,35 @@ def test_eager_races_masked_dense_in_the_dense_layout_only_when_given(monkeypatc
                          "nchw"]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "ms,picked",
+    [
+        ({"grouped": 1.9, "masked-dense": 2.0}, "grouped"),  # 5% faster: grouped
+        ({"grouped": 1.95, "masked-dense": 2.0}, "masked-dense"),  # 2.5%: within the margin
+        ({"grouped": 2.1, "masked-dense": 2.0}, "masked-dense"),
+        ({"nchw": 1.0, "channels_last": 1.98, "masked-dense|nchw": 1.02}, "masked-dense|nchw"),
+        ({"nchw": 1.0, "channels_last": 0.9, "masked-dense|nchw": 1.0}, "channels_last"),
+        ({"nchw": 1.0, "channels_last": 0.99}, "channels_last"),  # dense layouts: the fastest
+    ],
+)
+def test_a_grouped_form_must_beat_masked_dense_by_the_margin(ms, picked):
+    from benchmarks.backends import pick_form
+
+    assert pick_form(ms) == picked
+
+
+def test_runtimes_keep_masked_dense_within_the_margin(monkeypatch):
+    from gkp import metrics
+
+    pruned, x, want = grouped_case("onnxruntime")
+    monkeypatch.setattr(
+        metrics, "fastest_of", lambda fns, example, **kw: {"grouped": 0.99, "masked-dense": 1.0}
+    )
+    fn, info = prepare("onnxruntime", pruned, x, threads=1)
+    assert info["form"] == "masked-dense" and info["forms_ms"]["grouped"] == 0.99
+    assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
+
+
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         missing("tensorrt")
