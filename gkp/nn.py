@@ -252,6 +252,13 @@ def _dense_from(
     return dense
 
 
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor laid out so (and not also plain contiguous: a tensor with
+    one channel or 1x1 planes is both), else contiguous_format."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl and not t.is_contiguous() else torch.contiguous_format
+
+
 class _DeployForm(nn.Module):
     """What the two deploy forms share: an inference ``backend`` (not in the state dict) and
     the exact masked dense conv built on demand for the ``"dense"`` backend."""
@@ -273,11 +280,17 @@ class _DeployForm(nn.Module):
 
     def _copy(self, slot: str, build, x: Tensor) -> nn.Module:
         """An equivalent module built by ``build()`` on first use (and again when ``x`` moves to
-        another device or dtype), kept outside the module's state (no state-dict keys)."""
+        another device, dtype or memory layout), kept outside the module's state (no state-dict
+        keys). Its weights take ``x``'s layout: a channels-last input gets channels-last
+        weights, as ``model.to(memory_format=torch.channels_last)`` gives a plain conv (this
+        copy is outside the modules that call reaches; NCHW weights would make every call on a
+        channels-last input convert them first)."""
         cached = self.__dict__.get(slot)
         w = None if cached is None else next(cached.parameters())
-        if w is None or w.device != x.device or w.dtype != x.dtype:
-            cached = build().to(x.device, x.dtype)
+        layout = _memory_format(x)
+        fits = w is not None and (w.dim() != 4 or w.is_contiguous(memory_format=layout))
+        if not fits or w.device != x.device or w.dtype != x.dtype:
+            cached = build().to(x.device, x.dtype, memory_format=layout)
             object.__setattr__(self, slot, cached)
         return cached
 

@@ -272,3 +272,27 @@ GOOD = {"groups": [[0, 1], [2, 3]], "kept": [[0, 2], [1, 3]]}
 def test_plan_from_dict_rejects_junk(bad, match):
     with pytest.raises(ValueError, match=match):
         GroupPlan.from_dict(bad)
+
+
+def test_dense_backend_copy_takes_the_input_layout_and_is_kept():
+    """The masked dense conv that backend "dense" runs is built outside the module, so
+    ``model.to(memory_format=...)`` cannot reach it: it takes each input's layout itself (NCHW
+    weights on a channels-last input would be converted on every call) and is rebuilt only
+    when the layout, device or dtype changes."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    plan = GroupPlan.from_lists([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 2, 4], [1, 3, 5]])
+    layer = GroupedKernelConv2d.from_conv(conv, plan).eval()
+    layer.backend = "dense"
+    x = torch.randn(2, 8, 6, 6)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = layer.to_dense()(x)
+        assert torch.allclose(layer(cl), want, atol=1e-5)
+        built = layer.__dict__["_dense"]
+        assert built.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not built.weight.is_contiguous()
+        layer(cl)
+        assert layer.__dict__["_dense"] is built  # same layout: kept
+        assert torch.allclose(layer(x), want, atol=1e-5)
+        assert layer.__dict__["_dense"].weight.is_contiguous()  # NCHW input: NCHW weights
