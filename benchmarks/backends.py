@@ -134,7 +134,7 @@ def prepare(
 
 
 _CL = torch.channels_last
-FORM_RULE = "margin3"  # in the cache keys of network-form choices: older choices are made again
+FORM_RULE = "margin3-untimed-first"  # in the cache keys of network-form choices: older choices are made again
 
 
 def pick_form(ms: dict[str, float]) -> str:

@@ -301,7 +301,9 @@ def fastest_of(
 ) -> dict[str, float]:
     """Median ms of each candidate, for choosing the fastest: a race with early drop-outs.
 
-    One warm-up round, then ``rounds`` interleaved, rotated rounds. A candidate more than twice
+    One untimed call of each candidate (it absorbs one-time costs: a masked dense copy built on
+    first use once made a 7 ms network's first call take 43 ms and lose the race), one timed
+    warm-up round, then ``rounds`` interleaved, rotated rounds. A candidate more than twice
     as slow as the fastest in the warm-up round, or more than ``margin`` times slower after the
     first timed round, stops running (its median is then of the rounds it ran; of its warm-up
     call if it ran no other, as when one candidate is left after the warm-up). Choosing among
@@ -320,6 +322,8 @@ def fastest_of(
         return [(k, fn) for k, fn in items if last[k] <= factor * best]
 
     with _timing_settings(threads, device), torch.inference_mode():
+        for _, fn in items:  # untimed: a first call's one-time costs (lazily built copies,
+            fn(x)  # first-touched buffers) must not decide the early drop-outs below
         for k, fn in items:
             warm[k] = time_once(fn, x)
         items = keep(warm, 2.0)
