@@ -134,7 +134,8 @@ def prepare(
 
 
 _CL = torch.channels_last
-FORM_RULE = "margin3-untimed-first"  # in the cache keys of network-form choices: older choices are made again
+# in the cache keys of network-form choices: choices made under an older rule are made again
+FORM_RULE = "margin3-untimed-first"
 
 
 def pick_form(ms: dict[str, float]) -> str:
