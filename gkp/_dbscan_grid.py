@@ -49,42 +49,81 @@ TSNE_DIMS = (2, 3, 4, 5, 6, 7)
 RATIO_TENTHS = (5, 6, 7, 8, 9, 10)  # min_samples = ceil((C_out/G) * r), r = 0.5 .. 1.0
 
 
-def _student_q(Y: np.ndarray, dof: np.ndarray, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Batched Student-t weights ``w = (1 + d²/dof)^(-(dof+1)/2)`` (zero diagonal) and Q.
+_BLOCK = 1 << 16  # floats per (batch, rows, n) block of the n x n matrices: 512 KB, L2-resident
 
-    ``Y`` is (batch, n, dim) and ``buf`` a (3, batch, n, n) workspace: every step writes into it
-    in place, because fresh arrays of this size cost more (page faults) than the arithmetic.
-    The power is built from multiplications and one square root (``np.power`` with a fractional
-    exponent is much slower).
+
+def _weight_rows(Y: np.ndarray, sq: np.ndarray, dof: np.ndarray, r0: int, out: np.ndarray) -> None:
+    """Rows ``[r0, r0 + k)`` of every batch entry's Student-t weights, zero diagonal, into ``out``.
+
+    ``w = (1 + d²/dof)^(-(dof+1)/2)`` for ``Y`` (batch, n, dim) with squared norms ``sq``; ``out``
+    is (batch, k, n). Every step writes in place (fresh arrays cost page faults), and the power
+    is built from multiplications and one square root (``np.power`` with a fractional exponent
+    is much slower).
     """
-    d2, w, q = buf
-    sq = np.einsum("bij,bij->bi", Y, Y)
-    np.matmul(Y, Y.transpose(0, 2, 1), out=d2)
-    d2 *= -2.0
-    d2 += sq[:, :, None]
-    d2 += sq[:, None, :]
-    np.maximum(d2, 0.0, out=d2)
-    d2 /= dof[:, None, None]
-    d2 += 1.0
-    np.reciprocal(d2, out=d2)  # d2 now holds x = 1 / (1 + d²/dof)
+    k = out.shape[1]
+    x = np.matmul(Y[:, r0 : r0 + k], Y.transpose(0, 2, 1))
+    x *= -2.0
+    x += sq[:, r0 : r0 + k, None]
+    x += sq[:, None, :]
+    np.maximum(x, 0.0, out=x)
+    x /= dof[:, None, None]
+    x += 1.0
+    np.reciprocal(x, out=x)  # x = 1 / (1 + d²/dof)
     for b, twice_a in enumerate((dof + 1.0).astype(int)):
-        w[b] = d2[b]
+        out[b] = x[b]
         for _ in range(twice_a // 2 - 1):
-            w[b] *= d2[b]
+            out[b] *= x[b]
         if twice_a % 2:
-            w[b] *= np.sqrt(d2[b])
-    w.reshape(len(w), -1)[:, :: Y.shape[1] + 1] = 0.0
-    np.divide(w, w.sum(axis=(1, 2))[:, None, None], out=q)
-    np.maximum(q, _EPS, out=q)
-    return w, q
+            out[b] *= np.sqrt(x[b])
+    i = np.arange(k)
+    out[:, i, r0 + i] = 0.0
+
+
+def _kl_terms(
+    Y: np.ndarray, P: np.ndarray, scale: np.ndarray, dof: np.ndarray, w: np.ndarray, want_kl: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The exact t-SNE gradient of each batch entry and, if ``want_kl``, its KL divergence.
+
+    ``Y`` is (batch, n, dim); the joint probabilities are ``P * scale[b]`` (early exaggeration
+    per entry); ``w`` is a (batch, n, n) workspace. The n x n matrices are worked through in
+    blocks of rows that stay in the L2 cache: one pass gives the weights and their sum, a second
+    the gradient ``c * sum_j (p_ij - q_ij) w_ij (y_i - y_j)`` with ``q = max(w / sum(w), eps)``.
+    """
+    B, n, _ = Y.shape
+    rows = max(1, min(n, _BLOCK // (B * n)))
+    sq = np.einsum("bij,bij->bi", Y, Y)
+    total = np.zeros(B)
+    for r0 in range(0, n, rows):
+        blk = w[:, r0 : r0 + rows]
+        _weight_rows(Y, sq, dof, r0, blk)
+        total += blk.sum(axis=(1, 2))
+    pq_sum, pq_y = np.empty((B, n)), np.empty_like(Y)
+    kl = np.zeros(B) if want_kl else None
+    for r0 in range(0, n, rows):
+        blk = w[:, r0 : r0 + rows]
+        q = blk / total[:, None, None]
+        np.maximum(q, _EPS, out=q)
+        pq = P[None, r0 : r0 + rows] * scale[:, None, None]
+        if kl is not None:
+            kl += np.sum(pq * np.log(np.maximum(pq, _EPS) / q), axis=(1, 2))
+        pq -= q
+        pq *= blk
+        pq_sum[:, r0 : r0 + rows] = pq.sum(2)
+        np.matmul(pq, Y, out=pq_y[:, r0 : r0 + rows])
+    c = (2.0 * (dof + 1.0) / dof)[:, None, None]
+    return c * (pq_sum[:, :, None] * Y - pq_y), kl
 
 
 def kl_gradient(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
     """Exact t-SNE gradient for one embedding ``Y`` (n, dim) and the full joint matrix ``P``."""
     dof = np.array([max(Y.shape[1] - 1, 1)], dtype=float)
-    w, Q = _student_q(Y[None], dof, np.empty((3, 1) + P.shape))
-    pq = (P - Q[0]) * w[0]
-    return 2.0 * (dof[0] + 1.0) / dof[0] * (pq.sum(1)[:, None] * Y - pq @ Y)
+    return _kl_terms(Y[None], P, np.ones(1), dof, np.empty((1,) + P.shape), False)[0][0]
+
+
+def kl_divergence(Y: np.ndarray, P: np.ndarray) -> float:
+    """The exact t-SNE objective ``KL(P || Q)`` of one embedding ``Y`` (n, dim)."""
+    dof = np.array([max(Y.shape[1] - 1, 1)], dtype=float)
+    return float(_kl_terms(Y[None], P, np.ones(1), dof, np.empty((1,) + P.shape), True)[1][0])
 
 
 def _pca_init(X: np.ndarray, dims: list[int], seed: int) -> np.ndarray:
@@ -111,35 +150,31 @@ def tsne_exact(
     P = squareform(_joint_probabilities(pairwise_distances(X, squared=True), perplexity, 0))
     Y = _pca_init(X, dims, seed)
     dof = np.maximum(np.asarray(dims, dtype=float) - 1.0, 1.0)
-    c = (2.0 * (dof + 1.0) / dof)[:, None, None]
     lr = max(n / _EXAGGERATION / 4.0, 50.0)
-    Pb = np.repeat(P[None] * _EXAGGERATION, B, axis=0)
+    scale = np.full(B, _EXAGGERATION)  # early exaggeration of P, per batch entry
     mom, patience = np.full(B, 0.5), np.full(B, _EXPLORATION_ITERS)
     best_err, best_it = np.full(B, np.finfo(float).max), np.zeros(B, dtype=int)
     active, phase1 = np.ones(B, dtype=bool), np.ones(B, dtype=bool)
     update, gains = np.zeros_like(Y), np.ones_like(Y)
-    buf, pq = np.empty((3, B, n, n)), np.empty((B, n, n))
+    w = np.empty((B, n, n))
     for it in range(max_iter):
         if not active.any():
             break
-        w, Q = _student_q(Y, dof, buf)
-        np.subtract(Pb, Q, out=pq)
-        pq *= w
-        grad = c * (pq.sum(2)[:, :, None] * Y - pq @ Y)
+        check = (it + 1) % _CHECK_EVERY == 0
+        grad, err = _kl_terms(Y, P, scale, dof, w, check)
         gains = np.maximum(np.where(update * grad < 0.0, gains + 0.2, gains * 0.8), 0.01)
         grad *= gains
         update = mom[:, None, None] * update - lr * grad
         update[~active] = 0.0
         Y += update
-        if (it + 1) % _CHECK_EVERY:
+        if not check:
             continue
-        err = np.sum(Pb * np.log(np.maximum(Pb, _EPS) / Q), axis=(1, 2))
         improved = err < best_err
         stale = ~improved & (it - best_it > patience)
         best_err, best_it = np.where(improved, err, best_err), np.where(improved, it, best_it)
         stop = active & (stale | (np.sqrt(np.sum(grad**2, axis=(1, 2))) <= 1e-7))
         end1 = active & phase1 & (stop | (it + 1 >= _EXPLORATION_ITERS))
-        Pb[end1], mom[end1], patience[end1] = P, 0.8, 300  # phase 2 from it + 1, fresh state
+        scale[end1], mom[end1], patience[end1] = 1.0, 0.8, 300  # phase 2 from it + 1, fresh state
         best_err[end1], best_it[end1] = np.finfo(float).max, it + 1
         update[end1], gains[end1] = 0.0, 1.0
         active &= ~(stop & ~phase1)

@@ -178,6 +178,45 @@ def test_eager_races_masked_dense_in_the_dense_layout_only_when_given(monkeypatc
                          "nchw"]  # fmt: skip
 
 
+@pytest.mark.parametrize("winner", ["channels_last", "masked-dense|nchw"])
+def test_autotune_decides_layout_and_dense_in_one_race(winner, monkeypatch):
+    """autotune tunes each layout's layers, then one network race (the tuned layouts and the
+    masked dense network in dense's layout) picks both the layout and tuned-or-dense: autotune's
+    own network race is not run. A layout whose layers all kept dense is not raced twice."""
+    from gkp import autotune as tune
+    from gkp import metrics
+
+    pruned, x, want = grouped_case("autotune")
+    keep = {"nchw": "dense", "channels_last": "torch"}  # NCHW keeps dense everywhere
+
+    def layer_ms(layer, backends, inp, rounds, threads):
+        best = keep["channels_last" if inp.is_contiguous(memory_format=torch.channels_last)
+                    and not inp.is_contiguous() else "nchw"]  # fmt: skip
+        return {b: 1.0 if b == best else 2.0 for b in backends}
+
+    def no_network_race(*a, **k):
+        raise AssertionError("autotune raced the network itself")
+
+    raced = []
+
+    def race(fns, example, **kw):
+        raced.append((sorted(fns), kw["rounds"]))
+        return {k: 1.0 if k == winner else 2.0 for k in fns}
+
+    monkeypatch.setattr(tune, "_median_ms", layer_ms)
+    monkeypatch.setattr(tune, "_whole_network_ms", no_network_race)
+    monkeypatch.setattr(metrics, "fastest_of", race)
+    fn, info = prepare("autotune", pruned, x, threads=1, dense_layout="nchw")
+    assert raced == [(["channels_last", "masked-dense|nchw"], 5)]
+    assert info["layout"] == winner.rpartition("|")[2]
+    if winner == "channels_last":
+        assert info["form"] == "grouped" and info["autotune"] == {"torch": 1}
+    else:
+        assert info["form"] == "masked-dense"
+    with torch.inference_mode():
+        assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "ms,picked",
     [
