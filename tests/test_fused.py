@@ -56,6 +56,20 @@ def test_op_equals_gather_grouped_conv_unpermute(op, seed):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_weights_in_any_layout_give_the_same_output(op, seed):
+    """The weights are packed through their strides (a network converted to channels-last has
+    channels-last weights, read in place, not copied on every call): channels-last and
+    non-contiguous weights give exactly the contiguous weights' output."""
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(random.Random(seed))
+    want = op(x, weight, bias, gather, out_idx, stride, pad, dil, groups)
+    cl = weight.contiguous(memory_format=torch.channels_last)
+    strided = torch.randn(weight.shape[0], weight.shape[1] * 2, *weight.shape[2:])[:, ::2]
+    strided.copy_(weight)
+    for w in (cl, strided, weight.transpose(2, 3).contiguous().transpose(2, 3)):
+        assert torch.equal(op(x, w, bias, gather, out_idx, stride, pad, dil, groups), want)
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_channels_last_input_gives_an_exact_channels_last_output(op, seed):
     """A channels-last input is read in place (no NCHW copy) and the output comes back

@@ -451,18 +451,24 @@ bool use_lanes(int64_t N) {
   return N >= LANES && 4 * empty <= N;
 }
 
-// Weights [C_out][n_keep][taps] packed per block of D filters: [block][kept channel][tap][D].
+// Weights [C_out][n_keep][kh][kw] (any strides: a network converted to channels-last has
+// channels-last weights, which are read in place rather than copied on every call) packed per
+// block of D filters: [block][kept channel][tap][D].
 const float* pack_weights(const at::Tensor& weight, int64_t D) {
-  const int64_t C_out = weight.size(0);
-  const int64_t per_filter = weight.size(1) * weight.size(2) * weight.size(3);
+  const int64_t C_out = weight.size(0), n_keep = weight.size(1);
+  const int64_t kh = weight.size(2), kw = weight.size(3), per_filter = n_keep * kh * kw;
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2),
+                s3 = weight.stride(3);
   const float* wp = weight.data_ptr<float>();
   float* pk = scratch(2, C_out * per_filter);
   at::parallel_for(0, C_out / D, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk)
       for (int64_t f = 0; f < D; ++f) {
-        const float* src = wp + (blk * D + f) * per_filter;
+        const float* src = wp + (blk * D + f) * s0;
         float* dst = pk + blk * D * per_filter + f;
-        for (int64_t i = 0; i < per_filter; ++i) dst[i * D] = src[i];
+        for (int64_t j = 0; j < n_keep; ++j)
+          for (int64_t ky = 0; ky < kh; ++ky)
+            for (int64_t kx = 0; kx < kw; ++kx, dst += D) *dst = src[j * s1 + ky * s2 + kx * s3];
       }
   });
   return pk;
@@ -631,7 +637,7 @@ at::Tensor grouped_kernel_conv_cpu(
   // planes of a per-image staging buffer, transposed into the output while still in cache)
   const bool cl = x_.dim() == 4 && x_.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                   !x_.is_contiguous();
-  const at::Tensor x = cl ? x_ : x_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor x = cl ? x_ : x_.contiguous(), weight = weight_;  // packed through strides
   const at::Tensor gather = gather_.to(at::kLong).contiguous();
   const at::Tensor outidx = output_index_.to(at::kLong).contiguous();
   const int64_t N = x.size(0), C_in = x.size(1), C_out = weight.size(0), n_keep = weight.size(1);
