@@ -201,6 +201,34 @@ def test_fastest_of_drops_far_slower_candidates_early():
 
         return fn
 
-    ms = fastest_of({k: make(k) for k in calls}, torch.zeros(1), rounds=4, threads=1, margin=5)
+    ms = fastest_of(
+        {k: make(k) for k in calls}, torch.zeros(1), rounds=4, threads=1, margin=5, clear=5
+    )
     assert calls == {"fast": 6, "close": 6, "slow": 2}
     assert min(ms, key=ms.get) in ("fast", "close") and ms["slow"] > 10 * ms["fast"]
+
+
+def test_fastest_of_stops_a_clear_race_after_two_rounds():
+    """From the second timed round on, a candidate slower in every round than the leader's
+    slowest (by the ``clear`` factor) stops, and the race ends with one left; candidates within
+    that factor run every round."""
+    import time
+
+    from gkp.metrics import fastest_of
+
+    calls = {"fast": 0, "slower": 0}
+
+    def make(name, delay):
+        def fn(x):
+            calls[name] += 1
+            time.sleep(delay)
+
+        return fn
+
+    fns = {"fast": make("fast", 0.02), "slower": make("slower", 0.04)}  # 2x: within margin=5
+    ms = fastest_of(fns, torch.zeros(1), rounds=6, threads=1, margin=5, clear=1.3)
+    assert calls == {"fast": 4, "slower": 4}  # untimed, warm-up, two timed rounds
+    assert min(ms, key=ms.get) == "fast"
+    calls.update(fast=0, slower=0)
+    fastest_of(fns, torch.zeros(1), rounds=6, threads=1, margin=5, clear=5)  # within: all rounds
+    assert calls == {"fast": 8, "slower": 8}
