@@ -312,8 +312,9 @@ def fastest_of(
     slowest round of the candidate with the lowest median (clearly slower in every round), and
     the race ends when one is left. Choosing among forms that differ several-fold (a grouped
     conv that ONNX Runtime runs 3-8x slower than dense) costs one slow call, not
-    ``rounds + 1``, and a clear race of ResNet-50 networks at 0.5 s a call two rounds. ``device`` (default: ``x``'s) picks the
-    clock: on a GPU, CUDA events after a synchronise (wall time would count only the launches).
+    ``rounds + 1``, and a clear race of ResNet-50 networks at 0.5 s a call two rounds.
+    ``device`` (default: ``x``'s) picks the clock: on a GPU, CUDA events after a synchronise
+    (wall time would count only the launches).
     """
     device = x.device if device is None else torch.device(device)
     items = list(fns.items())
