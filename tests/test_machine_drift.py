@@ -1,4 +1,4 @@
-"""scripts/machine_drift.py: dense-median ratios between two suite runs."""
+"""scripts/machine_drift.py and scripts/aa_check.py: comparing runs, and the A/A noise floor."""
 
 import json
 import sys
@@ -36,3 +36,10 @@ def test_drift_is_the_median_ratio_of_the_same_tests(tmp_path):
                                         "resnet56-only-here": 9.0})  # fmt: skip
     got = machine_drift.drift(first, second)
     assert got == {("resnet56", "eager", 1, 2): 1.5}  # median of 1.5, 1.1, 2.0; resnet50 unpaired
+
+
+def test_aa_check_times_two_preparations_of_one_dense_network():
+    import aa_check
+
+    ratios = aa_check.aa_ratios("resnet56", "eager", batch=1, rounds=2, repeat=2, threads=1)
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
