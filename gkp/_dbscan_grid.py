@@ -9,8 +9,9 @@ replaced by vectorised equivalents of the *same* algorithms with the *same* para
   PCA initialisation and seed, same two-phase gradient descent: 250 iterations with early
   exaggeration 12 and momentum 0.5, then momentum 0.8 up to 1000 iterations, gains, learning rate
   "auto", degrees of freedom ``max(dim - 1, 1)``, the same stopping checks every 50 iterations).
-  Only the arithmetic is vectorised (whole-matrix gradient instead of sklearn's per-row loop) and
-  kept in float64 (sklearn stores the embedding in float32). t-SNE on a few dozen points is
+  Only the arithmetic is vectorised (the gradient over L2-sized blocks of rows of the n x n
+  matrices, all rows at once up to 64 filters, instead of sklearn's per-row loop) and kept in
+  float64 (sklearn stores the embedding in float32). t-SNE on a few dozen points is
   chaotic, so the result matches sklearn's to rounding only for the first iterations; the tests
   check the gradient against sklearn's and the quality of the final embedding.
 * ``dbscan_all_eps`` gives, for one ``min_samples``, exactly ``sklearn.cluster.DBSCAN`` labels for
@@ -56,9 +57,9 @@ def _weight_rows(Y: np.ndarray, sq: np.ndarray, dof: np.ndarray, r0: int, out: n
     """Rows ``[r0, r0 + k)`` of every batch entry's Student-t weights, zero diagonal, into ``out``.
 
     ``w = (1 + d²/dof)^(-(dof+1)/2)`` for ``Y`` (batch, n, dim) with squared norms ``sq``; ``out``
-    is (batch, k, n). Every step writes in place (fresh arrays cost page faults), and the power
-    is built from multiplications and one square root (``np.power`` with a fractional exponent
-    is much slower).
+    is (batch, k, n). After the product every step works in place on that cache-sized block,
+    and the power is built from multiplications and one square root (``np.power`` with a
+    fractional exponent is much slower).
     """
     k = out.shape[1]
     x = np.matmul(Y[:, r0 : r0 + k], Y.transpose(0, 2, 1))
