@@ -10,7 +10,7 @@ replaced by vectorised equivalents of the *same* algorithms with the *same* para
   exaggeration 12 and momentum 0.5, then momentum 0.8 up to 1000 iterations, gains, learning rate
   "auto", degrees of freedom ``max(dim - 1, 1)``, the same stopping checks every 50 iterations).
   Only the arithmetic is vectorised (the gradient over L2-sized blocks of rows of the n x n
-  matrices, all rows at once up to 64 filters, instead of sklearn's per-row loop) and kept in
+  matrices, all rows at once up to 104 filters, instead of sklearn's per-row loop) and kept in
   float64 (sklearn stores the embedding in float32). t-SNE on a few dozen points is
   chaotic, so the result matches sklearn's to rounding only for the first iterations; the tests
   check the gradient against sklearn's and the quality of the final embedding.
