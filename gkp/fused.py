@@ -103,9 +103,11 @@ def _register_fake() -> None:
 
 
 def layout_of(x: Tensor) -> torch.memory_format:
-    """The op's output layout: channels-last for a channels-last input (one that is not also
-    NCHW-contiguous), NCHW otherwise; the C++ op decides the same way."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """The op's output layout: channels-last for a 4-d channels-last input (one that is not also
+    NCHW-contiguous: a tensor with one channel or 1x1 planes is both), NCHW otherwise; the C++
+    op decides the same way (and :class:`gkp.nn.GroupedKernelConv2d`'s dense copies follow it)."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = cl and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

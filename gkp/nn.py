@@ -252,13 +252,6 @@ def _dense_from(
     return dense
 
 
-def _memory_format(t: Tensor) -> torch.memory_format:
-    """channels_last for a 4-d tensor laid out so (and not also plain contiguous: a tensor with
-    one channel or 1x1 planes is both), else contiguous_format."""
-    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl and not t.is_contiguous() else torch.contiguous_format
-
-
 class _DeployForm(nn.Module):
     """What the two deploy forms share: an inference ``backend`` (not in the state dict) and
     the exact masked dense conv built on demand for the ``"dense"`` backend."""
@@ -287,7 +280,7 @@ class _DeployForm(nn.Module):
         channels-last input convert them first)."""
         cached = self.__dict__.get(slot)
         w = None if cached is None else next(cached.parameters())
-        layout = _memory_format(x)
+        layout = fused.layout_of(x)
         fits = w is not None and (w.dim() != 4 or w.is_contiguous(memory_format=layout))
         if not fits or w.device != x.device or w.dtype != x.dtype:
             cached = build().to(x.device, x.dtype, memory_format=layout)
