@@ -182,53 +182,53 @@ def test_a_slow_first_call_does_not_decide_the_race():
     assert min(ms, key=ms.get) == "lazy" and ms["lazy"] < 100.0
 
 
-def test_fastest_of_drops_far_slower_candidates_early():
-    """A candidate 20x slower than the best runs only its untimed first call and its warm-up
-    call; equal ones run every round; the medians name the fastest. (Sleeps of 20 ms and a
-    margin of 5: a loaded machine's scheduling delays of a few ms must not make two equal
-    candidates look 1.5x apart.)"""
-    import time
+def _fake_clock(monkeypatch, ms_of):
+    """Make ``fastest_of`` read ``ms_of[name]`` as the time of each call of candidate ``name``
+    (still calling it), so the race's rules are tested without a wall clock: sleeps on a loaded
+    CI machine overshoot by several ms and once made a 2x pair look more than 2x apart."""
+    import gkp.metrics as metrics
 
-    from gkp.metrics import fastest_of
+    calls = {k: 0 for k in ms_of}
 
-    calls = {"fast": 0, "close": 0, "slow": 0}
-    delay = {"fast": 0.02, "close": 0.02, "slow": 0.4}
+    def fake_time(fn, x):
+        fn(x)
+        return ms_of[fn.__name__]
 
     def make(name):
         def fn(x):
             calls[name] += 1
-            time.sleep(delay[name])
 
+        fn.__name__ = name
         return fn
 
-    ms = fastest_of(
-        {k: make(k) for k in calls}, torch.zeros(1), rounds=4, threads=1, margin=5, clear=5
-    )
+    monkeypatch.setattr(metrics, "_time_cpu", fake_time)
+    return {k: make(k) for k in ms_of}, calls
+
+
+def test_fastest_of_drops_far_slower_candidates_early(monkeypatch):
+    """A candidate 20x slower than the best runs only its untimed first call and its warm-up
+    call; equal ones run every round; the medians name the fastest."""
+    from gkp.metrics import fastest_of
+
+    fns, calls = _fake_clock(monkeypatch, {"fast": 20.0, "close": 20.5, "slow": 400.0})
+    ms = fastest_of(fns, torch.zeros(1), rounds=4, threads=1, margin=5, clear=5)
     assert calls == {"fast": 6, "close": 6, "slow": 2}
-    assert min(ms, key=ms.get) in ("fast", "close") and ms["slow"] > 10 * ms["fast"]
+    assert ms == {"fast": 20.0, "close": 20.5, "slow": 400.0}
 
 
-def test_fastest_of_stops_a_clear_race_after_two_rounds():
+def test_fastest_of_stops_a_clear_race_after_two_rounds(monkeypatch):
     """From the second timed round on, a candidate slower in every round than the leader's
     slowest (by the ``clear`` factor) stops, and the race ends with one left; candidates within
     that factor run every round."""
-    import time
-
     from gkp.metrics import fastest_of
 
-    calls = {"fast": 0, "slower": 0}
-
-    def make(name, delay):
-        def fn(x):
-            calls[name] += 1
-            time.sleep(delay)
-
-        return fn
-
-    fns = {"fast": make("fast", 0.02), "slower": make("slower", 0.04)}  # 2x: within margin=5
+    fns, calls = _fake_clock(monkeypatch, {"fast": 20.0, "slower": 36.0})  # within warm-up's 2x
     ms = fastest_of(fns, torch.zeros(1), rounds=6, threads=1, margin=5, clear=1.3)
     assert calls == {"fast": 4, "slower": 4}  # untimed, warm-up, two timed rounds
     assert min(ms, key=ms.get) == "fast"
     calls.update(fast=0, slower=0)
-    fastest_of(fns, torch.zeros(1), rounds=6, threads=1, margin=5, clear=5)  # within: all rounds
+    fastest_of(fns, torch.zeros(1), rounds=6, threads=1, margin=5, clear=2)  # within: all rounds
     assert calls == {"fast": 8, "slower": 8}
+    calls.update(fast=0, slower=0)
+    fastest_of(fns, torch.zeros(1), rounds=6, threads=1, margin=1.5, clear=2)  # margin: round 1
+    assert calls == {"fast": 3, "slower": 3}
