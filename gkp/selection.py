@@ -56,26 +56,38 @@ def chain_costs(S: np.ndarray, sets: np.ndarray, e: int, lam: float) -> np.ndarr
     S = np.asarray(S, dtype=np.float64)
     sets = np.asarray(sets, dtype=np.intp)
     step = max(1, _CHUNK_BYTES // (24 * S.shape[0] * max(1, sets.shape[1])))
-    if len(sets) <= step:
-        return _chain_costs_block(S, sets, e, lam)
-    parts = [_chain_costs_block(S, sets[i : i + step], e, lam) for i in range(0, len(sets), step)]
-    return np.concatenate(parts)
+    sym = bool(np.array_equal(S, S.T))
+    starts = range(0, max(len(sets), 1), step)  # no sets: one empty block
+    return np.concatenate([_chain_costs_block(S, sets[i : i + step], e, lam, sym) for i in starts])
 
 
 _CHUNK_BYTES = 64 * 2**20
 
 
-def _chain_costs_block(S: np.ndarray, sets: np.ndarray, e: int, lam: float) -> np.ndarray:
+def _chain_costs_block(
+    S: np.ndarray, sets: np.ndarray, e: int, lam: float, sym: bool
+) -> np.ndarray:
     sets = np.sort(sets, axis=1)
     n_sets, m = sets.shape
     iu, ju = np.triu_indices(m, k=1)
     inner = _seq_sum(S[sets[:, iu], sets[:, ju]])
     if e == 0 or m == S.shape[0]:
         return inner
-    cols = S[:, sets].transpose(1, 0, 2)  # (B, n_in, m): S[u, i] for i in K
     e_used = min(e, m)
-    # the e largest in ascending order, summed; SR-GKP's e = 1 is the largest alone (no sort)
-    top = cols.max(axis=2) if e_used == 1 else _seq_sum(np.sort(cols, axis=2)[:, :, m - e_used :])
+    # the e largest S[u, i], i in K, in ascending order, summed; SR-GKP's e = 1 is the largest
+    # alone. A symmetric S (``sym``; every similarity() is, bit for bit) gives them from whole
+    # rows S[i] (a fast gather); np.partition finds the e largest, sorting those puts them in
+    # order. The values, and so the sums, are exactly those of sorting every column.
+    if sym:
+        rows = S[sets]  # (B, m, n_in): S[i, u] = S[u, i]
+        if e_used == 1:
+            top = rows.max(axis=1)
+        else:
+            cols = rows.transpose(0, 2, 1)
+            top = _seq_sum(np.sort(np.partition(cols, m - e_used, axis=2)[:, :, m - e_used :]))
+    else:
+        cols = S[:, sets].transpose(1, 0, 2)  # (B, n_in, m): S[u, i] for i in K
+        top = cols.max(axis=2) if e_used == 1 else _seq_sum(np.sort(cols)[:, :, m - e_used :])
     outside = np.ones((n_sets, S.shape[0]), dtype=bool)
     outside[np.arange(n_sets)[:, None], sets] = False
     return inner - lam * _seq_sum(np.where(outside, top, 0.0))
@@ -181,15 +193,16 @@ def beam_select(
     for t in range(1, n_keep):
         beam = _expand(beam, S, rough, width)
         if t % rerank_every == 0 or t == n_keep - 1:
-            beam = _rerank(beam, width, _balancer(cost_balancer, n_in, t + 1, 1))
+            beam = _rerank(beam, S, width, _balancer(cost_balancer, n_in, t + 1, 1))
+    members = beam["base"]["members"]  # the last expansion is always re-ranked
     lam = _balancer(cost_balancer, n_in, n_keep, 1)
-    costs = chain_costs(S, beam["members"], 1, lam)
-    set_rough = rough[np.sort(beam["members"], axis=1)].sum(axis=1)  # order-independent sum
+    costs = chain_costs(S, members, 1, lam)
+    set_rough = rough[np.sort(members, axis=1)].sum(axis=1)  # order-independent sum
     best = np.lexsort((beam["start"], set_rough, costs))[0]
     info = {"e": 1, "lambda": lam, "cost": float(costs[best]), "start": int(beam["start"][best])}
     info.update(roughness=float(set_rough[best]), pool_size=int(costs.size), width=width)
     info.update(rerank_every=rerank_every, outer_term_dropped=False)
-    return np.sort(beam["members"][best]), info
+    return np.sort(members[best]), info
 
 
 def l2_select(V: np.ndarray, n_keep: int) -> np.ndarray:
@@ -224,68 +237,119 @@ def _balancer(cost_balancer: float | str, n_in: int, n_keep: int, e: int) -> flo
 
 
 def _initial_beam(S: np.ndarray, rough: np.ndarray) -> dict[str, np.ndarray]:
-    """One entry ``{s}`` per start; ``acc`` = summed and ``mx`` = max similarity to the set."""
+    """One entry ``{s}`` per start.
+
+    Per entry: ``acc`` = summed similarity of every kernel to the set, ``inf`` at its members
+    (so the argmin of a row is the least similar unkept kernel and ``isinf(acc)`` is the kept
+    mask), ``inner``, ``rough``, and the entry as ``base`` row ``anc`` plus the kernels
+    ``recent``-ly added. ``base`` holds the entries that survived the last re-rank (here: the
+    starts): their ``members`` and ``mx`` (max similarity of every kernel to the set). What the
+    children grown between re-ranks need is built only where it is needed: their ``acc`` rows
+    (``pending``: the parents' rows and the kernels added) by the next expansion, or at a
+    re-rank for the survivors alone; their members and max rows from base row and recent
+    kernels, at the re-rank. The sums and maxima are the incrementally updated ones bit for bit.
+    """
     n_in = S.shape[0]
     rows = np.arange(n_in)
-    beam = {"start": rows, "members": rows[:, None].copy(), "kept": np.eye(n_in, dtype=bool)}
-    beam.update(acc=S.copy(), mx=S.copy(), inner=np.zeros(n_in), rough=rough.copy())
-    return beam
+    acc = S.copy()
+    acc[rows, rows] = np.inf
+    base = {"members": rows[:, None].copy(), "mx": S.copy()}
+    recent = np.empty((n_in, 0), dtype=np.intp)
+    return {"start": rows, "acc": acc, "inner": np.zeros(n_in), "rough": rough.copy(),
+            "anc": rows.copy(), "recent": recent, "base": base}  # fmt: skip
+
+
+def _children_acc(pending: tuple, S: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """``acc`` of the children ``rows`` (all when None): parent's row + S[added], inf at added."""
+    parent_acc, new = pending
+    n_par, w = new.shape
+    if rows is None:  # every child, written by broadcasting the parents' rows
+        out = np.empty((n_par, w, S.shape[0]))
+        for i in range(w):
+            np.add(parent_acc, S[new[:, i]], out=out[:, i, :])
+        out = out.reshape(n_par * w, -1)
+        added = new.reshape(-1)
+    else:
+        added = new.reshape(-1)[rows]
+        out = parent_acc[rows // w] + S[added]
+    out[np.arange(added.size), added] = np.inf
+    return out
 
 
 def _expand(beam: dict, S: np.ndarray, rough: np.ndarray, width: int) -> dict:
     """Replace each entry by its children: add each of its ``width`` least-similar unkept kernels.
 
-    The sums are updated incrementally (inner sum, summed and max similarity), so an expansion costs
-    ``O(entries * n_in)``. Children are written straight into their ``(entries, width, n_in)``
-    arrays by broadcasting the parent's row (no gathered copy of the parents first): the same
-    sums, bit for bit, at about half the memory traffic.
+    The sums are updated incrementally (inner sum, summed similarity), so an expansion costs
+    ``O(entries * n_in)``. The children's ``acc`` rows are left pending (see
+    :func:`_initial_beam`): a re-rank next builds only the survivors'.
     """
-    n_rows, m = beam["members"].shape
-    n_in = S.shape[0]
-    masked = np.where(beam["kept"], np.inf, beam["acc"])
+    acc = beam["acc"] if "acc" in beam else _children_acc(beam["pending"], S)
+    n_rows, n_in = acc.shape
+    m = beam["base"]["members"].shape[1] + beam["recent"].shape[1]
     rows = np.arange(n_rows)
     w = min(width, n_in - m)
     new = np.empty((n_rows, w), dtype=np.intp)
-    for i in range(w):
-        j = masked.argmin(axis=1)
-        new[:, i] = j
-        masked[rows, j] = np.inf
-    del masked
-    s_new = S[new]  # (entries, w, n_in)
-    acc = np.add(beam["acc"][:, None, :], s_new).reshape(-1, n_in)
-    np.maximum(beam["mx"][:, None, :], s_new, out=s_new)
-    kept = np.repeat(beam["kept"], w, axis=0)
-    flat = new.reshape(-1)
-    kept[np.arange(flat.size), flat] = True
-    members = np.empty((n_rows, w, m + 1), dtype=beam["members"].dtype)
-    members[:, :, :m] = beam["members"][:, None, :]
-    members[:, :, m] = new
+    picked = np.empty((n_rows, w))
+    for i in range(w):  # the w smallest unkept entries, lowest index on ties
+        j = acc.argmin(axis=1)
+        new[:, i], picked[:, i] = j, acc[rows, j]
+        acc[rows, j] = np.inf
+    for i in range(w):  # restore the parents' rows (the children are built from them)
+        acc[rows, new[:, i]] = picked[:, i]
+    recent = np.empty((n_rows, w, beam["recent"].shape[1] + 1), dtype=np.intp)
+    recent[:, :, :-1] = beam["recent"][:, None, :]
+    recent[:, :, -1] = new
     return {
         "start": np.repeat(beam["start"], w),
-        "members": members.reshape(-1, m + 1),
-        "kept": kept,
-        "acc": acc,
-        "mx": s_new.reshape(-1, n_in),
-        "inner": (beam["inner"][:, None] + np.take_along_axis(beam["acc"], new, 1)).reshape(-1),
+        "pending": (acc, new),
+        "inner": (beam["inner"][:, None] + picked).reshape(-1),
         "rough": (beam["rough"][:, None] + rough[new]).reshape(-1),
+        "anc": np.repeat(beam["anc"], w),
+        "recent": recent.reshape(n_rows * w, -1),
+        "base": beam["base"],
     }
 
 
-def _rerank(beam: dict, width: int, lam: float) -> dict:
+def _rerank(beam: dict, S: np.ndarray, width: int, lam: float) -> dict:
     """Merge duplicate sets per start, rank by ``0.9*rank(cost)+0.1*rank(rough)``, cut to width.
 
-    Scores are computed on the unique rows' indices and every array is gathered once, at the end.
+    Called right after an expansion. Scores are computed on the unique rows, their max rows
+    built from base row and recent kernels a cache-sized block of rows at a time (max is exact,
+    and each row's sum is the same whatever block it is summed in); the survivors' ``acc`` rows
+    are built, and they become the next base.
     """
-    first = _first_unique(beam["start"], beam["kept"])
+    parent_acc, new = beam["pending"]
+    w = new.shape[1]
+    kept = np.repeat(np.isinf(parent_acc), w, axis=0)
+    kept[np.arange(kept.shape[0]), new.reshape(-1)] = True
+    first = _first_unique(beam["start"], kept)
     start, rough = beam["start"][first], beam["rough"][first]
-    outer = np.where(beam["kept"][first], 0.0, beam["mx"][first]).sum(axis=1)
+    anc, recent, kept = beam["anc"][first], beam["recent"][first], kept[first]
+    base_mx = beam["base"]["mx"]
+
+    def max_rows(sel) -> np.ndarray:
+        mx = base_mx[anc[sel]]
+        for c in range(recent.shape[1]):
+            np.maximum(mx, S[recent[sel, c]], out=mx)
+        return mx
+
+    outer = np.empty(first.size)
+    block = max(1, 2**16 // S.shape[0])  # 512 KB of float64 rows
+    for b0 in range(0, first.size, block):
+        sel = slice(b0, b0 + block)
+        outer[sel] = np.where(kept[sel], 0.0, max_rows(sel)).sum(axis=1)
     cost = beam["inner"][first] - lam * outer
     score = 0.9 * _grouped_rank(cost, start) + 0.1 * _grouped_rank(rough, start)
     order = np.lexsort((np.arange(start.size), rough, cost, score, start))
     sorted_start = start[order]
     pos = np.arange(order.size) - np.searchsorted(sorted_start, sorted_start, side="left")
-    keep = first[np.sort(order[pos < width])]
-    return {name: arr[keep] for name, arr in beam.items()}
+    cut = np.sort(order[pos < width])  # positions in ``first``
+    keep = first[cut]
+    members = np.concatenate([beam["base"]["members"][anc[cut]], recent[cut]], axis=1)
+    return {"start": start[cut], "acc": _children_acc(beam["pending"], S, keep),
+            "inner": beam["inner"][keep], "rough": rough[cut], "anc": np.arange(keep.size),
+            "recent": np.empty((keep.size, 0), dtype=np.intp),
+            "base": {"members": members, "mx": max_rows(cut)}}  # fmt: skip
 
 
 def _first_unique(start: np.ndarray, kept: np.ndarray) -> np.ndarray:

@@ -204,6 +204,85 @@ def test_beam_edge_cases():
         beam_select(V, 3, np.zeros(6), width=0)
 
 
+def _loop_beam(V, n_keep, rough, width, rerank_every):
+    """SR-GKP's beam search written entry by entry, from beam_select's docstring: the sums are
+    grown in the order kernels join a set (as the vectorised code grows them), duplicates per
+    start merged keeping the first, ranks within a start's beam. (members, start) of the pool."""
+    S = similarity(V)
+    n_in = S.shape[0]
+    pool = []
+    for s in range(n_in):
+        beam = [([s], S[s].copy(), 0.0, rough[s])]  # members, summed similarity, inner, rough
+        for t in range(1, n_keep):
+            children = []
+            for members, acc, inner, r in beam:
+                free = [u for u in range(n_in) if u not in members]
+                for u in sorted(free, key=lambda u: (acc[u], u))[: min(width, len(free))]:
+                    children.append((members + [u], acc + S[u], inner + acc[u], r + rough[u]))
+            beam = children
+            if t % rerank_every == 0 or t == n_keep - 1:
+                seen, unique = set(), []
+                for entry in beam:
+                    if frozenset(entry[0]) not in seen:
+                        seen.add(frozenset(entry[0]))
+                        unique.append(entry)
+                lam = auto_lambda(n_in, t + 1, 1)
+                costs = []
+                for members, _, inner, _ in unique:
+                    mx = S[members].max(axis=0)
+                    kept = np.zeros(n_in, dtype=bool)
+                    kept[members] = True
+                    costs.append(inner - lam * np.where(kept, 0.0, mx).sum())
+                costs, rs = np.array(costs), np.array([e[3] for e in unique])
+                score = 0.9 * rankdata(costs) + 0.1 * rankdata(rs)
+                order = sorted(range(len(unique)), key=lambda i: (score[i], costs[i], rs[i], i))
+                beam = [unique[i] for i in sorted(order[:width])]
+        pool += [(sorted(members), s) for members, *_ in beam]
+    return pool
+
+
+@pytest.mark.parametrize("n_in,n_keep,width,every", [(9, 5, 2, 3), (12, 8, 3, 2), (10, 10, 2, 1)])
+def test_beam_select_equals_an_entry_by_entry_beam_search(n_in, n_keep, width, every):
+    """The vectorised beam (children's rows built lazily, max rows rebuilt at re-ranks) keeps
+    exactly what a plain loop over entries keeps: same pool, same winner, same cost bits."""
+    rng = np.random.default_rng(n_in + n_keep)
+    V = rng.standard_normal((n_in, 6))
+    V[2] = V[4]  # exact ties
+    rough = rng.random(n_in)
+    kept, info = beam_select(V, n_keep, rough, width=width, rerank_every=every)
+    pool = _loop_beam(V, n_keep, rough, width, every)
+    S = similarity(V)
+    lam = auto_lambda(n_in, n_keep, 1) if n_keep < n_in else 0.0
+    costs = [chain_cost(S, np.array(m), 1, lam) for m, _ in pool]
+    set_rough = [rough[m].sum() for m, _ in pool]
+    best = min(range(len(pool)), key=lambda i: (costs[i], set_rough[i], pool[i][1]))
+    np.testing.assert_array_equal(kept, pool[best][0])
+    assert info["pool_size"] == len(pool) and info["start"] == pool[best][1]
+    assert info["cost"] == costs[best]
+
+
+@pytest.mark.parametrize("e", [1, 3, 8])
+def test_chain_costs_top_e_from_rows_equal_sorted_columns(e):
+    """A symmetric S takes the e largest from rows with a partition; an asymmetric one sorts
+    columns; both give the sum of the e largest S[u, i] (i kept) in ascending order, bit for bit."""
+    from gkp.selection import chain_costs
+
+    rng = np.random.default_rng(e)
+    V = rng.standard_normal((20, 5))
+    V[7] = V[3]
+    S = similarity(V)
+    sets = np.array([rng.permutation(20)[:11] for _ in range(9)])
+    for M in (S, S + 0.01 * rng.standard_normal(S.shape)):  # symmetric, then not
+        expect = []
+        for kept in np.sort(sets, axis=1):
+            iu, ju = np.triu_indices(len(kept), k=1)
+            inner = np.cumsum(M[kept[iu], kept[ju]])[-1]
+            outside = [u for u in range(20) if u not in kept]
+            tops = [np.cumsum(np.sort(M[u, kept])[-e:])[-1] for u in outside]
+            expect.append(inner - 0.7 * np.cumsum(tops)[-1])
+        np.testing.assert_array_equal(chain_costs(M, sets, e, 0.7), expect)
+
+
 def test_grouped_rank_matches_rankdata_per_group():
     values = np.array([3.0, 1.0, 1.0, 2.0, 5.0, 5.0, 5.0, 0.0])
     groups = np.array([0, 0, 0, 1, 1, 1, 1, 0])
