@@ -74,22 +74,24 @@ def _chain_costs_block(
     if e == 0 or m == S.shape[0]:
         return inner
     e_used = min(e, m)
-    # the e largest S[u, i], i in K, in ascending order, summed; SR-GKP's e = 1 is the largest
-    # alone. A symmetric S (``sym``; every similarity() is, bit for bit) gives them from whole
-    # rows S[i] (a fast gather); np.partition finds the e largest, sorting those puts them in
-    # order. The values, and so the sums, are exactly those of sorting every column.
-    if sym:
-        rows = S[sets]  # (B, m, n_in): S[i, u] = S[u, i]
-        if e_used == 1:
-            top = rows.max(axis=1)
-        else:
-            cols = rows.transpose(0, 2, 1)
-            top = _seq_sum(np.sort(np.partition(cols, m - e_used, axis=2)[:, :, m - e_used :]))
-    else:
-        cols = S[:, sets].transpose(1, 0, 2)  # (B, n_in, m): S[u, i] for i in K
-        top = cols.max(axis=2) if e_used == 1 else _seq_sum(np.sort(cols)[:, :, m - e_used :])
     outside = np.ones((n_sets, S.shape[0]), dtype=bool)
     outside[np.arange(n_sets)[:, None], sets] = False
+    # the e largest S[u, i], i in K, in ascending order, summed for every u outside K; SR-GKP's
+    # e = 1 is the largest alone: from whole rows S[i] (a fast gather) when S is symmetric
+    # (``sym``; every similarity() is, bit for bit). Otherwise only the rows u outside K are
+    # gathered, and np.partition finds the e largest, sorting only those: the values, and so the
+    # sums, are exactly those of sorting every column.
+    if e_used == 1 and sym:
+        top = S[sets].max(axis=1)  # (B, n_in): S[i, u] = S[u, i]
+    else:
+        out_u = np.nonzero(outside)[1].reshape(n_sets, S.shape[0] - m)  # ascending u
+        cols = S[out_u[:, :, None], sets[:, None, :]]  # (B, n_in - m, m): S[u, i]
+        if e_used == 1:
+            vals = cols.max(axis=2)
+        else:
+            vals = _seq_sum(np.sort(np.partition(cols, m - e_used, axis=2)[:, :, m - e_used :]))
+        top = np.zeros(outside.shape)
+        top[outside] = vals.reshape(-1)
     return inner - lam * _seq_sum(np.where(outside, top, 0.0))
 
 

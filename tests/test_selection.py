@@ -263,8 +263,9 @@ def test_beam_select_equals_an_entry_by_entry_beam_search(n_in, n_keep, width, e
 
 @pytest.mark.parametrize("e", [1, 3, 8])
 def test_chain_costs_top_e_from_rows_equal_sorted_columns(e):
-    """A symmetric S takes the e largest from rows with a partition; an asymmetric one sorts
-    columns; both give the sum of the e largest S[u, i] (i kept) in ascending order, bit for bit."""
+    """The outer term's e largest S[u, i] (i kept, u not): from whole rows when e = 1 and S is
+    symmetric, else from the rows outside the set with a partition; summed in ascending order,
+    bit for bit what sorting every column gives, for symmetric and asymmetric S."""
     from gkp.selection import chain_costs
 
     rng = np.random.default_rng(e)
