@@ -451,11 +451,12 @@ def test_bench_reports_ideal_and_how_it_deployed(capsys):
 
 
 def check_tile_geometries(op, gen, batches, layouts, label):
-    """The op at 2 threads against the reference on three geometries (3x3 and 1x1 unit stride,
-    a strided, dilated 3x3) for each batch and input layout (True: channels-last)."""
-    for batch, cl, (k, stride, pad, dil, hw) in itertools.product(
-        batches, layouts, [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)), (3, 2, 2, 2, (17, 19))]
-    ):
+    """The op at 2 threads against the reference on four geometries (3x3 and 1x1 unit stride,
+    a 3x3 with stride 2 (the lanes path's own unrolled tiles), a strided, dilated 3x3) for each
+    batch and input layout (True: channels-last)."""
+    geometries = [(3, 1, 1, 1, (13, 21)), (1, 1, 0, 1, (9, 30)), (3, 2, 1, 1, (15, 22)),
+                  (3, 2, 2, 2, (17, 19))]  # fmt: skip
+    for batch, cl, (k, stride, pad, dil, hw) in itertools.product(batches, layouts, geometries):
         x = torch.randn(batch, 12, *hw, generator=gen)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -477,7 +478,7 @@ TILES = ["1,3,4", "1,6,2", "1,8,1", "2,1,4", "2,2,3", "2,3,2", "2,6,1", "4,1,2",
 @pytest.mark.parametrize("tile", TILES)
 def test_every_tile_shape_is_exact(op, tile, order, monkeypatch):
     """Each register-tile shape (forced; normally the cost model picks one) on the three code
-    paths: 3x3 and 1x1 with unit stride (unrolled taps) and a strided, dilated 3x3 (generic), in
+    paths: 3x3 and 1x1 with unit stride (unrolled taps) and strided 3x3s (generic), in
     both loop orders (group by group, or band of rows by band; forced, normally chosen by the
     planes' size against the L2 cache), and both ways of splitting the work at 2 threads:
     batch 1 (planes padded into one shared buffer, (image, group) or (image, band) tasks) and
@@ -524,7 +525,8 @@ LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1"]
 @pytest.mark.parametrize("tile", LANE_TILES)
 def test_every_lane_tile_shape_is_exact(op, tile, monkeypatch):
     """Each tile shape of the lanes path (forced; normally a cost model picks one) on its three
-    code paths (3x3 and 1x1 unit stride, a strided dilated 3x3), NCHW and channels-last input,
+    code paths (3x3 and 1x1 unit stride, 3x3 stride 2, a strided dilated 3x3), NCHW and
+    channels-last input,
     one block split into bands of rows (batch 16 at 2 threads) and a block per thread (batch
     40: the last block has empty lanes)."""
     monkeypatch.setenv("GKP_FUSED_PATH", "lanes")

@@ -353,17 +353,18 @@ struct LGeo {
 };
 
 // One tile: D filters x P output pixels of row oy from column ox0, LANES images per vector. K > 0:
-// a K x K kernel with unit stride and dilation; K == 0: any. Pixels past the row are computed
-// from whatever the buffer holds there (never stored).
-template <int D, int P, int K>
+// a K x K kernel with stride ST (both directions) and unit dilation, known at compile time;
+// K == 0: any. Pixels past the row are computed from whatever the buffer holds there (never
+// stored).
+template <int D, int P, int K, int ST = 1>
 void ltile(const float* const* chan, const float* w, const float* bias, float* const* out,
            int64_t n_keep, const LGeo& g, int64_t oy, int64_t ox0) {
   vl acc[D][P];
   for (int f = 0; f < D; ++f)
     for (int p = 0; p < P; ++p) acc[f][p] = splat(bias ? bias[f] : 0.f);
   const int64_t kh = K ? K : g.kh, kw = K ? K : g.kw, taps = kh * kw;
-  const int64_t step = (K ? 1 : g.sw) * LANES;  // floats between output pixels
-  const int64_t start = ((K ? oy : oy * g.sh) * g.Wp + (K ? ox0 : ox0 * g.sw)) * LANES;
+  const int64_t step = (K ? ST : g.sw) * LANES;  // floats between output pixels
+  const int64_t start = ((K ? oy * ST : oy * g.sh) * g.Wp + (K ? ox0 * ST : ox0 * g.sw)) * LANES;
   for (int64_t j = 0; j < n_keep; ++j, w += taps * D) {
     const float* base = chan[j] + start;
     for (int64_t ky = 0; ky < kh; ++ky)
@@ -391,11 +392,11 @@ using TileFn_l = void (*)(const float* const*, const float*, const float*, float
 
 struct LShape {
   int D, P;
-  TileFn_l fn[3];  // 3x3 unit stride, 1x1 unit stride, anything
+  TileFn_l fn[4];  // 3x3 unit stride, 1x1 unit stride, anything, 3x3 stride 2 (lane_variant)
 };
 
 #define GKP_LSHAPE(D, P) \
-  { D, P, { &ltile<D, P, 3>, &ltile<D, P, 1>, &ltile<D, P, 0> } }
+  { D, P, { &ltile<D, P, 3>, &ltile<D, P, 1>, &ltile<D, P, 0>, &ltile<D, P, 3, 2> } }
 // At most 16 accumulators: larger tiles (28 accumulators of AVX-512's 32 registers, like (2, 14)
 // or (4, 6)) measured slower. On equal modelled cost the earlier shape wins.
 const LShape LSHAPES[] = {
@@ -474,13 +475,21 @@ const float* pack_weights(const at::Tensor& weight, int64_t D) {
   return pk;
 }
 
+// The lanes path's tile instantiations add 3: a 3x3 kernel with stride 2 and unit dilation (the
+// downsampling 3x3 convs of ResNets; the generic tile ran them at half the GMAC/s of stride 1).
+template <class G>
+int lane_variant(const G& g) {
+  const bool s2 = g.sh == 2 && g.sw == 2 && g.dh == 1 && g.dw == 1 && g.kh == 3 && g.kw == 3;
+  return s2 ? 3 : tap_variant(g);
+}
+
 at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, const float* bp,
                       const int64_t* gp, const std::vector<int64_t>& pos, int64_t groups,
                       LGeo g, at::Tensor y) {
   const int64_t N = x.size(0), C_in = x.size(1), C_out = weight.size(0), n_keep = weight.size(1);
   const int64_t d = C_out / groups, HW = g.H * g.W, HWo = g.Ho * g.Wo;
   const LShape& s = lchoose(d, n_keep, g);
-  const TileFn_l run = s.fn[tap_variant(g)];
+  const TileFn_l run = s.fn[lane_variant(g)];
   const int64_t per_filter = n_keep * g.kh * g.kw;
   const float* pk = pack_weights(weight, s.D);
   // reads past the last plane: the last tile's pixels beyond the row, one row down at most
