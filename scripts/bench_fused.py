@@ -10,6 +10,9 @@ layout) and writes it as CSV.
 
     taskset -c 0,1 .venv/bin/python scripts/bench_fused.py --threads 1,2 \
         --out results/fused_kernel.csv
+
+``--downsampling`` times the networks' stride-2 3x3 layers instead (``DOWNSAMPLING``; the table
+prints them as ``C=in->out``).
 """
 
 from __future__ import annotations
@@ -42,14 +45,26 @@ LAYERS = [
 GROUPS = 8
 
 
-def layer_pair(c: int, seed: int) -> tuple[nn.Conv2d, GroupedKernelConv2d, int]:
+# The downsampling 3x3 convs (stride 2): ResNet-56's first convs of stages 2 and 3 (C -> 2C),
+# torchvision ResNet-50's 3x3 convs of the first blocks of stages 2-4 (C -> C).
+# (network, in channels, input size, batch, out channels)
+DOWNSAMPLING = [
+    ("resnet56", 16, 32, 64, 32), ("resnet56", 32, 16, 64, 64),
+    ("resnet50", 128, 56, 16, 128), ("resnet50", 256, 28, 16, 256), ("resnet50", 512, 14, 16, 512),
+]  # fmt: skip
+
+
+def layer_pair(
+    c: int, seed: int, c_out: int | None = None, stride: int = 1
+) -> tuple[nn.Conv2d, GroupedKernelConv2d, int]:
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+    c_out = c if c_out is None else c_out
+    conv = nn.Conv2d(c, c_out, 3, stride=stride, padding=1, bias=False)
     n_keep = c * 9 // 16
-    order = list(range(c))
+    order = list(range(c_out))
     rng.shuffle(order)
-    d = c // GROUPS
+    d = c_out // GROUPS
     plan = GroupPlan.from_lists(
         [order[g * d : (g + 1) * d] for g in range(GROUPS)],
         [rng.sample(range(c), n_keep) for _ in range(GROUPS)],
@@ -63,6 +78,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None, help="CSV file to write")
     ap.add_argument("--table", type=Path, default=None, help="print the table of this CSV")
+    ap.add_argument(
+        "--downsampling", action="store_true", help="time the stride-2 3x3 layers instead"
+    )
     args = ap.parse_args()
     if args.table is not None:
         print_table(read_rows(args.table))
@@ -71,7 +89,10 @@ def main() -> None:
         sys.exit("the fused op could not be built (see the warning above)")
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        rows += measure(threads, args.rounds)
+        if args.downsampling:
+            rows += measure(threads, args.rounds, [(*ly, 2) for ly in DOWNSAMPLING])
+        else:
+            rows += measure(threads, args.rounds, [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS])
     if args.out is not None:
         with args.out.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -80,11 +101,12 @@ def main() -> None:
     print_table(rows)
 
 
-def measure(threads: int, rounds: int) -> list[dict]:
+def measure(threads: int, rounds: int, layers: list[tuple]) -> list[dict]:
+    """Rows for ``layers``: (network, in channels, input size, batch, out channels, stride)."""
     rows = []
     cl = torch.channels_last
-    for net, c, hw, batch in LAYERS:
-        conv, grouped, n_keep = layer_pair(c, seed=c + hw)
+    for net, c, hw, batch, c_out, stride in layers:
+        conv, grouped, n_keep = layer_pair(c, seed=c + hw, c_out=c_out, stride=stride)
         fast = GroupedKernelConv2d.from_conv(conv, grouped.plan())
         set_backend(fast, "fused")
         conv_cl = copy.deepcopy(conv).to(memory_format=cl)
@@ -98,13 +120,15 @@ def measure(threads: int, rounds: int) -> list[dict]:
             {name: _on(module.eval(), inp) for name, (module, inp) in runs.items()},
             x, rounds=rounds, warmup=5, threads=threads,
         )  # fmt: skip
-        dense_macs = batch * c * c * 9 * hw * hw
+        out_hw = (hw - 1) // stride + 1  # 3x3, padding 1
+        dense_macs = batch * c_out * c * 9 * out_hw * out_hw
         kept = dense_macs * n_keep // c
         ms = {k: v.median_ms for k, v in stats.items()}
         best = min(ms["dense"], ms["dense_cl"])  # speed-ups against the faster dense layout
         rows.append(
             {
                 "network": net, "channels": c, "size": hw, "batch": batch, "groups": GROUPS,
+                "out_channels": c_out, "stride": stride,
                 "n_keep": n_keep, "threads": threads,
                 **{f"{k}_ms": v for k, v in ms.items()},
                 **{f"{k}_gmacs": (dense_macs if k.startswith("dense") else kept) / v / 1e6
@@ -137,9 +161,10 @@ def print_table(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     """The Markdown table of ``rows`` (what the README shows, generated from the CSV)."""
+    strides = sorted({r.get("stride", 1) for r in rows})  # CSVs from before had stride 1 only
     lines = [
-        f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride 1; (x ...): speed-up over the faster "
-        "dense layout",
+        f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride {'/'.join(map(str, strides))}; (x ...): "
+        "speed-up over the faster dense layout",
         "",
         "| layer | batch | threads | dense NCHW GMAC/s | dense channels-last GMAC/s "
         "| torch grouped GMAC/s (x) | fused NCHW GMAC/s (x) | fused channels-last GMAC/s (x) "
@@ -148,13 +173,19 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['network']} C={r['channels']} {r['size']}x{r['size']} | {r['batch']} | "
+            f"| {r['network']} C={r['channels']}{_to(r)} {r['size']}x{r['size']} | {r['batch']} | "
             f"{r['threads']} | {r['dense_gmacs']:.1f} | {r['dense_cl_gmacs']:.1f} | "
             f"{r['torch_gmacs']:.1f} (x{r['torch_speedup']:.2f}) | "
             f"{r['fused_gmacs']:.1f} (x{r['fused_speedup']:.2f}) | "
             f"{r['fused_cl_gmacs']:.1f} (x{r['fused_cl_speedup']:.2f}) | x{r['ideal']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _to(row: dict) -> str:
+    """`` -> C_out`` when a layer changes the channel count, else nothing."""
+    c_out = row.get("out_channels", row["channels"])
+    return "" if c_out == row["channels"] else f"->{c_out}"
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -56,3 +56,18 @@ def test_goal_table_is_the_generated_one():
     assert match.group(2) == readme_summary.goals_generated(int(match.group(1))), (
         "run: python scripts/readme_summary.py"
     )
+
+
+def test_fused_table_labels_downsampling_layers():
+    """``bench_fused.py --downsampling`` rows name their channel change and stride; rows of the
+    committed CSV (no stride column) read as stride 1, so the README table is unchanged."""
+    import bench_fused
+
+    row = {"network": "resnet56", "channels": 16, "size": 32, "batch": 64, "threads": 1,
+           "dense_gmacs": 1.0, "dense_cl_gmacs": 1.0, "torch_gmacs": 1.0, "torch_speedup": 1.0,
+           "fused_gmacs": 1.0, "fused_speedup": 1.0, "fused_cl_gmacs": 1.0,
+           "fused_cl_speedup": 1.0, "ideal": 1.78}  # fmt: skip
+    old = bench_fused.table([row])
+    assert "stride 1;" in old and "| resnet56 C=16 32x32 |" in old
+    new = bench_fused.table([{**row, "out_channels": 32, "stride": 2}])
+    assert "stride 2;" in new and "| resnet56 C=16->32 32x32 |" in new
