@@ -476,7 +476,8 @@ const float* pack_weights(const at::Tensor& weight, int64_t D) {
 }
 
 // The lanes path's tile instantiations add 3: a 3x3 kernel with stride 2 and unit dilation (the
-// downsampling 3x3 convs of ResNets; the generic tile ran them at half the GMAC/s of stride 1).
+// downsampling 3x3 convs of ResNets, which the generic tile ran at 0.7-1.2x of dense; see
+// scripts/bench_fused.py --downsampling).
 template <class G>
 int lane_variant(const G& g) {
   const bool s2 = g.sh == 2 && g.sw == 2 && g.dh == 1 && g.dw == 1 && g.kh == 3 && g.kw == 3;
