@@ -82,7 +82,7 @@ def _chain_costs_block(
     # gathered, and np.partition finds the e largest, sorting only those: the values, and so the
     # sums, are exactly those of sorting every column.
     if e_used == 1 and sym:
-        top = S[sets].max(axis=1)  # (B, n_in): S[i, u] = S[u, i]
+        top = np.where(outside, S[sets].max(axis=1), 0.0)  # S[i, u] = S[u, i]
     else:
         out_u = np.nonzero(outside)[1].reshape(n_sets, S.shape[0] - m)  # ascending u
         cols = S[out_u[:, :, None], sets[:, None, :]]  # (B, n_in - m, m): S[u, i]
@@ -92,7 +92,7 @@ def _chain_costs_block(
             vals = _seq_sum(np.sort(np.partition(cols, m - e_used, axis=2)[:, :, m - e_used :]))
         top = np.zeros(outside.shape)
         top[outside] = vals.reshape(-1)
-    return inner - lam * _seq_sum(np.where(outside, top, 0.0))
+    return inner - lam * _seq_sum(top)  # zeros at the kept u
 
 
 def chain_cost(S: np.ndarray, kept: np.ndarray, e: int, lam: float) -> float:

@@ -524,11 +524,10 @@ LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1"]
 
 @pytest.mark.parametrize("tile", LANE_TILES)
 def test_every_lane_tile_shape_is_exact(op, tile, monkeypatch):
-    """Each tile shape of the lanes path (forced; normally a cost model picks one) on its three
+    """Each tile shape of the lanes path (forced; normally a cost model picks one) on its four
     code paths (3x3 and 1x1 unit stride, 3x3 stride 2, a strided dilated 3x3), NCHW and
-    channels-last input,
-    one block split into bands of rows (batch 16 at 2 threads) and a block per thread (batch
-    40: the last block has empty lanes)."""
+    channels-last input, one block split into bands of rows (batch 16 at 2 threads) and a block
+    per thread (batch 40: the last block has empty lanes)."""
     monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
     monkeypatch.setenv("GKP_FUSED_LANE_TILE", tile)
     gen = torch.Generator().manual_seed(sum(map(int, tile.split(","))))

@@ -162,10 +162,32 @@ def test_linear_on_3d_input():
     assert macs_by_hooks(lin, torch.zeros(2, 3, 5)) == 2 * 3 * 5 * 7
 
 
+def _fake_clock(monkeypatch):
+    """Make ``fastest_of`` read each call's time from what the candidate returns, so the race's
+    rules are tested without a wall clock: sleeps on a loaded CI machine overshoot by several
+    ms and once made a 2x pair look more than 2x apart."""
+    import gkp.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_time_cpu", lambda fn, x: fn(x))
+
+
+def _counted(ms_of):
+    """Candidates that "take" ``ms_of[name]`` per call, and their call counts."""
+    calls = {k: 0 for k in ms_of}
+
+    def make(name):
+        def fn(x):
+            calls[name] += 1
+            return ms_of[name]
+
+        return fn
+
+    return {k: make(k) for k in ms_of}, calls
+
+
 def test_a_slow_first_call_does_not_decide_the_race(monkeypatch):
     """One-time costs of a first call (a lazily built copy) do not drop a candidate: the first
-    call of each is untimed. (A fake clock: each candidate returns what its call "took".)"""
-    import gkp.metrics as metrics
+    call of each is untimed."""
     from gkp.metrics import fastest_of
 
     first = {"lazy": True}
@@ -176,32 +198,9 @@ def test_a_slow_first_call_does_not_decide_the_race(monkeypatch):
     def steady(x):
         return 30.0
 
-    monkeypatch.setattr(metrics, "_time_cpu", lambda fn, x: fn(x))
+    _fake_clock(monkeypatch)
     ms = fastest_of({"lazy": lazy, "steady": steady}, torch.zeros(1), rounds=3, threads=1)
     assert ms == {"lazy": 10.0, "steady": 30.0}
-
-
-def _fake_clock(monkeypatch, ms_of):
-    """Make ``fastest_of`` read ``ms_of[name]`` as the time of each call of candidate ``name``
-    (still calling it), so the race's rules are tested without a wall clock: sleeps on a loaded
-    CI machine overshoot by several ms and once made a 2x pair look more than 2x apart."""
-    import gkp.metrics as metrics
-
-    calls = {k: 0 for k in ms_of}
-
-    def fake_time(fn, x):
-        fn(x)
-        return ms_of[fn.__name__]
-
-    def make(name):
-        def fn(x):
-            calls[name] += 1
-
-        fn.__name__ = name
-        return fn
-
-    monkeypatch.setattr(metrics, "_time_cpu", fake_time)
-    return {k: make(k) for k in ms_of}, calls
 
 
 def test_fastest_of_drops_far_slower_candidates_early(monkeypatch):
@@ -209,7 +208,8 @@ def test_fastest_of_drops_far_slower_candidates_early(monkeypatch):
     call; equal ones run every round; the medians name the fastest."""
     from gkp.metrics import fastest_of
 
-    fns, calls = _fake_clock(monkeypatch, {"fast": 20.0, "close": 20.5, "slow": 400.0})
+    _fake_clock(monkeypatch)
+    fns, calls = _counted({"fast": 20.0, "close": 20.5, "slow": 400.0})
     ms = fastest_of(fns, torch.zeros(1), rounds=4, threads=1, margin=5, clear=5)
     assert calls == {"fast": 6, "close": 6, "slow": 2}
     assert ms == {"fast": 20.0, "close": 20.5, "slow": 400.0}
@@ -221,7 +221,8 @@ def test_fastest_of_stops_a_clear_race_after_two_rounds(monkeypatch):
     that factor run every round."""
     from gkp.metrics import fastest_of
 
-    fns, calls = _fake_clock(monkeypatch, {"fast": 20.0, "slower": 36.0})  # within warm-up's 2x
+    _fake_clock(monkeypatch)
+    fns, calls = _counted({"fast": 20.0, "slower": 36.0})  # within warm-up's 2x
     ms = fastest_of(fns, torch.zeros(1), rounds=6, threads=1, margin=5, clear=1.3)
     assert calls == {"fast": 4, "slower": 4}  # untimed, warm-up, two timed rounds
     assert min(ms, key=ms.get) == "fast"
