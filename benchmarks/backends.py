@@ -136,6 +136,8 @@ def prepare(
 _CL = torch.channels_last
 # in the cache keys of network-form choices: choices made under an older rule are made again
 FORM_RULE = "margin3-untimed-first"
+# and, for ``autotune``, since its networks run with fused conv epilogues (gkp.epilogue)
+EPILOGUE_RULE = "epilogues1"
 
 
 def pick_form(ms: dict[str, float]) -> str:
@@ -177,8 +179,14 @@ def _eager(
     ``masked-dense|<layout>``). ``autotune`` tunes each layout's layers without
     :func:`gkp.autotune.autotune`'s own network race (``network_check=False``): this one race
     decides both the layout and tuned-or-dense, in about half the whole-network calls (ResNet-50
-    at batch 16 runs 0.5 s a call here)."""
+    at batch 16 runs 0.5 s a call here).
+
+    ``autotune`` also fuses each conv's ReLU or add-and-ReLU into the conv call
+    (:func:`gkp.epilogue.fuse_epilogues`) in every network it times, dense included: oneDNN's
+    convolution with post-ops for dense convs, the fused kernel's epilogue for fused layers, as
+    the deployment runtimes do (``info["epilogues"]`` counts them)."""
     from gkp.autotune import autotune, plain_if_all_dense, tune_key
+    from gkp.epilogue import ConvEpilogue, fuse_epilogues
 
     def variant(choice: str) -> tuple[Callable[[Tensor], Any], dict[str, Any]]:
         masked, _, layout = choice.rpartition("|")  # "nchw", "masked-dense|channels_last", ...
@@ -202,6 +210,9 @@ def _eager(
                 info["form"] = "masked-dense"
                 net = plain if layout == "nchw" else plain.to(memory_format=_CL)
             info["cached"] = all(c.get("cached") for c in tuned.values())
+        if backend == "autotune":  # dense, masked-dense and tuned networks alike
+            net = fuse_epilogues(net)
+            info["epilogues"] = sum(m.relu for m in net.modules() if isinstance(m, ConvEpilogue))
         if layout == "nchw":
             return net, info
         return (lambda x: net(x.contiguous(memory_format=_CL))), info
@@ -210,7 +221,8 @@ def _eager(
     if form != "dense":
         dense_layouts = choices if dense_layout not in choices else [dense_layout]
         choices += [f"masked-dense|{layout}" for layout in dense_layouts]
-    key = f"{backend}|layout|{FORM_RULE}|{tune_key(example, threads)}"
+    rule = f"{FORM_RULE}|{EPILOGUE_RULE}" if backend == "autotune" else FORM_RULE
+    key = f"{backend}|layout|{rule}|{tune_key(example, threads)}"
     forms = {} if cache is None else cache.setdefault("forms", {})
     if forms.get(key) in choices:
         fn, info = variant(forms[key])

@@ -97,7 +97,10 @@ def _build(verbose: bool) -> bool:
 
 def _register_fake() -> None:
     @torch.library.register_fake("gkp_fused::grouped_kernel_conv")
-    def _fake(x, weight, bias, gather_index, output_index, stride, padding, dilation, groups):
+    def _fake(
+        x, weight, bias, gather_index, output_index, stride, padding, dilation, groups,
+        residual=None, relu=False,
+    ):  # fmt: skip
         shape = output_shape(x, weight, stride, padding, dilation)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
 
@@ -136,9 +139,13 @@ def grouped_kernel_conv(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    residual: Tensor | None = None,
+    relu: bool = False,
 ) -> Tensor:
-    """``conv2d(x[:, gather_index], weight, bias, groups=groups)[:, output_index]`` in one op."""
+    """``conv2d(x[:, gather_index], weight, bias, groups=groups)[:, output_index]`` in one op,
+    then ``+ residual`` (a float32 tensor of the output's shape) and a ReLU when asked: the
+    epilogue is applied as results reach the output, so it costs no pass of its own."""
     return torch.ops.gkp_fused.grouped_kernel_conv(
         x, weight, bias, gather_index, output_index, list(stride), list(padding),
-        list(dilation), groups,
+        list(dilation), groups, residual, relu,
     )  # fmt: skip

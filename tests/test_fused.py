@@ -560,3 +560,43 @@ def test_op_runs_on_torchs_thread_pool(op):
         assert torch.ops.gkp_fused.threads_used(64) == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_epilogue_adds_the_residual_and_applies_relu_on_both_paths(op, seed, monkeypatch):
+    """``residual``/``relu``: ``relu?(conv + residual?)`` exactly, on the rows path (an image at
+    a time per thread, or the shared buffer when the batch does not split over the threads)
+    and the lanes path, NCHW or channels-last input, the residual in either layout."""
+    rng = random.Random(5000 + seed)
+    path = ["rows", "lanes"][seed % 2]
+    monkeypatch.setenv("GKP_FUSED_PATH", path)
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(rng)
+    x = torch.randn(rng.choice([1, 3, 4] if path == "rows" else [8, 16, 21]), *x.shape[1:])
+    if seed // 2 % 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+    residual = torch.randn_like(want) if seed // 4 % 3 else None
+    relu = seed // 4 % 3 != 1
+    if residual is not None and rng.random() < 0.5:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        want = want + residual
+    if relu:
+        want = want.relu()
+    got = with_threads(
+        1 + seed // 12,
+        lambda: op(x, weight, bias, gather, out_idx, stride, pad, dil, groups, residual, relu),
+    )
+    assert got.is_contiguous(memory_format=fused.layout_of(x))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    if relu:
+        assert (got >= 0).all() and (got == 0).any()
+
+
+def test_epilogue_refuses_a_residual_of_another_shape(op):
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(random.Random(7))
+    y = op(x, weight, bias, gather, out_idx, stride, pad, dil, groups)
+    with pytest.raises(RuntimeError, match="residual must be float32 of the output's shape"):
+        op(x, weight, bias, gather, out_idx, stride, pad, dil, groups, y[:, :, :1])
+    with pytest.raises(RuntimeError, match="residual must be float32"):
+        op(x, weight, bias, gather, out_idx, stride, pad, dil, groups, y.double())

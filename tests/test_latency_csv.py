@@ -101,6 +101,26 @@ def test_dense_runs_in_the_faster_layout_and_computes_the_same(backend):
     assert again["cached"] and again["layout"] == info["layout"]
 
 
+def test_autotune_fuses_epilogues_in_dense_and_pruned_networks_alike():
+    """``autotune`` times every network with each conv's ReLU taken into the conv call (here
+    both convs), dense too, so its speed-ups compare like with like; the other eager backends
+    do not."""
+    from gkp.epilogue import ConvEpilogue
+
+    dense, pruned = small_grouped()
+    x = torch.randn(2, 3, 12, 12)
+    for model in (dense, pruned):
+        fn, info = prepare("autotune", model, x, threads=1)
+        assert info["epilogues"] == 2
+        net = fn if isinstance(fn, nn.Module) else next(
+            c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, nn.Module)
+        )  # fmt: skip
+        assert sum(isinstance(m, ConvEpilogue) for m in net.modules()) == 2
+        with torch.inference_mode():
+            assert torch.allclose(torch.as_tensor(fn(x)), model(x), atol=1e-4, rtol=1e-4)
+    assert "epilogues" not in prepare("eager", pruned, x, threads=1)[1]
+
+
 def test_autotune_that_keeps_dense_everywhere_runs_plain_convs(monkeypatch):
     """When every layer keeps the masked dense conv, the network runs as plain convs (no
     per-layer dispatch: on a launch-bound GPU that dispatch alone is a few percent)."""

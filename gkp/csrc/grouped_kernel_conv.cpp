@@ -28,6 +28,12 @@
 // vector, so every tap of every output pixel is one aligned vector load for any stride and
 // width, and row ends need no partial vectors. Described with its code below.
 //
+// An optional epilogue, y = relu(y + residual) or y + residual or relu(y) (residual: a tensor of
+// y's shape, read in y's layout), is applied where results reach the output: as the lanes path
+// transposes them out, and on each image's output while it is in cache on the rows path. A
+// ResNet block's conv -> ReLU and conv -> add -> ReLU then need no passes of their own over
+// the activations (gkp/epilogue.py rewrites networks so).
+//
 // Both paths pack the weights once per call as [block of D filters][kept channel][tap][D] so a
 // tile's broadcasts are sequential, write each filter's results to its final channel (the
 // un-permute costs nothing), keep their buffers as per-thread scratch memory between calls, and
@@ -139,6 +145,24 @@ void to_channels_last(float* dst, const float* src, int64_t C, int64_t HW, int64
     float* __restrict d = dst + p * C;
     for (int64_t c = 0; c < C; ++c) d[c] = src[c * HW + p];
   }
+}
+
+// The epilogue: what is added to the output (nullptr: nothing; same layout and offsets as the
+// output) and whether a ReLU follows.
+struct Epi {
+  const float* res = nullptr;
+  bool relu = false;
+  bool any() const { return res || relu; }
+};
+
+// y[i] = relu?(y[i] + r[i]) for i in [0, n): a stretch of the output and its residual.
+void epilogue(float* __restrict y, const float* __restrict r, int64_t n, bool relu) {
+  if (r && relu)
+    for (int64_t i = 0; i < n; ++i) y[i] = std::max(y[i] + r[i], 0.f);
+  else if (r)
+    for (int64_t i = 0; i < n; ++i) y[i] += r[i];
+  else if (relu)
+    for (int64_t i = 0; i < n; ++i) y[i] = std::max(y[i], 0.f);
 }
 
 // One tile: D filters x R output rows x T vectors from output column ox0. K > 0: a K x K kernel
@@ -300,12 +324,24 @@ inline vl loadl(const float* p) {
 
 inline void storel(float* p, vl v) { std::memcpy(p, &v, sizeof(v)); }
 
+
 template <std::size_t... I>
 inline vl splat(float v, std::index_sequence<I...>) {
   return vl{(static_cast<void>(I), v)...};
 }
 // v in every lane (a plain splat, which the compiler turns into a broadcast load)
 inline vl splat(float v) { return splat(v, std::make_index_sequence<LANES>()); }
+
+// Output element i of y (at yp) gets v through the epilogue: its residual e.res[i] added, a ReLU.
+inline void put(float* yp, int64_t i, vl v, const Epi& e) {
+  if (e.res) v += loadl(e.res + i);
+  if (e.relu) v = v > splat(0.f) ? v : splat(0.f);
+  storel(yp + i, v);
+}
+inline void put(float* yp, int64_t i, float v, const Epi& e) {
+  if (e.res) v += e.res[i];
+  yp[i] = e.relu ? std::max(v, 0.f) : v;
+}
 
 // Lane masks of one transpose round: in each 2b x 2b block of the matrix the two off-diagonal
 // b x b blocks swap (lo: row i's new contents, hi: row i + b's, from rows i and i + b; indices
@@ -486,7 +522,7 @@ int lane_variant(const G& g) {
 
 at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, const float* bp,
                       const int64_t* gp, const std::vector<int64_t>& pos, int64_t groups,
-                      LGeo g, at::Tensor y) {
+                      LGeo g, at::Tensor y, const Epi& e) {
   const int64_t N = x.size(0), C_in = x.size(1), C_out = weight.size(0), n_keep = weight.size(1);
   const int64_t d = C_out / groups, HW = g.H * g.W, HWo = g.Ho * g.Wo;
   const LShape& s = lchoose(d, n_keep, g);
@@ -555,31 +591,31 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
     if (!cl) {
       for (int64_t o = 0; o < C_out; ++o) {
         const float* src = stage + o * npix * LANES;
-        float* dst = yp + o * HWo + base;  // + image's offset
+        const int64_t at = o * HWo + base;  // + image's offset
         int64_t p = p0;
         for (; p + LANES <= p1; p += LANES) {
           vl r[LANES];
           for (int j = 0; j < LANES; ++j) r[j] = loadl(src + (p + j) * LANES);
           transpose(r);
-          for (int k = 0; k < nimg; ++k) storel(dst + (n0 + k) * C_out * HWo + p, r[k]);
+          for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, r[k], e);
         }
         for (; p < p1; ++p)
-          for (int k = 0; k < nimg; ++k) dst[(n0 + k) * C_out * HWo + p] = src[p * LANES + k];
+          for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, src[p * LANES + k], e);
       }
       return;
     }
     for (int64_t p = p0; p < p1; ++p) {
-      float* dst = yp + (base + p) * C_out;  // + image's offset
+      const int64_t at = (base + p) * C_out;  // + image's offset
       int64_t o = 0;
       for (; o + LANES <= C_out; o += LANES) {
         vl r[LANES];
         for (int j = 0; j < LANES; ++j) r[j] = loadl(stage + ((o + j) * npix + p) * LANES);
         transpose(r);
-        for (int k = 0; k < nimg; ++k) storel(dst + (n0 + k) * HWo * C_out + o, r[k]);
+        for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * HWo * C_out + o, r[k], e);
       }
       for (; o < C_out; ++o)
         for (int k = 0; k < nimg; ++k)
-          dst[(n0 + k) * HWo * C_out + o] = stage[(o * npix + p) * LANES + k];
+          put(yp, at + (n0 + k) * HWo * C_out + o, stage[(o * npix + p) * LANES + k], e);
     }
   };
   // One task: output rows [oy0, oy1) of block b, in this thread's own buffers, as a pipeline
@@ -637,7 +673,8 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
 at::Tensor grouped_kernel_conv_cpu(
     const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
     const at::Tensor& gather_, const at::Tensor& output_index_, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& residual_, bool relu) {
   TORCH_CHECK(x_.dim() == 4 && weight_.dim() == 4, "gkp_fused: x and weight must be 4-D");
   TORCH_CHECK(x_.scalar_type() == at::kFloat && weight_.scalar_type() == at::kFloat,
               "gkp_fused: float32 only");
@@ -691,11 +728,19 @@ at::Tensor grouped_kernel_conv_cpu(
                            x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
                                                         : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
+  at::Tensor residual;  // read at y's offsets: y's shape, in y's layout
+  if (residual_.has_value() && residual_->defined()) {
+    TORCH_CHECK(residual_->sizes() == y.sizes() && residual_->scalar_type() == at::kFloat,
+                "gkp_fused: residual must be float32 of the output's shape ", y.sizes(),
+                ", got ", residual_->scalar_type(), " ", residual_->sizes());
+    residual = residual_->contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  }
+  const Epi e{residual.defined() ? residual.data_ptr<float>() : nullptr, relu};
 
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   if (use_lanes(N)) {
     LGeo lg{g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.Ho, g.Wo, g.W + 2 * g.pw};
-    return lanes_path(x, cl, weight, bp, gp, pos, groups, lg, y);
+    return lanes_path(x, cl, weight, bp, gp, pos, groups, lg, y, e);
   }
 
   const Shape& s = choose(d, n_keep, g);
@@ -766,6 +811,8 @@ at::Tensor grouped_kernel_conv_cpu(
         float* yn = yp + n * C_out * HWo;
         compute(buf, cl ? staging : yn, 0, groups, 0, g.Ho, chan.data());
         if (cl) to_channels_last(yn, staging, C_out, HWo, 0, HWo);
+        if (e.any())  // while the image's output is in cache (both layouts: C_out * HWo floats)
+          epilogue(yn, e.res ? e.res + n * C_out * HWo : nullptr, C_out * HWo, e.relu);
       }
     });
     return y;
@@ -804,6 +851,10 @@ at::Tensor grouped_kernel_conv_cpu(
         to_channels_last(yp + n * C_out * HWo, ys + n * C_out * HWo, C_out, HWo, p0, p0 + g.Wo);
       }
     });
+  if (e.any())
+    at::parallel_for(0, y.numel(), 4096, [&](int64_t begin, int64_t end) {
+      epilogue(yp + begin, e.res ? e.res + begin : nullptr, end - begin, e.relu);
+    });
   return y;
 }
 
@@ -824,7 +875,8 @@ TORCH_LIBRARY(gkp_fused, m) {
   m.def("threads_used(int tasks) -> int");
   m.def(
       "grouped_kernel_conv(Tensor x, Tensor weight, Tensor? bias, Tensor gather_index, "
-      "Tensor output_index, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+      "Tensor output_index, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "Tensor? residual=None, bool relu=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gkp_fused, CPU, m) {
