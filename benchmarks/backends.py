@@ -194,6 +194,9 @@ def _eager(
         if layout != "nchw":
             net = (net if masked else copy.deepcopy(net)).to(memory_format=_CL)
         info: dict[str, Any] = {"form": masked or form, "layout": layout}
+        if backend == "autotune":  # dense, masked-dense and tuned networks alike (a copy)
+            net = fuse_epilogues(net)  # before tuning: layers are timed with their epilogues
+            info["epilogues"] = sum(m.relu for m in net.modules() if isinstance(m, ConvEpilogue))
         if backend == "fused" and not masked:
             set_backend(net, "fused")
         elif backend == "autotune" and form != "dense" and not masked:
@@ -210,9 +213,6 @@ def _eager(
                 info["form"] = "masked-dense"
                 net = plain if layout == "nchw" else plain.to(memory_format=_CL)
             info["cached"] = all(c.get("cached") for c in tuned.values())
-        if backend == "autotune":  # dense, masked-dense and tuned networks alike
-            net = fuse_epilogues(net)
-            info["epilogues"] = sum(m.relu for m in net.modules() if isinstance(m, ConvEpilogue))
         if layout == "nchw":
             return net, info
         return (lambda x: net(x.contiguous(memory_format=_CL))), info

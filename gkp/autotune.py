@@ -51,11 +51,12 @@ __all__ = [
 ]
 
 
-TUNE_VERSION = 6  # 2: the tuned network raced against the masked dense one; 3: with a margin
+TUNE_VERSION = 7  # 2: the tuned network raced against the masked dense one; 3: with a margin
 # (NETWORK_MARGIN) and at least 5 rounds; 4: the masked dense candidate in the input's layout (it
 # kept NCHW weights on channels-last inputs, a weight conversion per call); 5: races with an untimed
 # first call per candidate (gkp.metrics.fastest_of); 6: entries may hold the per-layer picks before
-# the network race (network_check=False, the latency backends' joint race); older entries re-tune
+# the network race (network_check=False, the latency backends' joint race); 7: a layer inside a
+# gkp.epilogue.ConvEpilogue is timed with its epilogue; older entries re-tune
 NETWORK_MARGIN = 0.03  # the tuned network must beat the masked dense one by this fraction
 
 
@@ -117,11 +118,13 @@ _SHARED_MS: dict[tuple, dict[str, float]] = {}  # layer_signature -> candidates'
 _SHARED_MAX = 4096  # entries kept (a signature is one layer shape on one input shape)
 
 
-def layer_signature(layer: nn.Module, x: Tensor, threads: int) -> tuple:
+def layer_signature(layer: nn.Module, x: Tensor, threads: int, epilogue: tuple = ()) -> tuple:
     """What decides how fast each exact form of ``layer`` runs on ``x``: :func:`tune_key`
     (device, processor, dtype, input shape, threads, candidates, kernel build), the input's
-    strides (its layout) and the layer's geometry. Two layers with equal signatures differ only
-    in which channels they keep and in their weights, which no candidate's speed depends on."""
+    strides (its layout), the layer's geometry and the epilogue it runs with (``(relu,
+    residual)`` inside a :class:`gkp.epilogue.ConvEpilogue`). Two layers with equal signatures
+    differ only in which channels they keep and in their weights, which no candidate's speed
+    depends on."""
     conv = layer.convs[0] if isinstance(layer, PerGroupConv2d) else layer.conv
     geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.bias is not None)
     if isinstance(layer, PerGroupConv2d):
@@ -129,7 +132,7 @@ def layer_signature(layer: nn.Module, x: Tensor, threads: int) -> tuple:
     else:
         split = (layer.n_groups, layer.n_keep)
     return (type(layer).__name__, layer.in_channels, layer.out_channels, split, geometry,
-            tuple(x.stride()), tune_key(x, threads))  # fmt: skip
+            tuple(x.stride()), tune_key(x, threads), epilogue)  # fmt: skip
 
 
 def clear_shared_timings() -> None:
@@ -141,11 +144,26 @@ def _tunable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, DEPLOY_FORMS)}
 
 
-def _inputs(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
-    seen: dict[str, Tensor] = {}
+def _hosts(model: nn.Module) -> dict[str, nn.Module]:
+    """Each deploy-form layer's caller: the :class:`gkp.epilogue.ConvEpilogue` wrapping it (so
+    it is timed with the epilogue it runs with), or the layer itself."""
+    from gkp.epilogue import ConvEpilogue
+
+    modules = dict(model.named_modules())
+    hosts = {}
+    for name, layer in _tunable(model).items():
+        parent = modules.get(name.rpartition(".")[0]) if name.endswith(".conv") else None
+        hosts[name] = parent if isinstance(parent, ConvEpilogue) else layer
+    return hosts
+
+
+def _inputs(model: nn.Module, example: Tensor) -> dict[str, tuple[Tensor, ...]]:
+    """Each deploy-form layer's arguments in a forward pass of ``example``: its input, and the
+    residual when its caller (:func:`_hosts`) takes one."""
+    seen: dict[str, tuple[Tensor, ...]] = {}
     hooks = [
-        m.register_forward_pre_hook(lambda _m, args, n=name: seen.setdefault(n, args[0]))
-        for name, m in _tunable(model).items()
+        m.register_forward_pre_hook(lambda _m, args, n=name: seen.setdefault(n, tuple(args)))
+        for name, m in _hosts(model).items()
     ]
     try:
         model(example)
@@ -155,11 +173,23 @@ def _inputs(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
     return seen
 
 
-def _median_ms(layer: nn.Module, backends: Sequence[str], x: Tensor, rounds: int, threads: int):
+def _median_ms(
+    layer: nn.Module,
+    backends: Sequence[str],
+    x: Tensor,
+    rounds: int,
+    threads: int,
+    host: nn.Module | None = None,
+    rest: tuple[Tensor, ...] = (),
+):
+    """Median ms of ``layer`` with each backend on ``x``, called through ``host`` (its
+    epilogue wrapper, with the further arguments ``rest``) when given."""
+    call = layer if host is None else host
+
     def run_as(backend: str):
         def fn(inp: Tensor) -> Tensor:
             layer.backend = backend
-            return layer(inp)
+            return call(inp, *rest)
 
         return fn
 
@@ -287,15 +317,17 @@ def autotune(
     n = int(threads) if threads is not None else torch.get_num_threads()
     with torch.inference_mode():
         inputs = _inputs(model, example)
-    layers = dict(model.named_modules())
+    layers, hosts = dict(model.named_modules()), _hosts(model)
     choices = {}
-    for name, x in inputs.items():
-        layer = layers[name]
-        sig = layer_signature(layer, x, n) if share else None
+    for name, (x, *rest) in inputs.items():
+        layer, host = layers[name], hosts[name]
+        host = None if host is layer else host
+        epilogue = () if host is None else (host.relu, bool(rest))
+        sig = layer_signature(layer, x, n, epilogue) if share else None
         ms = _SHARED_MS.get(sig) if share else None
         choices[name] = {"shared": True} if ms is not None else {}
         if ms is None:
-            ms = _median_ms(layer, candidates(x, layer), x, rounds, n)
+            ms = _median_ms(layer, candidates(x, layer), x, rounds, n, host, tuple(rest))
             if share:
                 if len(_SHARED_MS) >= _SHARED_MAX:
                     _SHARED_MS.pop(next(iter(_SHARED_MS)))

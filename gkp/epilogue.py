@@ -8,9 +8,11 @@ the convolution (ONNX Runtime and OpenVINO do, as does ``torch.compile`` with fr
 :func:`fuse_epilogues` does it for eager PyTorch, for dense and deploy-form layers alike:
 
 - a dense ``nn.Conv2d`` (and a deploy-form layer whose tuned backend is the masked dense conv)
-  runs as oneDNN's convolution with post-ops (``torch.ops.mkldnn._convolution_pointwise``, the
-  op ``torch.compile``'s CPU fusions call) on weights reordered once per input shape into
-  oneDNN's blocked layout, as those runtimes keep them;
+  on a channels-last input runs as oneDNN's convolution with post-ops
+  (``torch.ops.mkldnn._convolution_pointwise``, the op ``torch.compile``'s CPU fusions call) on
+  weights reordered once per input shape into oneDNN's blocked layout, as those runtimes keep
+  them (its output is channels-last whatever the input's layout, so an NCHW network keeps
+  PyTorch's conv and separate add and ReLU, and stays NCHW);
 - a :class:`gkp.nn.GroupedKernelConv2d` on the ``"fused"`` backend passes the residual and the
   ReLU to the fused kernel, which applies them as results reach the output (:mod:`gkp.fused`);
 - any other layer (PyTorch's grouped conv, per-group convs, GPU inputs, autograd on) runs its
@@ -121,7 +123,7 @@ class ConvEpilogue(nn.Module):
 def _onednn_takes(conv: nn.Conv2d, x: Tensor, residual: Tensor | None) -> bool:
     return (
         onednn_available()
-        and x.dim() == 4
+        and fused.layout_of(x) == torch.channels_last  # its output is channels-last
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
         and conv.weight.dtype == torch.float32

@@ -90,11 +90,12 @@ def test_dense_resnet50_takes_every_relu_and_residual_add():
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN in this PyTorch build")
 def test_dense_convs_run_onednn_with_post_ops(monkeypatch):
-    """A dense conv with an epilogue runs as one oneDNN call (no separate relu/add ops), on
-    weights reordered once per input shape."""
-    net = fold_batchnorm(resnet56_nets()["dense"])
+    """On channels-last inputs a dense conv with an epilogue runs as one oneDNN call (no
+    separate relu/add ops), on weights reordered once per input shape; in NCHW it does not (the
+    output would come back channels-last)."""
+    net = fold_batchnorm(resnet56_nets()["dense"]).to(memory_format=torch.channels_last)
     fused_net = fuse_epilogues(net)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.profiler.profile() as prof:
         fused_net(x)
         fused_net(x)
@@ -103,6 +104,11 @@ def test_dense_convs_run_onednn_with_post_ops(monkeypatch):
     assert "aten::relu" not in names and "aten::add" not in names
     packed = [len(m._packed) for m in fused_net.modules() if isinstance(m, ConvEpilogue)]
     assert packed == [1] * 55  # reordered once, reused by the second call
+    nchw = fuse_epilogues(fold_batchnorm(resnet56_nets()["dense"]))
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        y = nchw(x.contiguous())
+    assert "mkldnn::_convolution_pointwise" not in [e.name for e in prof.events()]
+    assert y.is_contiguous()
 
 
 def test_with_autograd_on_it_runs_the_plain_ops():
@@ -171,3 +177,26 @@ def test_a_fused_network_can_be_copied():
         want = net(x)  # packs the weights
         twin = copy.deepcopy(net)  # packed oneDNN weights are not copied but rebuilt
         assert torch.equal(twin(x), want)
+
+
+def test_autotune_times_wrapped_layers_with_their_epilogue(monkeypatch):
+    """Inside a fused network each grouped layer is timed through its ConvEpilogue, with the
+    residual it adds, so the choice is made on what will run; the picks keep the function."""
+    from gkp import autotune as tune
+
+    model = resnet56_nets()["gkp"].eval()
+    net = fuse_epilogues(fold_batchnorm(model))
+    seen = []
+
+    def fake(layer, backends, x, rounds, threads, host=None, rest=()):
+        seen.append((type(host).__name__, len(rest), x.shape == rest[0].shape if rest else None))
+        return {b: 1.0 if b == "dense" else 2.0 for b in backends}
+
+    monkeypatch.setattr(tune, "_median_ms", fake)
+    choices = tune.autotune(net, torch.randn(2, 3, 32, 32), share=False, network_check=False)
+    assert len(choices) == 54 and all(n.endswith(".conv") for n in choices)
+    assert {h for h, _, _ in seen} == {"ConvEpilogue"}
+    assert sum(r for _, r, _ in seen) == 27  # every block's conv2 adds its shortcut
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(net(x), model(x), atol=1e-3, rtol=1e-4)

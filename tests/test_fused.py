@@ -250,7 +250,7 @@ def test_per_group_layers_have_a_dense_backend_and_are_tuned(monkeypatch):
     assert set(choices) == {"1"} and set(choices["1"]["ms"]) == {"torch", "dense"}
     fake = {"torch": 5.0, "dense": 1.0}  # SG-CNN's per-group convs lose to dense: dense is kept
     monkeypatch.setattr(
-        tune, "_median_ms", lambda layer, b, x, rounds, threads: {k: fake[k] for k in b}
+        tune, "_median_ms", lambda layer, b, x, rounds, threads, *_: {k: fake[k] for k in b}
     )
     assert tune.autotune(model, x)["1"]["backend"] == "dense" and model[1].backend == "dense"
 
@@ -275,7 +275,7 @@ def test_layers_of_one_shape_are_timed_once(monkeypatch):
 
     timed = []
 
-    def fake(layer, backends, x, rounds, threads):
+    def fake(layer, backends, x, rounds, threads, *_):
         timed.append(layer.n_keep)
         return {b: {"torch": 1.0, "dense": 2.0}.get(b, 3.0) for b in backends}
 
@@ -378,7 +378,7 @@ def test_autotune_keeps_the_fastest(monkeypatch):
     monkeypatch.setattr(
         tune,
         "_median_ms",
-        lambda layer, backends, x, rounds, threads: {b: fake[b] for b in backends},
+        lambda layer, backends, x, rounds, threads, *_: {b: fake[b] for b in backends},
     )
     _, _, pruned = grouped_net()
     choices = tune.autotune(pruned, torch.randn(1, 3, 15, 15))
@@ -398,7 +398,7 @@ def test_autotune_keeps_dense_when_the_whole_network_runs_faster_so(monkeypatch,
     monkeypatch.setattr(
         tune,
         "_median_ms",
-        lambda layer, backends, x, rounds, threads: {b: fake[b] for b in backends},
+        lambda layer, backends, x, rounds, threads, *_: {b: fake[b] for b in backends},
     )
     raced = []
 

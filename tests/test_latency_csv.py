@@ -129,7 +129,7 @@ def test_autotune_that_keeps_dense_everywhere_runs_plain_convs(monkeypatch):
     monkeypatch.setattr(
         tune,
         "_median_ms",
-        lambda layer, b, x, rounds, threads: {k: 2.0 - (k == "dense") for k in b},
+        lambda layer, b, x, rounds, threads, *_: {k: 2.0 - (k == "dense") for k in b},
     )
     _, pruned = small_grouped()
     x = torch.randn(2, 3, 12, 12)
@@ -209,7 +209,7 @@ def test_autotune_decides_layout_and_dense_in_one_race(winner, monkeypatch):
     pruned, x, want = grouped_case("autotune")
     keep = {"nchw": "dense", "channels_last": "torch"}  # NCHW keeps dense everywhere
 
-    def layer_ms(layer, backends, inp, rounds, threads):
+    def layer_ms(layer, backends, inp, rounds, threads, *_):
         best = keep["channels_last" if inp.is_contiguous(memory_format=torch.channels_last)
                     and not inp.is_contiguous() else "nchw"]  # fmt: skip
         return {b: 1.0 if b == best else 2.0 for b in backends}
