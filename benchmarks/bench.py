@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.measure import bench_from_json, deployed_as
+from benchmarks.measure import bench_from_json, timed_forms
 from benchmarks.runner import RunConfig, fresh_model
 from gkp import metrics
 from gkp.api import PruneContext, PruneTarget, get_method
@@ -141,16 +141,13 @@ def bench_backends(cfg: RunConfig) -> list[dict[str, Any]]:
 def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
     dense, pruned, x = prune_untrained(cfg)
     macs_dense, macs = metrics.macs(dense, x), metrics.macs(pruned, x)
+    threads = cfg.threads or torch.get_num_threads()
     rows = []
     for batch in (1, cfg.bench_batch):
-        shape = (batch, *x.shape[1:])
-        timed, picked = deployed_as(pruned, cfg.deploy, shape, cfg.torch_device, cfg.threads)
-        stats = metrics.compare_latency(
-            {"dense": dense, "pruned": timed},
-            (batch, *x.shape[1:]),
-            rounds=cfg.bench_rounds,
-            device=cfg.torch_device,
-            threads=cfg.threads,
+        xb = torch.randn(batch, *x.shape[1:], device=cfg.torch_device)
+        fns, picked = timed_forms(dense, pruned, cfg.deploy, xb, threads)
+        stats = metrics.time_interleaved(
+            fns, xb, rounds=cfg.bench_rounds, warmup=5, threads=threads
         )
         d, p = stats["dense"], stats["pruned"]
         rows.append(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import commands
-from benchmarks.measure import DEPLOYS
+from benchmarks.measure import DEFAULT_DEPLOY, DEPLOYS
 from gkp.checkpoint import CheckpointError
 from gkp.data import DatasetNotFoundError
 
@@ -84,10 +84,12 @@ def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
         b.add_argument(
             "--deploy",
             choices=DEPLOYS,
-            default="torch",
-            help="how grouped layers run when timed: torch (gather, grouped conv, un-permute; "
-            "the default, as every row so far), fused (the one-op CPU kernel) or autotune "
-            "(per layer the fastest of torch, fused and masked dense, tuned per batch size)",
+            default=DEFAULT_DEPLOY,
+            help="how the networks run when timed: autotune (the default; the latency suite's "
+            "autotune backend for pruned and dense alike: BN folded, ReLU/residual epilogues "
+            "fused, the faster layout, per layer the fastest exact form, tuned per batch size), "
+            "fused (the one-op CPU kernel in every grouped layer) or torch (gather, grouped conv, "
+            "un-permute; plain dense; how rows were timed before autotune became the default)",
         )
         b.add_argument(
             "--backends",
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "action",
         choices=("show", "validate", "summary", "latency"),
         help="summary: n, mean ± sd of top-1 and Δ vs dense, MACs removed and speed-ups per "
-        "(method, model, dataset, recipe, target), each run id counted once; latency: the "
+        "(method, model, dataset, recipe, target, deploy), each run id counted once; latency: the "
         "speed-ups of <out>/latency.csv per backend (Markdown)",
     )
     p.add_argument("--markdown", action="store_true", help="summary as a Markdown table")

@@ -37,6 +37,8 @@ def size_columns(dense: nn.Module, pruned: nn.Module, x: torch.Tensor) -> dict[s
 
 
 DEPLOYS = ("torch", "fused", "autotune")
+# the form the latency suite deploys; "torch" times rows as every row before it was timed
+DEFAULT_DEPLOY = "autotune"
 
 
 def deployed_as(
@@ -52,13 +54,12 @@ def deployed_as(
     ``autotune`` tunes every deploy-form layer for an input of ``shape`` (:mod:`gkp.autotune`;
     choices already in ``tune_cache`` for this shape, device and threads are reused, new ones
     are stored in it); ``fused`` falls back to ``torch`` (with a warning) where the op cannot
-    be built.
+    be built. The layers alone: :func:`timed_forms` is what the latency columns time.
     """
     from gkp.autotune import autotune, plain_if_all_dense
     from gkp.nn import set_backend
 
-    if deploy not in DEPLOYS:
-        raise ValueError(f"unknown --deploy {deploy!r}; choose one of {', '.join(DEPLOYS)}")
+    _check_deploy(deploy)
     out = copy.deepcopy(model).to(device).eval()
     if deploy == "torch":
         return out, {}
@@ -70,6 +71,54 @@ def deployed_as(
     return plain_if_all_dense(out, choices), {"autotune": counts}
 
 
+def _check_deploy(deploy: str) -> None:
+    if deploy not in DEPLOYS:
+        raise ValueError(f"unknown --deploy {deploy!r}; choose one of {', '.join(DEPLOYS)}")
+
+
+_KEPT = ("form", "layout", "dense_layout", "autotune", "epilogues", "cached")
+
+
+def timed_forms(
+    dense: nn.Module,
+    pruned: nn.Module,
+    deploy: str,
+    example: torch.Tensor,
+    threads: int,
+    tune_cache: dict | None = None,
+    also: Mapping[str, nn.Module] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the latency columns time for ``deploy`` on inputs like ``example``: ready-to-run
+    ``{"dense", "pruned", *also}`` callables, and what the deploy chose.
+
+    ``torch`` / ``fused``: eval copies of the networks as they are (``fused``: the pruned
+    network's grouped layers on the fused op, :func:`deployed_as`). ``autotune``: exactly the
+    latency suite's ``autotune`` backend (:func:`benchmarks.backends.prepare`) for every network,
+    dense included: BN folded, conv epilogues fused, the faster of NCHW and channels-last, and
+    for the pruned network per-layer tuning and the race against its masked dense form; so the
+    speed-up is against the fastest dense network on the same backend, as in
+    ``results/latency.csv``. ``tune_cache`` (the pruned network's choices, see ``prepare``):
+    choices found there are reused untimed, new ones are stored in it.
+    """
+    from benchmarks.backends import prepare
+
+    _check_deploy(deploy)
+    device = example.device
+    if deploy != "autotune":
+        pruned, picked = deployed_as(pruned, deploy, example.shape, device, threads)
+        nets = {"dense": dense, "pruned": pruned, **(also or {})}
+        return {k: copy.deepcopy(m).to(device).eval() for k, m in nets.items()}, picked
+    run_dense, info = prepare("autotune", dense, example, threads)
+    layout = info.get("layout")
+    run_pruned, info = prepare("autotune", pruned, example, threads, cache=tune_cache,
+                               dense_layout=layout)  # fmt: skip
+    fns = {"dense": run_dense, "pruned": run_pruned}
+    for name, model in (also or {}).items():
+        fns[name] = prepare("autotune", model, example, threads, dense_layout=layout)[0]
+    picked = {k: info[k] for k in _KEPT if k in info}
+    return fns, {**picked, "dense_layout": layout}
+
+
 def latency_columns(
     dense: nn.Module,
     pruned: nn.Module,
@@ -79,31 +128,27 @@ def latency_columns(
     device: torch.device,
     threads: int | None = None,
     also: Mapping[str, nn.Module] | None = None,
-    deploy: str = "torch",
+    deploy: str = DEFAULT_DEPLOY,
     tune_cache: dict | None = None,
 ) -> dict[str, Any]:
     """Median/IQR latency of pruned and dense at batch 1 and ``batch``, timed in one run.
 
     ``also``: other forms of the pruned network (e.g. ``masked_dense``) timed in the same run;
     their medians and speed-ups over dense come back under the key ``also`` (not a column).
-    ``deploy``: how the grouped layers run (:data:`DEPLOYS`; autotuned per batch); what it
-    chose comes back under the key ``deploy`` (not a column); ``tune_cache``: see
-    :func:`deployed_as`.
+    ``deploy``: how the networks run (:data:`DEPLOYS`, :func:`timed_forms`; chosen per batch);
+    what it chose comes back under the key ``deploy`` (not a column); ``tune_cache``: see
+    :func:`timed_forms`.
     """
+    threads = threads or torch.get_num_threads()
     cols: dict[str, Any] = {"device": device.type, "bench_batch": batch}
     extra: dict[str, dict[str, float]] = {name: {} for name in also or {}}
     chosen: dict[str, Any] = {"deploy": deploy}
     for tag, b in (("b1", 1), ("bN", batch)):
-        timed, picked = deployed_as(pruned, deploy, (b, *sample_shape), device, threads, tune_cache)
+        x = torch.randn(b, *sample_shape, device=device)
+        fns, picked = timed_forms(dense, pruned, deploy, x, threads, tune_cache, also)
         if picked:
             chosen[tag] = picked
-        stats = metrics.compare_latency(
-            {"dense": dense, "pruned": timed, **(also or {})},
-            (b, *sample_shape),
-            rounds=rounds,
-            device=device,
-            threads=threads,
-        )
+        stats = metrics.time_interleaved(fns, x, rounds=rounds, warmup=5, threads=threads)
         cols["threads"] = stats["pruned"].threads
         cols[f"latency_{tag}_ms"] = stats["pruned"].median_ms
         cols[f"latency_{tag}_iqr_ms"] = stats["pruned"].iqr_ms

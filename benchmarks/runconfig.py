@@ -46,7 +46,8 @@ class RunConfig:
     bench_batch: int = 32
     bench_rounds: int = 30
     threads: int | None = None
-    deploy: str = "torch"  # how grouped layers run when timed (benchmarks.measure.DEPLOYS)
+    # how the networks run when timed (benchmarks.measure.DEPLOYS; DEFAULT_DEPLOY, kept equal)
+    deploy: str = "autotune"
     latency_json: Path | None = None  # take latency columns from a pytest-benchmark JSON
     backends: tuple[str, ...] = ()  # also time on these (benchmarks.backends) -> latency.csv
     progress: bool = True

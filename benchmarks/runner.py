@@ -279,8 +279,13 @@ def decisions(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_id(cfg: RunConfig, baseline_id: str, pruned_digest: str) -> str:
-    """Same baseline, configuration, pruned model and fine-tuning recipe: same id."""
+    """Same baseline, configuration, pruned model, fine-tuning recipe and deploy: same id.
+
+    The deploy (how the latency columns were timed) joins the key only when it is not
+    ``torch``, so rows timed with the PyTorch ops keep the ids they were recorded under."""
     key = [baseline_id, cfg.bench_key(), pruned_digest, phase_recipe(cfg.recipe, "finetune")]
+    if cfg.deploy != "torch":
+        key.append({"deploy": cfg.deploy})
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

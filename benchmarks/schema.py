@@ -122,7 +122,8 @@ SCHEMA: tuple[Column, ...] = (
     _s(
         "prune_info",
         "what the method decided that is not a knob, e.g. dropped clustering candidates; "
-        "`{}` when nothing",
+        "`deploy`: how the latency columns were timed (`--deploy` and what it chose; absent: "
+        "`torch`); `{}` when nothing",
         "JSON",
     ),
 )

@@ -1,7 +1,7 @@
 """Means over seeds of the measured leaderboard rows, per configuration: the numbers to quote.
 
 ``summarize(frame)`` takes a leaderboard frame (``benchmarks.leaderboard.read_leaderboard``) and
-gives one row per (method, model, dataset, recipe, target):
+gives one row per (method, model, dataset, recipe, target, deploy):
 
 - Measured rows only: reported rows (and ``literature.csv``) are never averaged in.
 - One row per run: rows sharing a ``run_id`` (a copied row, a re-run of the same run) count once,
@@ -9,6 +9,9 @@ gives one row per (method, model, dataset, recipe, target):
   run of its own.
 - An empty ``target`` (native knobs given) is a group of its own, labelled ``native``; other
   targets are labelled by their value (``0.5``).
+- ``deploy``: how the row's latency columns were timed (``prune_info``'s ``deploy``, see
+  ``gkp-bench run --deploy``; ``torch`` for rows that do not say): speed-ups timed in different
+  forms are never averaged together.
 - ``top1`` and ``delta`` = ``top1 - top1_dense`` (each row against its own dense baseline): mean
   and sample standard deviation (ddof 1; NaN when n = 1).
 - ``macs_removed_pct_mean``: per row ``macs_reduction_pct``, except for masked rows (most of
@@ -29,6 +32,7 @@ descending, then method, so the same CSV always gives the same table. ``accuracy
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -37,7 +41,7 @@ import pandas as pd
 
 from benchmarks.leaderboard import read_leaderboard
 
-KEYS = ["model", "dataset", "recipe", "target", "method"]
+KEYS = ["model", "dataset", "recipe", "target", "method", "deploy"]
 NATIVE = "native"  # the target label of rows whose target is empty (native knobs given)
 NO_ROWS = "no measured rows"
 SUMMARY_COLUMNS = [
@@ -63,6 +67,17 @@ def _join(values: pd.Series) -> str:
     return ", ".join(sorted(seen, key=lambda s: (len(s), s)))
 
 
+def deploy_of(prune_info: object) -> str:
+    """How a row's latency columns were timed, from its ``prune_info`` JSON: ``torch`` when it
+    does not say (rows timed with the PyTorch ops, the only form before ``--deploy``)."""
+    try:
+        info = json.loads(str(prune_info))
+    except ValueError:
+        return "torch"
+    deploy = info.get("deploy") if isinstance(info, dict) else None
+    return str(deploy.get("deploy", "torch")) if isinstance(deploy, dict) else "torch"
+
+
 def _per_run(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per run with the derived values the summary averages."""
 
@@ -79,6 +94,7 @@ def _per_run(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             **{k: rows[k].astype(object) for k in ("model", "dataset", "recipe", "method")},
+            "deploy": [deploy_of(v) for v in rows["prune_info"]],
             "target": [NATIVE if math.isnan(t) else f"{t:g}" for t in target],
             "order": target.fillna(-math.inf),
             "granularity": rows["granularity"].astype(object),
@@ -127,8 +143,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
         .reset_index()
     )
     out = out.sort_values(
-        ["model", "dataset", "recipe", "order", "top1_mean", "method"],
-        ascending=[True, True, True, True, False, True],
+        ["model", "dataset", "recipe", "order", "top1_mean", "method", "deploy"],
+        ascending=[True, True, True, True, False, True, True],
         kind="mergesort",
     )
     out["n"] = out["n"].astype(int)
@@ -189,38 +205,39 @@ def accuracy_points(board: pd.DataFrame, literature: pd.DataFrame) -> pd.DataFra
 
 
 def speedup_points(board: pd.DataFrame) -> pd.DataFrame:
-    """One row per speed-up marker: measured groups per device and batch kind, mean ± sd.
+    """One row per speed-up marker: measured groups per device, deploy and batch kind, mean ± sd.
 
-    Columns: panel (title), ``POINTS`` with x = mean ``macs_dense / macs`` (1 for masked rows)
-    and y = mean measured speed-up; rows are in panel order.
+    Columns: panel (title: device, deploy, batch), ``POINTS`` with x = mean ``macs_dense /
+    macs`` (1 for masked rows) and y = mean measured speed-up; rows are in panel order.
     """
     parts = []
     measured = board[board["source"] == "measured"]
     for device in sorted(set(measured["device"])):
-        s = summarize(measured[measured["device"] == device])
-        s = s.dropna(subset=["theory_speedup"])
-        for kind, column in enumerate(("speedup_b1", "speedup_bN")):
-            rows = s.dropna(subset=[f"{column}_mean"])
-            batch = "1" if kind == 0 else ", ".join(sorted(set(rows["bench_batch"]) - {""}))
-            frame = pd.DataFrame(
-                {
-                    "panel": f"{device or 'device ?'}, batch {batch or 'N'}",
-                    "order": kind,
-                    **{k: rows[k] for k in ("method", "granularity", "masked", "n")},
-                    "hollow": False,
-                    "x": rows["theory_speedup"],
-                    "y": rows[f"{column}_mean"],
-                    "yerr": rows[f"{column}_sd"],
-                }
-            )
-            parts.append(frame.assign(device=device))
+        summary = summarize(measured[measured["device"] == device])
+        for deploy, s in summary.groupby("deploy", sort=True):
+            s = s.dropna(subset=["theory_speedup"])
+            for kind, column in enumerate(("speedup_b1", "speedup_bN")):
+                rows = s.dropna(subset=[f"{column}_mean"])
+                batch = "1" if kind == 0 else ", ".join(sorted(set(rows["bench_batch"]) - {""}))
+                frame = pd.DataFrame(
+                    {
+                        "panel": f"{device or 'device ?'}, {deploy}, batch {batch or 'N'}",
+                        "order": kind,
+                        **{k: rows[k] for k in ("method", "granularity", "masked", "n")},
+                        "hollow": False,
+                        "x": rows["theory_speedup"],
+                        "y": rows[f"{column}_mean"],
+                        "yerr": rows[f"{column}_sd"],
+                    }
+                )
+                parts.append(frame.assign(device=device, deploy=deploy))
     parts = [p for p in parts if not p.empty]
     if not parts:
         return pd.DataFrame(columns=["panel", *POINTS])
     points = pd.concat(parts, ignore_index=True).astype({"masked": bool, "n": int})
-    order = ["device", "order", "method", "granularity", "masked", "x", "y"]
+    order = ["device", "deploy", "order", "method", "granularity", "masked", "x", "y"]
     points = points.sort_values(order, kind="mergesort")
-    return points.drop(columns=["device", "order"]).reset_index(drop=True)
+    return points.drop(columns=["device", "deploy", "order"]).reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -254,6 +271,7 @@ _DISPLAY = (
     ("speed-up b1", lambda r: _pm(r["speedup_b1_mean"], r["speedup_b1_sd"]), True),
     ("speed-up bN", lambda r: _pm(r["speedup_bN_mean"], r["speedup_bN_sd"]), True),
     ("N", lambda r: r["bench_batch"], True),
+    ("deploy", lambda r: r["deploy"], False),
     ("faithfulness", lambda r: r["faithfulness"], False),
 )
 

@@ -63,11 +63,12 @@ def test_prune_resumes_from_saved_steps(pipeline, capsys):
 
 
 def test_autotuned_choices_are_saved_with_the_model(pipeline, capsys):
-    """--deploy autotune: the per-layer choices of both timed batches go into final.pt, keyed
-    by where they were tuned; applying them to the rebuilt model needs no timing."""
+    """--deploy autotune (the default): the choices of both timed batches (layout race and
+    per-layer picks, keyed by where they were made) go into final.pt; preparing the rebuilt
+    model with them times nothing."""
     import torch
 
-    from gkp.autotune import autotune, tune_key
+    from benchmarks.backends import prepare
     from gkp.checkpoint import load_checkpoint, rebuild
     from gkp.models import get_model
 
@@ -75,21 +76,48 @@ def test_autotuned_choices_are_saved_with_the_model(pipeline, capsys):
     argv = [*args, "--target", "0.3", "--deploy", "autotune", "--threads", "1", "--json"]
     code, out, _ = run_cli(capsys, "prune", *argv)
     assert code == 0, out
+    assert json.loads(json.loads(out)["prune_info"])["deploy"]["deploy"] == "autotune"
     saved = [
         load_checkpoint(p)
         for p in (root / "runs").rglob("final.pt")
         if "autotune" in torch.load(p, weights_only=True)
+        and "0.3" in json.dumps(torch.load(p, weights_only=True)["meta"])
     ]
     assert len(saved) == 1
     ckpt = saved[0]
-    shapes = {k.split("|")[2] for k in ckpt["autotune"]}
-    assert shapes == {"1x3x32x32", "32x3x32x32"}  # batch 1 and --bench-batch
+    forms = ckpt["autotune"]["forms"]
+    for shape in ("1x3x32x32", "32x3x32x32"):  # batch 1 and --bench-batch
+        assert any(f"|{shape}|" in k for k in forms), (shape, list(forms))
     model = rebuild(get_model("resnet20", num_classes=10), ckpt["structure"])
     model.load_state_dict(ckpt["state_dict"])
-    x = torch.randn(1, 3, 32, 32)
-    choices = autotune(model.eval(), x, threads=1, cache=ckpt["autotune"])
-    assert tune_key(x, 1) in ckpt["autotune"] and all(c["cached"] for c in choices.values())
-    assert len(choices) == 18  # every grouped 3x3 layer of ResNet-20
+    x = torch.randn(32, 3, 32, 32)
+    _, info = prepare("autotune", model.eval(), x, threads=1, cache=ckpt["autotune"])
+    assert info["cached"] and "layouts_ms" not in info  # reused, not raced again
+
+
+def test_deploy_is_part_of_the_run_id(pipeline, capsys):
+    """The same pruned, fine-tuned model timed with another --deploy is a run of its own (a new
+    row, the fine-tuning not repeated); the summary keeps the two deploys apart."""
+    root, args = pipeline
+    before = read_leaderboard(root / "results" / "leaderboard.csv")
+    ft = next((root / "runs").rglob("finetune*"), None)
+    stamp = {p: p.stat().st_mtime_ns for p in (root / "runs").rglob("*.pt")}
+    code, out, _ = run_cli(capsys, "run", *args, "--deploy", "torch", "--json")
+    assert code == 0, out
+    after = read_leaderboard(root / "results" / "leaderboard.csv")
+    assert len(after) == len(before) + 1
+    new = after.iloc[-1]
+    assert new["run_id"] not in set(before["run_id"])
+    assert "deploy" not in json.loads(new["prune_info"])  # torch rows say nothing, as before
+    base = before[(before["method"] == "gkp-l2") & (before["target"].isna())].iloc[0]
+    assert new["top1"] == base["top1"]  # the same fine-tuned model ...
+    changed = [p for p, t in stamp.items() if p.exists() and p.stat().st_mtime_ns != t]
+    assert not [p for p in changed if "finetune" in p.name or "epoch" in p.name], (changed, ft)
+    code, out, _ = run_cli(capsys, "leaderboard", "summary", "--out", str(root / "results"),
+                           "--json")  # fmt: skip
+    assert code == 0, out
+    deploys = {r["deploy"] for r in json.loads(out) if r["method"] == "gkp-l2"}
+    assert deploys == {"autotune", "torch"}
 
 
 def test_listing_commands(capsys):

@@ -233,7 +233,10 @@ def test_rows_record_run_id_and_commits(trained):
     row = read_leaderboard(root / "results" / "leaderboard.csv").iloc[0]
     assert len(row["run_id"]) == 16
     assert row["prune_commit"] == ""  # pruned and fine-tuned by the same commit
-    assert json.loads(row["prune_info"]) == {"timed_form": "grouped conv"}  # nothing else to say
+    info = json.loads(row["prune_info"])
+    assert set(info) == {"timed_form", "deploy"}  # nothing else to say
+    assert info["timed_form"] == "grouped conv" and info["deploy"]["deploy"] == "autotune"
+    assert set(info["deploy"]) == {"deploy", "b1", "bN"}  # what the default deploy chose
     assert json.loads(row["options"])["groups"] == 8
 
 

@@ -447,7 +447,9 @@ def test_bench_reports_ideal_and_how_it_deployed(capsys):
     for r in rows:
         assert r["ideal"] == pytest.approx(r["macs_dense"] / r["macs"]) and r["ideal"] > 1.5
         assert r["fraction_of_ideal"] == pytest.approx(r["speedup"] / r["ideal"])
-        assert r["deploy"] == "autotune" and sum(r["deploy_choices"]["autotune"].values()) == 18
+        assert r["deploy"] == "autotune" and r["deploy_choices"]["epilogues"] > 0
+        if r["deploy_choices"]["form"] == "grouped":  # else the masked dense network won
+            assert sum(r["deploy_choices"]["autotune"].values()) == 18
 
 
 def check_tile_geometries(op, gen, batches, layouts, label):

@@ -420,3 +420,33 @@ def test_interleaved_suite_entries_give_one_row_each(tmp_path):
     row = read_latency(out / "latency.csv").iloc[0]
     assert row["speedup"] == 1.5 and row["ideal"] == 2.0 and row["fraction_of_ideal"] == 0.75
     assert row["dense_ms"] == 30.0 and row["rounds"] == 9 and row["backend"] == "autotune"
+
+
+@pytest.mark.parametrize("deploy", ["torch", "fused", "autotune"])
+def test_leaderboard_timed_forms_compute_what_the_networks_compute(deploy):
+    """What the leaderboard's latency columns time (benchmarks.measure.timed_forms) is the same
+    function as the networks, for every --deploy; autotune's choices land in the cache given."""
+    from benchmarks.measure import timed_forms
+
+    dense, pruned = small_grouped()
+    x = torch.randn(2, 3, 12, 12)
+    cache: dict = {}
+    also = {"masked_dense": copy.deepcopy(dense)}
+    fns, picked = timed_forms(dense, pruned, deploy, x, threads=1, tune_cache=cache, also=also)
+    assert set(fns) == {"dense", "pruned", "masked_dense"}
+    with torch.inference_mode():
+        for name, net in (("dense", dense), ("pruned", pruned), ("masked_dense", dense)):
+            torch.testing.assert_close(fns[name](x), net(x), atol=1e-4, rtol=1e-4)
+    if deploy == "autotune":  # the suite's autotune backend: layouts raced, epilogues fused
+        assert picked["form"] in ("grouped", "masked-dense") and picked["epilogues"] == 2
+        assert picked["dense_layout"] in ("nchw", "channels_last") and cache["forms"]
+    else:
+        assert cache == {}
+
+
+def test_leaderboard_timed_forms_refuse_an_unknown_deploy():
+    from benchmarks.measure import timed_forms
+
+    dense, pruned = small_grouped()
+    with pytest.raises(ValueError, match="unknown --deploy 'onnx'; choose one of torch, fused"):
+        timed_forms(dense, pruned, "onnx", torch.randn(1, 3, 12, 12), threads=1)
