@@ -124,6 +124,26 @@ def test_with_autograd_on_it_runs_the_plain_ops():
         assert torch.allclose(out, net(x), atol=1e-3, rtol=1e-4)
 
 
+def test_the_plain_ops_run_in_place_on_the_conv_output_only():
+    """Without a kernel that takes the epilogue (NCHW dense conv), inference runs the add and
+    ReLU in place on the conv's own output: the result is right and the residual untouched;
+    with autograd on, out of place, so the gradient is right too."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    wrapped = ConvEpilogue(conv, relu=True)
+    x, r = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    keep = r.clone()
+    want = torch.relu(conv(x) + r)
+    with torch.inference_mode():
+        got = wrapped(x, r)
+    assert torch.equal(r, keep) and torch.allclose(got, want, atol=1e-6)
+    x.requires_grad_(True)
+    wrapped(x, r).sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    torch.relu(conv(ref) + r).sum().backward()
+    assert torch.allclose(x.grad, ref.grad, atol=1e-6)
+
+
 class Shared(nn.Module):
     """A conv output used twice, a ReLU on a sum of two non-conv tensors, a conv used twice."""
 
