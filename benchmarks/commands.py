@@ -115,6 +115,17 @@ def config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def _layout(row: dict[str, Any]) -> str:
+    """The input layout a timed row ran in: its own field, or what the backend or deploy chose
+    (the autotune races pick a layout), else NCHW."""
+    chosen = row.get("backend_info") or row.get("deploy_choices") or {}
+    return (
+        row.get("memory_format")
+        or (chosen.get("layout") if isinstance(chosen, dict) else None)
+        or "nchw"
+    )
+
+
 def writable_dir(path: Path, flag: str) -> None:
     """Create ``path`` if needed and prove it is a writable folder, or raise UsageError."""
     if path.exists() and not path.is_dir():
@@ -296,7 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> Result:
             ) + f"\n{len(rows)} row(s) appended to {cfg.results_dir / 'latency.csv'}"
         rows = bench_untrained(cfg)
     text = "\n".join(
-        f"{r['model']} {r['method']} batch {r['batch']} {r.get('memory_format', 'nchw')}: "
+        f"{r['model']} {r['method']} batch {r['batch']} {_layout(r)}: "
         f"dense {r['dense_ms']:.2f} ms,"
         f" pruned {r['pruned_ms']:.2f} ms, speed-up x{r['speedup']:.2f}"
         + (f" (ideal x{r['ideal']:.2f}, {r.get('deploy') or r['backend']})" if "ideal" in r else "")

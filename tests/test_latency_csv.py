@@ -450,3 +450,16 @@ def test_leaderboard_timed_forms_refuse_an_unknown_deploy():
     dense, pruned = small_grouped()
     with pytest.raises(ValueError, match="unknown --deploy 'onnx'; choose one of torch, fused"):
         timed_forms(dense, pruned, "onnx", torch.randn(1, 3, 12, 12), threads=1)
+
+
+def test_bench_text_names_the_layout_each_row_ran_in():
+    """`gkp-bench bench` prints the input layout: a row's own memory format, else the layout the
+    backend's race (suite rows) or the deploy (`bench --deploy autotune`) chose, else NCHW."""
+    from benchmarks.commands import _layout
+
+    assert _layout({"memory_format": "channels_last", "backend_info": {"layout": "nchw"}}) == (
+        "channels_last"
+    )
+    assert _layout({"backend_info": {"layout": "channels_last"}}) == "channels_last"
+    assert _layout({"deploy_choices": {"layout": "channels_last"}}) == "channels_last"
+    assert _layout({"backend_info": None, "deploy_choices": {}}) == "nchw"
