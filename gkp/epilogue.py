@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import warnings
 from typing import Any
 
 import torch
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from gkp import fused
-from gkp.fold import _Tracer
+from gkp.fold import trace_or_warn
 from gkp.nn import DEPLOY_FORMS, GroupedKernelConv2d, set_module
 
 __all__ = ["ConvEpilogue", "fuse_epilogues", "onednn_available"]
@@ -154,15 +153,8 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
     the ReLU or add-and-ReLU that follows it. Module names are kept; the copy is a
     ``torch.fx.GraphModule`` (or, when ``model`` cannot be traced, a plain copy, unchanged)."""
     model = copy.deepcopy(model).eval()
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as err:  # fx cannot trace some control flow: run it unfused
-        warnings.warn(
-            f"fuse_epilogues: {type(model).__name__} could not be traced ({type(err).__name__}: "
-            f"{err}); epilogues left unfused",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    graph = trace_or_warn(model, "fuse_epilogues", "epilogues left unfused")
+    if graph is None:
         return model
     gm = fx.GraphModule(model, graph)
     modules = dict(gm.named_modules())

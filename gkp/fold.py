@@ -33,8 +33,23 @@ class _Tracer(fx.Tracer):
         return isinstance(m, DEPLOY_FORMS) or super().is_leaf_module(m, qualname)
 
 
-def _pairs(model: nn.Module) -> list[tuple[str, str]]:
-    graph = _Tracer().trace(model)
+def trace_or_warn(model: nn.Module, caller: str, left: str) -> fx.Graph | None:
+    """``model``'s ``torch.fx`` graph (deploy-form layers as leaves), or None with a
+    RuntimeWarning naming ``caller`` and what is ``left`` undone when fx cannot trace it (some
+    control flow): such a network runs unchanged."""
+    try:
+        return _Tracer().trace(model)
+    except Exception as err:
+        warnings.warn(
+            f"{caller}: {type(model).__name__} could not be traced ({type(err).__name__}: "
+            f"{err}); {left}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _pairs(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     out = []
     for node in graph.nodes:
@@ -79,16 +94,10 @@ def _fold(layer: nn.Module, bn: nn.BatchNorm2d) -> None:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of eval-mode ``model`` with every BN that directly follows a conv folded into it."""
     out = copy.deepcopy(model).eval()
-    try:
-        pairs = _pairs(out)
-    except Exception as err:  # fx cannot trace some control flow: time it unfolded
-        warnings.warn(
-            f"fold_batchnorm: {type(out).__name__} could not be traced ({type(err).__name__}: "
-            f"{err}); BatchNorm left unfolded",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    graph = trace_or_warn(out, "fold_batchnorm", "BatchNorm left unfolded")
+    if graph is None:
         return out
+    pairs = _pairs(out, graph)
     with torch.no_grad():
         for conv_name, bn_name in pairs:
             _fold(out.get_submodule(conv_name), out.get_submodule(bn_name))
