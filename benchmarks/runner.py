@@ -282,9 +282,10 @@ def run_id(cfg: RunConfig, baseline_id: str, pruned_digest: str) -> str:
     """Same baseline, configuration, pruned model, fine-tuning recipe and deploy: same id.
 
     The deploy (how the latency columns were timed) joins the key only when it is not
-    ``torch``, so rows timed with the PyTorch ops keep the ids they were recorded under."""
+    ``torch`` and the columns are timed here (not taken from ``--latency-json``), so rows timed
+    with the PyTorch ops keep the ids they were recorded under."""
     key = [baseline_id, cfg.bench_key(), pruned_digest, phase_recipe(cfg.recipe, "finetune")]
-    if cfg.deploy != "torch":
+    if cfg.deploy != "torch" and cfg.latency_json is None:
         key.append({"deploy": cfg.deploy})
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

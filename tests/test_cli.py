@@ -247,6 +247,9 @@ def test_latency_columns_from_benchmark_json(pipeline, capsys, tmp_path):
     row = json.loads(out)
     assert row["latency_b1_ms"] == pytest.approx(8.0) and row["speedup_b1"] == pytest.approx(0.5)
     assert row["bench_batch"] == 32 and row["speedup_bN"] == pytest.approx(0.8)
+    assert "deploy" not in json.loads(row["prune_info"])  # nothing was deployed here ...
+    code, out, _ = run_cli(capsys, "prune", *args, "--deploy", "torch", "--json")
+    assert code == 0 and json.loads(out)["run_id"] == row["run_id"]  # ... nor is it in the id
 
 
 @pytest.mark.parametrize(
