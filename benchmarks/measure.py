@@ -41,41 +41,6 @@ DEPLOYS = ("torch", "fused", "autotune")
 DEFAULT_DEPLOY = "autotune"
 
 
-def deployed_as(
-    model: nn.Module,
-    deploy: str,
-    shape: Sequence[int],
-    device,
-    threads: int | None,
-    tune_cache: dict | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of ``model`` whose grouped layers run as ``deploy`` says, and what was chosen.
-
-    ``autotune`` tunes every deploy-form layer for an input of ``shape`` (:mod:`gkp.autotune`;
-    choices already in ``tune_cache`` for this shape, device and threads are reused, new ones
-    are stored in it); ``fused`` falls back to ``torch`` (with a warning) where the op cannot
-    be built. The layers alone: :func:`timed_forms` is what the latency columns time.
-    """
-    from gkp.autotune import autotune, plain_if_all_dense
-    from gkp.nn import set_backend
-
-    _check_deploy(deploy)
-    out = copy.deepcopy(model).to(device).eval()
-    if deploy == "torch":
-        return out, {}
-    if deploy == "fused":
-        return out, {"fused_layers": set_backend(out, "fused")}
-    choices = autotune(out, torch.randn(*shape, device=device), threads=threads, cache=tune_cache)
-    picked = [c["backend"] for c in choices.values()]
-    counts = {b: picked.count(b) for b in sorted(set(picked))}
-    return plain_if_all_dense(out, choices), {"autotune": counts}
-
-
-def _check_deploy(deploy: str) -> None:
-    if deploy not in DEPLOYS:
-        raise ValueError(f"unknown --deploy {deploy!r}; choose one of {', '.join(DEPLOYS)}")
-
-
 _KEPT = ("form", "layout", "dense_layout", "autotune", "epilogues", "cached")
 
 
@@ -92,7 +57,8 @@ def timed_forms(
     ``{"dense", "pruned", *also}`` callables, and what the deploy chose.
 
     ``torch`` / ``fused``: eval copies of the networks as they are (``fused``: the pruned
-    network's grouped layers on the fused op, :func:`deployed_as`). ``autotune``: exactly the
+    network's grouped layers on the fused op, falling back to ``torch`` with a warning where
+    the op cannot be built; ``{"fused_layers": n}`` comes back). ``autotune``: exactly the
     latency suite's ``autotune`` backend (:func:`benchmarks.backends.prepare`) for every network,
     dense included: BN folded, conv epilogues fused, the faster of NCHW and channels-last, and
     for the pruned network per-layer tuning and the race against its masked dense form; so the
@@ -101,13 +67,15 @@ def timed_forms(
     choices found there are reused untimed, new ones are stored in it.
     """
     from benchmarks.backends import prepare
+    from gkp.nn import set_backend
 
-    _check_deploy(deploy)
-    device = example.device
+    if deploy not in DEPLOYS:
+        raise ValueError(f"unknown --deploy {deploy!r}; choose one of {', '.join(DEPLOYS)}")
     if deploy != "autotune":
-        pruned, picked = deployed_as(pruned, deploy, example.shape, device, threads)
         nets = {"dense": dense, "pruned": pruned, **(also or {})}
-        return {k: copy.deepcopy(m).to(device).eval() for k, m in nets.items()}, picked
+        fns = {k: copy.deepcopy(m).to(example.device).eval() for k, m in nets.items()}
+        picked = {"fused_layers": set_backend(fns["pruned"], "fused")} if deploy == "fused" else {}
+        return fns, picked
     run_dense, info = prepare("autotune", dense, example, threads)
     layout = info.get("layout")
     run_pruned, info = prepare("autotune", pruned, example, threads, cache=tune_cache,

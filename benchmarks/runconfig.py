@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.measure import bench_key
+from benchmarks.measure import DEFAULT_DEPLOY, bench_key
 from gkp.recipes import RECIPES, Recipe
 from gkp.train import phase_recipe, resolve_device
 
@@ -46,8 +46,7 @@ class RunConfig:
     bench_batch: int = 32
     bench_rounds: int = 30
     threads: int | None = None
-    # how the networks run when timed (benchmarks.measure.DEPLOYS; DEFAULT_DEPLOY, kept equal)
-    deploy: str = "autotune"
+    deploy: str = DEFAULT_DEPLOY  # how the networks run when timed (benchmarks.measure.DEPLOYS)
     latency_json: Path | None = None  # take latency columns from a pytest-benchmark JSON
     backends: tuple[str, ...] = ()  # also time on these (benchmarks.backends) -> latency.csv
     progress: bool = True
