@@ -145,6 +145,21 @@ def csv_line(values: list[object]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+def upgraded_bytes(existing: bytes, table: Table, columns: tuple[str, ...]) -> bytes:
+    """The existing file as it should stand before new rows: header first, newline-terminated.
+
+    A legacy header (a prefix of ``columns``) is replaced by the current one and every old
+    record padded with empty trailing fields; the records are otherwise kept byte for byte.
+    """
+    if not existing:
+        return csv_line(list(columns))
+    if table.header != list(columns):
+        pad = len(columns) - len(table.header)
+        records = "".join(pad_record(r, pad) for r in table.records)
+        return csv_line(list(columns)) + records.encode("utf-8")
+    return existing if existing.endswith(b"\n") else existing + b"\n"
+
+
 def pad_record(record: str, fields: int) -> str:
     """``record`` with ``fields`` empty fields added before its line ending (added if none)."""
     body = record.rstrip("\r\n")

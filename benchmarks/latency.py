@@ -24,7 +24,15 @@ import torch
 from torch import nn
 
 from benchmarks.backends import BACKENDS, prepare, version
-from benchmarks.csvtable import csv_line, parse_table, raise_problems, read_text, to_frame
+from benchmarks.csvtable import (
+    csv_line,
+    parse_table,
+    raise_problems,
+    read_text,
+    to_frame,
+    upgraded_bytes,
+)
+from benchmarks.environment import cpu_name
 from benchmarks.leaderboard import utc_now
 from benchmarks.rowcheck import LeaderboardError, coerce
 from benchmarks.schema import Column
@@ -68,10 +76,20 @@ LATENCY_SCHEMA: tuple[Column, ...] = (
     _c("engine", "str", "", "engine version (torch, onnxruntime or openvino)"),
     _c("date", "str", "", "when it was measured (UTC)"),
     _c("command", "str", "", "the command that measured it"),
+    _c(
+        "cpu_name",
+        "str",
+        "",
+        "processor of the machine that timed it (benchmarks.environment.cpu_name; the host's for "
+        "cuda rows; empty: not recorded)",
+    ),
 )
 COLUMNS = tuple(c.name for c in LATENCY_SCHEMA)
 _BY_NAME = {c.name: c for c in LATENCY_SCHEMA}
-REQUIRED = tuple(c for c in COLUMNS if c not in ("backend_info", "command"))
+REQUIRED = tuple(c for c in COLUMNS if c not in ("backend_info", "command", "cpu_name"))
+# Headers of older files (a prefix of COLUMNS): they read with the missing columns empty, and
+# the next append upgrades the file in place (benchmarks.csvtable.upgraded_bytes).
+LEGACY_HEADERS = (COLUMNS[: COLUMNS.index("cpu_name")],)
 
 
 def _check(row: Mapping[str, object]) -> tuple[dict, list[str]]:
@@ -91,10 +109,15 @@ def _check(row: Mapping[str, object]) -> tuple[dict, list[str]]:
     return clean, problems
 
 
-# CPU latency rows dated before this were measured on another machine (an AMD EPYC; the ones since
-# on an Intel Xeon with AVX-512, results/README.md). The README's latency and goal tables and the
-# latency figure leave them out (:func:`current_cpu_rows`), so no table or panel mixes the two.
+# CPU latency rows dated before this were measured under older protocols (BatchNorm not folded,
+# older kernels and deploy rules; results/README.md) on an AMD EPYC. The README's latency and goal
+# tables and the latency figure leave them out (:func:`current_cpu_rows`); the rows since then
+# come from more than one machine, so the tables and the figure keep processors apart by each
+# row's ``cpu_name`` (:func:`machine`).
 CPU_SINCE = "2026-11-27T17:00:00Z"
+UNRECORDED_CPU = "CPU not recorded"
+# A run timed again on the same backend, batch, threads and machine: its last row counts.
+LAST_ROW_KEYS = ["run_id", "backend", "batch", "threads", "device", "cpu_name"]
 
 
 def current_cpu_rows(frame: pd.DataFrame, since: str | None = CPU_SINCE) -> pd.DataFrame:
@@ -105,12 +128,24 @@ def current_cpu_rows(frame: pd.DataFrame, since: str | None = CPU_SINCE) -> pd.D
     return frame[(frame["device"] != "cpu") | (frame["date"] >= since)]
 
 
+def machine(frame: pd.DataFrame) -> pd.Series:
+    """Each row's machine: the processor for CPU rows (``cpu_name``, or ``UNRECORDED_CPU``), the
+    device for the others (``cuda``), so that no table line, goal or panel mixes machines."""
+    cpu = frame["cpu_name"].where(frame["cpu_name"] != "", UNRECORDED_CPU)
+    return cpu.where(frame["device"] == "cpu", frame["device"])
+
+
+def cpu_names(frame: pd.DataFrame) -> list[str]:
+    """The processors of ``frame``'s CPU rows (:func:`machine`), in order of first row."""
+    return list(dict.fromkeys(machine(frame[frame["device"] == "cpu"])))
+
+
 def read_latency(path: str | os.PathLike) -> pd.DataFrame:
     """``results/latency.csv`` as a typed frame (empty when the file does not exist)."""
     path = Path(path)
     if not path.exists():
         return to_frame([], LATENCY_SCHEMA)
-    table = parse_table(read_text(path), LATENCY_SCHEMA, _check)
+    table = parse_table(read_text(path), LATENCY_SCHEMA, _check, LEGACY_HEADERS)
     if table.problems:
         raise_problems(path, table.problems)
     return to_frame(table.rows, LATENCY_SCHEMA)
@@ -131,14 +166,10 @@ def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]) -
     with exclusive_lock(path) as real:
         remove_orphaned_temps(real)
         existing = real.read_bytes() if real.exists() else b""
-        table = parse_table(read_text(path, existing), LATENCY_SCHEMA, _check)
+        table = parse_table(read_text(path, existing), LATENCY_SCHEMA, _check, LEGACY_HEADERS)
         if table.problems:
             raise_problems(path, table.problems, outcome=", nothing appended")
-        if not existing:
-            existing = csv_line(list(COLUMNS))
-        elif not existing.endswith(b"\n"):
-            existing += b"\n"
-        atomic_write_bytes(real, existing + b"".join(lines))
+        atomic_write_bytes(real, upgraded_bytes(existing, table, COLUMNS) + b"".join(lines))
     return len(lines)
 
 
@@ -160,6 +191,7 @@ def rows_from_suite(pairs: Iterable[Mapping[str, Any]], command: str) -> list[di
             "backend_info": p.get("backend_info") or {},
             "date": utc_now(),
             "command": command,
+            "cpu_name": p.get("cpu_name") or "",
         })  # fmt: skip
     return rows
 
@@ -240,6 +272,7 @@ def latency_rows(
                 "engine": version(backend),
                 "date": utc_now(),
                 "command": command,
+                "cpu_name": cpu_name(),
             })  # fmt: skip
             if progress is not None:
                 progress(rows[-1])
@@ -274,26 +307,28 @@ def _labels(frame: pd.DataFrame) -> list[str]:
 def latency_markdown(frame: pd.DataFrame) -> str:
     """Markdown table of speed-ups over dense: one line per (model, batch, threads, method), one
     column per backend (the last row of each run id, backend, batch and threads), and the ideal.
+    Rows of other devices, and of several processors, get lines of their own, the model cell
+    naming the machine (:func:`machine`).
     """
     if frame.empty:
         return "(no latency rows)\n"
-    keys = ["run_id", "backend", "batch", "threads", "device"]
-    frame = frame.drop_duplicates(subset=keys, keep="last")
+    frame = frame.drop_duplicates(subset=LAST_ROW_KEYS, keep="last")
     backends = [b for b in BACKENDS if b in set(frame["backend"])]
     lines = [
         "| model | batch | threads | method | ideal | " + " | ".join(backends) + " |",
         "|---|---:|---:|---|---:|" + "---:|" * len(backends),
     ]
-    frame = frame.assign(label=_labels(frame))
-    group = ["model", "batch", "threads", "device", "label"]
-    for (model, batch, threads, device, method), part in frame.groupby(group, sort=True):
+    frame = frame.assign(label=_labels(frame), machine=machine(frame))
+    several = len(cpu_names(frame)) > 1  # then each CPU line names its processor
+    group = ["model", "machine", "batch", "threads", "device", "label"]
+    for (model, where, batch, threads, device, method), part in frame.groupby(group, sort=True):
         by = dict(zip(part["backend"], part["speedup"], strict=True))
         forms = dict(zip(part["backend"], part["form"], strict=True))
         cells = [
             f"{by[b]:.2f}×" + (" (md)" if forms[b] == "masked-dense" else "") if b in by else ""
             for b in backends
         ]
-        where = model if device == "cpu" else f"{model} ({device})"
+        where = f"{model} ({where})" if device != "cpu" or several else model
         ideal = part["ideal"].iloc[-1]
         lines.append(
             f"| {where} | {batch} | {threads} | {method} | {ideal:.2f}× | "
@@ -310,10 +345,21 @@ GKP_FAMILY = ("gkp-l2", "gkp-random", "tmi-gkp", "sr-gkp")  # G = 8 in the suite
 
 
 def goals_markdown(frame: pd.DataFrame) -> str:
-    """Issue 9's speed goals against the measured rows (the last row of each run id, backend,
-    batch, threads): the values each goal covers, per thread count, and whether all meet it."""
-    frame = frame.drop_duplicates(["run_id", "backend", "batch", "threads", "device"], keep="last")
+    """Issue 9's speed goals against the measured CPU rows (the last row of each run id, backend,
+    batch, threads and processor): per processor and thread count, the values each goal covers
+    and whether all meet it."""
+    frame = frame.drop_duplicates(LAST_ROW_KEYS, keep="last")
     frame = frame[frame["device"] == "cpu"]
+    lines = [
+        "| goal | target | cpu | threads | measured | met |",
+        "|---|---:|---|---:|---|---|",
+    ]
+    for cpu in cpu_names(frame) or [""]:
+        lines += _goal_lines(frame[machine(frame) == cpu], cpu)
+    return "\n".join(lines) + "\n"
+
+
+def _goal_lines(frame: pd.DataFrame, cpu: str) -> list[str]:
     rate = frame["config"].map(lambda c: (_config(c).get("native") or {}).get("rate") == 0.75)
     gkp = frame["method"].isin(GKP_FAMILY)
     r56, r50 = frame["model"] == "resnet56", frame["model"] == "resnet50"
@@ -328,10 +374,10 @@ def goals_markdown(frame: pd.DataFrame) -> str:
          _best(frame[r50 & rate & (frame["batch"] == 16)])),
         ("every method, every backend", 0.98, frame[~rate]),
     ]  # fmt: skip
-    lines = ["| goal | target | threads | measured | met |", "|---|---:|---:|---|---|"]
+    lines = []
     for name, target, part in goals:
         if part.empty:
-            lines.append(f"| {name} | ≥ {target:.2f}× | | not measured | no |")
+            lines.append(f"| {name} | ≥ {target:.2f}× | {cpu} | | not measured | no |")
             continue
         for threads, rows in part.groupby("threads", sort=True):
             values = sorted(rows["speedup"])
@@ -340,8 +386,8 @@ def goals_markdown(frame: pd.DataFrame) -> str:
                 f", {below} below" if below else ""
             )
             met = "yes" if below == 0 else "no"
-            lines.append(f"| {name} | ≥ {target:.2f}× | {threads} | {measured} | {met} |")
-    return "\n".join(lines) + "\n"
+            lines.append(f"| {name} | ≥ {target:.2f}× | {cpu} | {threads} | {measured} | {met} |")
+    return lines
 
 
 def _best(frame: pd.DataFrame) -> pd.DataFrame:

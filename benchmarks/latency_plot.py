@@ -1,5 +1,6 @@
-"""``latency_backends.png``: measured vs ideal speed-up, one panel per backend (and device: GPU
-rows get their own panels, titled ``<backend> (cuda)``), from latency.csv.
+"""``latency_backends.png``: measured vs ideal speed-up, one panel per backend and machine (GPU
+rows get their own panels, titled ``<backend> (cuda)``, and so do CPU rows of several processors,
+titled ``<backend> (<cpu_name>)``), from latency.csv.
 
 Each point is one (method, model, batch, threads) of ``results/latency.csv`` (the last row when a
 run id was timed again): x = ideal speed-up (``macs_dense / macs`` of the deployed network),
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from benchmarks.backends import BACKENDS
-from benchmarks.latency import current_cpu_rows, read_latency
+from benchmarks.latency import LAST_ROW_KEYS, cpu_names, current_cpu_rows, machine, read_latency
 from benchmarks.plots import DPI, method_colors
 
 NAME = "latency_backends.png"
@@ -38,25 +39,28 @@ def latency_figure(
     frame = current_cpu_rows(read_latency(latency_csv), cpu_since)
     if frame.empty:
         return None
-    keys = ["run_id", "backend", "batch", "threads", "device"]
-    frame = frame.drop_duplicates(subset=keys, keep="last")
-    present = set(zip(frame["backend"], frame["device"], strict=True))
-    panels = [(b, d) for d in ("cpu", "cuda") for b in BACKENDS if (b, d) in present]
+    frame = frame.drop_duplicates(subset=LAST_ROW_KEYS, keep="last")
+    frame = frame.assign(machine=machine(frame))
+    several = len(cpu_names(frame)) > 1  # then each CPU panel names its processor
+    present = set(zip(frame["backend"], frame["device"], frame["machine"], strict=True))
+    machines = cpu_names(frame) + sorted(set(frame.loc[frame["device"] != "cpu", "machine"]))
+    panels = [(b, d, m) for m in machines for d in ("cpu", "cuda") for b in BACKENDS
+              if (b, d, m) in present]  # fmt: skip
     palette = method_colors(sorted(set(frame["method"])), colors)
     kinds = sorted({(m, int(b)) for m, b in zip(frame["model"], frame["batch"], strict=True)})
     marker = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(kinds)}
     fig = Figure(figsize=(4.2 * len(panels) + 2.6, 4.2), dpi=DPI)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     top = max(frame["ideal"].max(), frame["speedup"].max(), 1.0) * 1.08
-    for ax, (backend, device) in zip(axes, panels, strict=True):
-        part = frame[(frame["backend"] == backend) & (frame["device"] == device)]
+    for ax, (backend, device, where) in zip(axes, panels, strict=True):
+        part = frame[(frame["backend"] == backend) & (frame["machine"] == where)]
         part = part.sort_values(["method", "model", "batch"])
         ax.plot([0, top], [0, top], "k--", linewidth=1)
         ax.axhline(1, color="0.5", linestyle=":", linewidth=1)
         for row in part.itertuples():
             style = {"color": palette[row.method], "marker": marker[(row.model, int(row.batch))]}
             ax.plot(row.ideal, row.speedup, linestyle="none", markersize=6, alpha=0.85, **style)
-        title = backend if device == "cpu" else f"{backend} ({device})"
+        title = f"{backend} ({where})" if device != "cpu" or several else backend
         ax.set(title=title, xlim=(0.8, top), ylim=(0, top), xlabel="ideal speed-up (MACs ratio)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("measured speed-up vs dense, same backend")

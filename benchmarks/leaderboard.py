@@ -39,11 +39,11 @@ import pandas as pd
 from benchmarks.csvtable import (
     Table,
     csv_line,
-    pad_record,
     parse_table,
     raise_problems,
     read_text,
     to_frame,
+    upgraded_bytes,
 )
 from benchmarks.rowcheck import (  # noqa: F401  (re-exported: the leaderboard's public names)
     LeaderboardError,
@@ -138,21 +138,6 @@ def read_literature(path: str | os.PathLike) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- writing
 
 
-def _current_bytes(existing: bytes, table: Table) -> bytes:
-    """The existing file as it should stand before a new row: header first, newline-terminated.
-
-    A legacy header is replaced by the current one and every old record padded with empty
-    trailing fields; the records are otherwise kept byte for byte.
-    """
-    if not existing:
-        return csv_line(list(COLUMNS))
-    if table.header != list(COLUMNS):
-        pad = len(COLUMNS) - len(table.header)
-        records = "".join(pad_record(r, pad) for r in table.records)
-        return csv_line(list(COLUMNS)) + records.encode("utf-8")
-    return existing if existing.endswith(b"\n") else existing + b"\n"
-
-
 def append_row(path: str | os.PathLike, row: Mapping[str, object]) -> None:
     """Validate ``row`` and append it atomically; the file is created (with header) if missing.
 
@@ -172,4 +157,4 @@ def append_row(path: str | os.PathLike, row: Mapping[str, object]) -> None:
         if table.problems:
             raise_problems(path, table.problems, outcome=", nothing appended")
         new_line = csv_line([clean[c] for c in COLUMNS])
-        atomic_write_bytes(real, _current_bytes(existing, table) + new_line)
+        atomic_write_bytes(real, upgraded_bytes(existing, table, COLUMNS) + new_line)

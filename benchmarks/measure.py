@@ -149,7 +149,10 @@ def bench_key(method: str, target: float | None, native: Mapping[str, Any]) -> s
 
 
 def _entries(path: Path) -> list[dict[str, Any]]:
-    """The ``benchmarks`` list of a pytest-benchmark JSON file, each with its stats checked."""
+    """The ``benchmarks`` list of a pytest-benchmark JSON file, each with its stats checked.
+
+    An entry's ``extra_info`` without ``cpu_name`` (suites older than it) gets the processor in
+    the file's ``machine_info`` (py-cpuinfo's ``brand_raw``; empty when not there)."""
     fix = "create one with `pytest benchmarks --benchmark-only --benchmark-json FILE`"
     try:
         data = json.loads(Path(path).read_text())
@@ -158,6 +161,8 @@ def _entries(path: Path) -> list[dict[str, Any]]:
     entries = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ValueError(f"{path} has no 'benchmarks' list: not a pytest-benchmark JSON; {fix}")
+    machine = data.get("machine_info") if isinstance(data.get("machine_info"), dict) else {}
+    cpu = machine.get("cpu") if isinstance(machine.get("cpu"), dict) else {}
     good = []
     for i, b in enumerate(entries):
         info = b.get("extra_info") if isinstance(b, dict) else None
@@ -171,6 +176,7 @@ def _entries(path: Path) -> list[dict[str, Any]]:
         missing = [k for k in ("model", "batch") if k not in info]
         if missing:
             raise ValueError(f"{path}: benchmark {i} lacks extra_info {missing}; {fix}")
+        info.setdefault("cpu_name", str(cpu.get("brand_raw") or ""))
         good.append(b)
     return good
 
@@ -185,7 +191,7 @@ def _ideal(entry: Mapping[str, Any], speedup: float) -> dict[str, float]:
 def _interleaved_row(info: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("model", "method", "config", "backend", "form", "batch", "input_shape", "device",
             "dense_ms", "dense_iqr_ms", "pruned_ms", "pruned_iqr_ms", "speedup", "threads",
-            "macs", "macs_dense", "rounds", "engine", "backend_info")  # fmt: skip
+            "macs", "macs_dense", "rounds", "engine", "backend_info", "cpu_name")  # fmt: skip
     return {**{k: info.get(k) for k in keys}, **_ideal(info, info["speedup"])}
 
 
@@ -250,6 +256,7 @@ def bench_from_json(path: Path) -> list[dict[str, Any]]:
                     "rounds": min(filter(None, (m["rounds"], dense["rounds"])), default=None),
                     "engine": m.get("engine"),
                     "backend_info": m.get("backend_info"),
+                    "cpu_name": m.get("cpu_name"),
                     **_ideal(m, dense["median"] / m["median"]),
                 }
             )

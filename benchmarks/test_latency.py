@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.backends import missing, prepare, version
 from benchmarks.bench import cached_untrained, load_tune_cache, save_tune_cache, tune_cache_path
+from benchmarks.environment import cpu_name
 from benchmarks.runconfig import RunConfig
 from gkp import metrics
 from gkp.api import list_methods
@@ -135,7 +136,7 @@ def test_latency(benchmark, model, method, backend, batch):
         ideal=info["macs_dense"] / info["macs"], device="cpu", engine=version(backend),
         interleaved=True, rounds=rounds, dense_ms=dense_ms, pruned_ms=pruned_ms,
         dense_iqr_ms=_iqr(times["dense"][-rounds:]), pruned_iqr_ms=_iqr(times["pruned"][-rounds:]),
-        speedup=dense_ms / pruned_ms,
+        speedup=dense_ms / pruned_ms, cpu_name=cpu_name(),
     )  # fmt: skip
     assert tuple(out.shape)[0] == batch
 

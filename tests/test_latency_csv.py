@@ -12,11 +12,17 @@ from torch import nn
 
 from benchmarks.backends import BACKENDS, missing, prepare
 from benchmarks.cli import main
+from benchmarks.csvtable import csv_line
+from benchmarks.environment import cpu_name
 from benchmarks.latency import (
     COLUMNS,
     CPU_SINCE,
+    LEGACY_HEADERS,
     append_rows,
+    cpu_names,
     current_cpu_rows,
+    goals_markdown,
+    latency_markdown,
     latency_rows,
     read_latency,
     rows_from_suite,
@@ -420,6 +426,66 @@ def test_interleaved_suite_entries_give_one_row_each(tmp_path):
     row = read_latency(out / "latency.csv").iloc[0]
     assert row["speedup"] == 1.5 and row["ideal"] == 2.0 and row["fraction_of_ideal"] == 0.75
     assert row["dense_ms"] == 30.0 and row["rounds"] == 9 and row["backend"] == "autotune"
+    assert row["cpu_name"] == ""  # neither the entry nor the file's machine_info names one
+    older = {k: v for k, v in info.items() if k != "cpu_name"} | {"batch": 1}
+    entries = [{"stats": {"median": 0.05, "iqr": 0.001, "rounds": 9}, "extra_info": e}
+               for e in (info | {"cpu_name": "Suite CPU"}, older)]  # fmt: skip
+    # the suite records its processor; an older suite's entries get the file's machine_info one
+    machine = {"cpu": {"brand_raw": "Info CPU"}}
+    path.write_text(json.dumps({"machine_info": machine, "benchmarks": entries}))
+    assert main(["bench", "--from-json", str(path), "--save", "--out", str(out)]) == 0
+    assert read_latency(out / "latency.csv")["cpu_name"].tolist() == ["", "Suite CPU", "Info CPU"]
+
+
+def test_rows_record_the_processor_that_timed_them():
+    dense, pruned = small_grouped()
+    ident = {"run_id": "r1", "model": "m", "method": "gkp-l2", "config": "{}"}
+    (row,) = latency_rows(dense, pruned, sample_shape=(3, 12, 12), backends=["eager"],
+                          batches=[1], threads=1, rounds=3, ident=ident)  # fmt: skip
+    assert row["cpu_name"] == cpu_name() != ""
+
+
+def test_a_file_without_the_cpu_column_reads_and_is_upgraded_on_append(tmp_path):
+    """latency.csv files older than ``cpu_name``: read with it empty; the next append writes the
+    current header and keeps every old record byte for byte, with one empty field added."""
+    path = tmp_path / "latency.csv"
+    old = LEGACY_HEADERS[0]
+    record = csv_line([good_row()[c] if c != "backend_info" else "{}" for c in old])
+    path.write_bytes(csv_line(list(old)) + record)
+    assert read_latency(path)["cpu_name"].tolist() == [""]
+    append_rows(path, [good_row(cpu_name="AMD EPYC")])
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert lines == [csv_line(list(COLUMNS)), record[:-1] + b",\n", lines[2]]
+    assert read_latency(path)["cpu_name"].tolist() == ["", "AMD EPYC"]
+
+
+def test_tables_goals_and_figure_keep_processors_apart(tmp_path):
+    """Rows of two CPUs never share a table line, a goal line or a figure panel."""
+    path = tmp_path / "latency.csv"
+    r56 = {"model": "resnet56", "backend": "autotune", "batch": 64, "threads": 2,
+           "date": "2026-11-28T00:00:00Z"}  # fmt: skip
+    append_rows(path, [good_row(**r56, speedup=1.5, dense_ms=3.0, fraction_of_ideal=0.75,
+                                cpu_name="Xeon"),
+                       good_row(**r56, speedup=1.2, dense_ms=2.4, fraction_of_ideal=0.6,
+                                cpu_name="EPYC")])  # fmt: skip
+    frame = read_latency(path)
+    assert cpu_names(frame) == ["Xeon", "EPYC"]
+    table = latency_markdown(frame)
+    assert "| resnet56 (Xeon) | 64 | 2 | gkp-l2 | 2.00× | 1.50× |" in table
+    assert "| resnet56 (EPYC) | 64 | 2 | gkp-l2 | 2.00× | 1.20× |" in table
+    goals = goals_markdown(frame).splitlines()
+    batch64 = [g for g in goals if g.startswith("| ResNet-56 GKP") and "batch 64" in g]
+    assert batch64 == [
+        "| ResNet-56 GKP (G=8, p=0.4375), autotune, batch 64 | ≥ 1.30× | Xeon | 2 | "
+        "1.50–1.50× over 1 rows | yes |",
+        "| ResNet-56 GKP (G=8, p=0.4375), autotune, batch 64 | ≥ 1.30× | EPYC | 2 | "
+        "1.20–1.20× over 1 rows, 1 below | no |",
+    ]
+    fig = latency_figure(path)
+    assert [ax.get_title() for ax in fig.axes] == ["autotune (Xeon)", "autotune (EPYC)"]
+    assert all(len(ax.lines) == 2 + 1 for ax in fig.axes)  # guide lines and one point each
+    one = read_latency(path).iloc[:1]  # one processor: plain titles and model cells
+    assert "| resnet56 | 64 |" in latency_markdown(one)
 
 
 @pytest.mark.parametrize("deploy", ["torch", "fused", "autotune"])
