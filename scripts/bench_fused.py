@@ -30,6 +30,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.environment import cpu_name  # noqa: E402
 from gkp import fused  # noqa: E402
 from gkp.metrics import time_interleaved  # noqa: E402
 from gkp.nn import GroupedKernelConv2d, GroupPlan, set_backend  # noqa: E402
@@ -135,6 +136,7 @@ def measure(threads: int, rounds: int, layers: list[tuple]) -> list[dict]:
                    for k, v in ms.items()},
                 "ideal": c / n_keep,
                 **{f"{k}_speedup": best / ms[k] for k in ("torch", "fused", "fused_cl")},
+                "cpu_name": cpu_name(),
             }
         )  # fmt: skip
     return rows
@@ -162,9 +164,10 @@ def print_table(rows: list[dict]) -> None:
 def table(rows: list[dict]) -> str:
     """The Markdown table of ``rows`` (what the README shows, generated from the CSV)."""
     strides = sorted({r.get("stride", 1) for r in rows})  # CSVs from before had stride 1 only
+    cpus = ", ".join(dict.fromkeys(str(r.get("cpu_name") or "CPU not recorded") for r in rows))
     lines = [
         f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride {'/'.join(map(str, strides))}; (x ...): "
-        "speed-up over the faster dense layout",
+        f"speed-up over the faster dense layout; measured on: {cpus}",
         "",
         "| layer | batch | threads | dense NCHW GMAC/s | dense channels-last GMAC/s "
         "| torch grouped GMAC/s (x) | fused NCHW GMAC/s (x) | fused channels-last GMAC/s (x) "
