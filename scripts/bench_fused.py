@@ -95,11 +95,19 @@ def main() -> None:
         else:
             rows += measure(threads, args.rounds, [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS])
     if args.out is not None:
-        with args.out.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(args.out, rows)
     print_table(rows)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path``, keeping the rows of other processors already there (a file
+    holds one set of layer timings per processor; this machine's are replaced)."""
+    mine = {r["cpu_name"] for r in rows}
+    kept = [r for r in read_rows(path) if r.get("cpu_name") not in mine] if path.exists() else []
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([{k: r.get(k, "") for k in rows[0]} for r in kept] + rows)
 
 
 def measure(threads: int, rounds: int, layers: list[tuple]) -> list[dict]:
@@ -174,9 +182,12 @@ def table(rows: list[dict]) -> str:
         "| ideal |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    several = len(cpus.split(", ")) > 1  # then each line names its processor
     for r in rows:
+        where = f" ({r.get('cpu_name') or 'CPU not recorded'})" if several else ""
         lines.append(
-            f"| {r['network']} C={r['channels']}{_to(r)} {r['size']}x{r['size']} | {r['batch']} | "
+            f"| {r['network']} C={r['channels']}{_to(r)} {r['size']}x{r['size']}{where} | "
+            f"{r['batch']} | "
             f"{r['threads']} | {r['dense_gmacs']:.1f} | {r['dense_cl_gmacs']:.1f} | "
             f"{r['torch_gmacs']:.1f} (x{r['torch_speedup']:.2f}) | "
             f"{r['fused_gmacs']:.1f} (x{r['fused_speedup']:.2f}) | "

@@ -71,3 +71,24 @@ def test_fused_table_labels_downsampling_layers():
     assert "stride 1;" in old and "| resnet56 C=16 32x32 |" in old
     new = bench_fused.table([{**row, "out_channels": 32, "stride": 2}])
     assert "stride 2;" in new and "| resnet56 C=16->32 32x32 |" in new
+
+
+def test_fused_csv_keeps_other_processors_rows_and_the_table_names_them(tmp_path):
+    """``bench_fused.py --out`` replaces this processor's rows only; with rows of several
+    processors, each table line names its processor."""
+    import bench_fused
+
+    row = {"network": "resnet56", "channels": 16, "size": 32, "batch": 64, "threads": 1,
+           "dense_gmacs": 1.0, "dense_cl_gmacs": 1.0, "torch_gmacs": 1.0, "torch_speedup": 1.0,
+           "fused_gmacs": 2.0, "fused_speedup": 2.0, "fused_cl_gmacs": 1.0,
+           "fused_cl_speedup": 1.0, "ideal": 1.78}  # fmt: skip
+    path = tmp_path / "fused.csv"
+    bench_fused.write_rows(path, [{**row, "cpu_name": "Xeon"}])
+    bench_fused.write_rows(path, [{**row, "cpu_name": "EPYC", "fused_gmacs": 3.0}])
+    bench_fused.write_rows(path, [{**row, "cpu_name": "EPYC", "fused_gmacs": 4.0}])
+    rows = bench_fused.read_rows(path)
+    assert [(r["cpu_name"], r["fused_gmacs"]) for r in rows] == [("Xeon", 2.0), ("EPYC", 4.0)]
+    text = bench_fused.table(rows)
+    assert "measured on: Xeon, EPYC" in text
+    assert "| resnet56 C=16 32x32 (Xeon) |" in text and "| resnet56 C=16 32x32 (EPYC) |" in text
+    assert "(Xeon)" not in bench_fused.table(rows[:1])
