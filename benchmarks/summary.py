@@ -22,8 +22,11 @@ gives one row per (method, model, dataset, recipe, target, deploy):
 - ``theory_speedup``: mean ``macs_dense / macs`` of what runs (1.0 for masked rows);
   ``speedup_b1_*`` / ``speedup_bN_*``: mean and sd of the measured speed-ups, with the throughput
   batch(es) (``bench_batch``) and device(s) they were measured on, as text (``"32"``, or
-  ``"16, 32"`` when the group mixes them). Speed-ups of different devices are averaged together:
-  split the frame by ``device`` first when that matters (the plots do).
+  ``"16, 32"`` when the group mixes them). Speed-ups are never averaged over machines: a
+  group's speed-ups are those of its rows measured on the machine of its last row with one
+  (``machine``: the row's ``gpu_name`` for ``cuda`` rows, else its ``cpu_name``; the other
+  machines' rows still count for accuracy), so rows of another processor (the development
+  machine has changed processors) never blur a speed-up.
 
 Rows are ordered by model, dataset, recipe, target (``native`` first, then ascending), mean top1
 descending, then method, so the same CSV always gives the same table. ``accuracy_points`` and
@@ -49,7 +52,7 @@ SUMMARY_COLUMNS = [
     *["granularity", "faithfulness", "n", "top1_mean", "top1_sd", "delta_mean", "delta_sd"],
     *["top1_dense_mean", "macs_removed_pct_mean", "masked", "theory_speedup"],
     *["speedup_b1_mean", "speedup_b1_sd", "speedup_bN_mean", "speedup_bN_sd"],
-    *["bench_batch", "device"],
+    *["bench_batch", "device", "machine"],
 ]
 
 
@@ -109,13 +112,39 @@ def _per_run(rows: pd.DataFrame) -> pd.DataFrame:
             "speedup_bN": num("speedup_bN"),
             "bench_batch": rows["bench_batch"].astype(object),
             "device": rows["device"].astype(object),
+            "machine": [
+                _machine(*r)
+                for r in zip(rows["device"], rows["cpu_name"], rows["gpu_name"], strict=True)
+            ],
         }
     )
 
 
+def _machine(device: object, cpu: object, gpu: object) -> str:
+    """The machine a row's latency was measured on: the GPU for ``cuda`` rows, else the CPU."""
+    name = gpu if str(device) == "cuda" else cpu
+    return str(name) if isinstance(name, str) and name else str(device or "?")
+
+
+def _one_machine(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with the speed-ups of rows from another machine than the one of their group's
+    last row with a speed-up blanked (NaN), and ``machine`` blank on the rows without one."""
+    timed = runs["speedup_b1"].notna() | runs["speedup_bN"].notna()
+    last = runs[timed].groupby(KEYS, sort=False)["machine"].last()
+    keep = [
+        t and last.get(tuple(k)) == m
+        for t, k, m in zip(timed, runs[KEYS].itertuples(index=False), runs["machine"], strict=True)
+    ]
+    keep = pd.Series(keep, index=runs.index, dtype=bool)
+    speedups = ["speedup_b1", "speedup_bN"]
+    out = runs.assign(machine=runs["machine"].where(keep, ""))
+    out[speedups] = out[speedups].where(keep)
+    return out
+
+
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (method, model, dataset, recipe, target): n runs, mean and sd over them (module doc)."""
-    runs = _per_run(measured_runs(frame))
+    runs = _one_machine(_per_run(measured_runs(frame)))
     if runs.empty:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in SUMMARY_COLUMNS})
     out = (
@@ -138,6 +167,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             speedup_bN_sd=("speedup_bN", "std"),
             bench_batch=("bench_batch", _join),
             device=("device", _join),
+            machine=("machine", _join),
             order=("order", "first"),
         )
         .reset_index()
@@ -205,23 +235,26 @@ def accuracy_points(board: pd.DataFrame, literature: pd.DataFrame) -> pd.DataFra
 
 
 def speedup_points(board: pd.DataFrame) -> pd.DataFrame:
-    """One row per speed-up marker: measured groups per device, deploy and batch kind, mean ± sd.
+    """One row per speed-up marker: measured groups per machine, deploy and batch kind, mean ±
+    sd (a group's speed-ups come from one machine, :func:`summarize`).
 
-    Columns: panel (title: device, deploy, batch), ``POINTS`` with x = mean ``macs_dense /
+    Columns: panel (title: device (machine), deploy, batch), ``POINTS`` with x = mean ``macs_dense /
     macs`` (1 for masked rows) and y = mean measured speed-up; rows are in panel order.
     """
     parts = []
     measured = board[board["source"] == "measured"]
     for device in sorted(set(measured["device"])):
         summary = summarize(measured[measured["device"] == device])
-        for deploy, s in summary.groupby("deploy", sort=True):
+        for (machine, deploy), s in summary.groupby(["machine", "deploy"], sort=True):
             s = s.dropna(subset=["theory_speedup"])
+            named = machine not in ("", device)  # rows without a CPU/GPU name: the device only
+            where = f"{device or 'device ?'} ({machine})" if named else device or "device ?"
             for kind, column in enumerate(("speedup_b1", "speedup_bN")):
                 rows = s.dropna(subset=[f"{column}_mean"])
                 batch = "1" if kind == 0 else ", ".join(sorted(set(rows["bench_batch"]) - {""}))
                 frame = pd.DataFrame(
                     {
-                        "panel": f"{device or 'device ?'}, {deploy}, batch {batch or 'N'}",
+                        "panel": f"{where}, {deploy}, batch {batch or 'N'}",
                         "order": kind,
                         **{k: rows[k] for k in ("method", "granularity", "masked", "n")},
                         "hollow": False,
@@ -230,7 +263,7 @@ def speedup_points(board: pd.DataFrame) -> pd.DataFrame:
                         "yerr": rows[f"{column}_sd"],
                     }
                 )
-                parts.append(frame.assign(device=device, deploy=deploy))
+                parts.append(frame.assign(device=where, deploy=deploy))
     parts = [p for p in parts if not p.empty]
     if not parts:
         return pd.DataFrame(columns=["panel", *POINTS])
@@ -272,6 +305,7 @@ _DISPLAY = (
     ("speed-up bN", lambda r: _pm(r["speedup_bN_mean"], r["speedup_bN_sd"]), True),
     ("N", lambda r: r["bench_batch"], True),
     ("deploy", lambda r: r["deploy"], False),
+    ("timed on", lambda r: r["machine"], False),
     ("faithfulness", lambda r: r["faithfulness"], False),
 )
 

@@ -171,7 +171,7 @@ def print_table(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     """The Markdown table of ``rows`` (what the README shows, generated from the CSV)."""
-    strides = sorted({r.get("stride", 1) for r in rows})  # CSVs from before had stride 1 only
+    strides = sorted({r.get("stride") or 1 for r in rows})  # rows from before: stride 1 only
     cpus = ", ".join(dict.fromkeys(str(r.get("cpu_name") or "CPU not recorded") for r in rows))
     lines = [
         f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride {'/'.join(map(str, strides))}; (x ...): "
@@ -198,7 +198,7 @@ def table(rows: list[dict]) -> str:
 
 def _to(row: dict) -> str:
     """`` -> C_out`` when a layer changes the channel count, else nothing."""
-    c_out = row.get("out_channels", row["channels"])
+    c_out = row.get("out_channels") or row["channels"]  # rows from before: empty
     return "" if c_out == row["channels"] else f"->{c_out}"
 
 

@@ -8,9 +8,11 @@ per-backend latency table between ``<!-- latency:start rows=N -->`` and ``<!-- l
 is ``gkp-bench leaderboard latency`` over ``results/latency.csv``'s first ``N`` rows, and the
 goal table between ``<!-- goals:start rows=N -->`` and ``<!-- goals:end -->`` is
 ``benchmarks.latency.goals_markdown`` over the same rows (both leave out the CPU rows measured
-on an earlier machine, before ``benchmarks.latency.CPU_SINCE``), and the
+on an earlier machine, before ``benchmarks.latency.CPU_SINCE``, and keep processors apart), and the
 layer table between ``<!-- fused:start -->`` and ``<!-- fused:end -->`` is
-``scripts/bench_fused.py --table results/fused_kernel.csv``, and the GPU tables between
+``scripts/bench_fused.py --table results/fused_kernel.csv``, the Amdahl-bound table between
+``<!-- amdahl:start -->`` and ``<!-- amdahl:end -->`` is ``scripts/amdahl_bound.py --table
+results/amdahl.csv``, and the GPU tables between
 ``<!-- gpu:start -->`` and ``<!-- gpu:end -->`` are ``scripts/bench_gpu.py --table results/gpu
 --brief``:
 
@@ -36,6 +38,8 @@ LATENCY_BLOCK = re.compile(r"<!-- latency:start rows=(\d+) -->\n(.*?)<!-- latenc
 GOALS_BLOCK = re.compile(r"<!-- goals:start rows=(\d+) -->\n(.*?)<!-- goals:end -->", re.S)
 FUSED = ROOT / "results" / "fused_kernel.csv"
 FUSED_BLOCK = re.compile(r"<!-- fused:start -->\n(.*?)<!-- fused:end -->", re.S)
+AMDAHL = ROOT / "results" / "amdahl.csv"
+AMDAHL_BLOCK = re.compile(r"<!-- amdahl:start -->\n(.*?)<!-- amdahl:end -->", re.S)
 GPU = ROOT / "results" / "gpu"
 GPU_BLOCK = re.compile(r"<!-- gpu:start -->\n(.*?)<!-- gpu:end -->", re.S)
 
@@ -45,6 +49,13 @@ def fused_generated() -> str:
     import bench_fused
 
     return bench_fused.table(bench_fused.read_rows(FUSED))
+
+
+def amdahl_generated() -> str:
+    """The Amdahl-bound table of results/amdahl.csv."""
+    import amdahl_bound
+
+    return amdahl_bound.read_table(AMDAHL)
 
 
 def gpu_generated() -> str:
@@ -102,6 +113,9 @@ def main() -> int:
         if FUSED_BLOCK.search(text):
             fused = f"<!-- fused:start -->\n{fused_generated()}<!-- fused:end -->"
             text = FUSED_BLOCK.sub(lambda _m, fused=fused: fused, text)
+        if AMDAHL_BLOCK.search(text):
+            amdahl = f"<!-- amdahl:start -->\n{amdahl_generated()}<!-- amdahl:end -->"
+            text = AMDAHL_BLOCK.sub(lambda _m, amdahl=amdahl: amdahl, text)
         if GPU_BLOCK.search(text):
             gpu = f"<!-- gpu:start -->\n{gpu_generated()}<!-- gpu:end -->"
             text = GPU_BLOCK.sub(lambda _m, gpu=gpu: gpu, text)

@@ -44,6 +44,14 @@ def test_fused_kernel_table_is_the_generated_one():
     )
 
 
+def test_amdahl_table_is_the_generated_one():
+    match = readme_summary.AMDAHL_BLOCK.search(readme_summary.FILES[0].read_text())
+    assert match is not None, "README.md has no <!-- amdahl:start --> block"
+    assert match.group(1) == readme_summary.amdahl_generated(), (
+        "run: python scripts/readme_summary.py"
+    )
+
+
 def test_gpu_tables_are_the_generated_ones():
     match = readme_summary.GPU_BLOCK.search(readme_summary.FILES[0].read_text())
     assert match is not None, "README.md has no <!-- gpu:start --> block"

@@ -16,6 +16,7 @@ from benchmarks.schema import SCHEMA
 from benchmarks.summary import (
     NATIVE,
     SUMMARY_COLUMNS,
+    speedup_points,
     summarize,
     summary_from_csv,
     summary_markdown,
@@ -164,6 +165,29 @@ def test_speedups_and_bench_batch() -> None:
     assert got["speedup_b1_sd"] == pytest.approx(statistics.stdev([1.2, 1.4]))
     assert (got["bench_batch"], got["device"]) == ("32", "cpu")
     assert "1.30 ± 0.14" in summary_markdown(summarize(frame(*rows)))
+
+
+def test_speedups_come_from_one_machine_and_accuracy_from_all() -> None:
+    """Speed-ups of a group are those of the machine of its last timed row; rows timed on
+    another processor count for accuracy only; the table says where they were timed."""
+    timed = {"bench_batch": 32, "device": "cpu"}
+    rows = [
+        row("filter-l1", 0, 90.0, speedup_b1=1.1, speedup_bN=1.2, cpu_name="Xeon", **timed),
+        row("filter-l1", 1, 91.0, speedup_b1=1.5, speedup_bN=1.6, cpu_name="EPYC", **timed),
+        row("filter-l1", 2, 92.0, speedup_b1=1.7, speedup_bN=1.8, cpu_name="EPYC", **timed),
+        row("filter-l1", 3, 93.0),  # not timed: counts for accuracy, does not pick the machine
+    ]
+    got = only(summarize(frame(*rows)), "filter-l1")
+    assert got["n"] == 4 and got["top1_mean"] == pytest.approx(91.5)
+    assert got["speedup_b1_mean"] == pytest.approx(1.6) and got["machine"] == "EPYC"
+    assert got["speedup_bN_mean"] == pytest.approx(1.7)
+    assert "| EPYC |" in summary_markdown(summarize(frame(*rows)))
+    panels = set(speedup_points(frame(*rows))["panel"])
+    assert panels == {"cpu (EPYC), torch, batch 1", "cpu (EPYC), torch, batch 32"}
+    gpu = row("filter-l1", 4, 90.0, speedup_b1=3.0, device="cuda", gpu_name="H200",
+              cpu_name="EPYC")  # fmt: skip
+    got = only(summarize(frame(*rows, gpu)), "filter-l1")
+    assert got["speedup_b1_mean"] == 3.0 and got["machine"] == "H200"
 
 
 def test_text_table_is_aligned_and_markdown_is_a_table() -> None:
