@@ -8,7 +8,8 @@ per-backend latency table between ``<!-- latency:start rows=N -->`` and ``<!-- l
 is ``gkp-bench leaderboard latency`` over ``results/latency.csv``'s first ``N`` rows, and the
 goal table between ``<!-- goals:start rows=N -->`` and ``<!-- goals:end -->`` is
 ``benchmarks.latency.goals_markdown`` over the same rows (both leave out the CPU rows measured
-on an earlier machine, before ``benchmarks.latency.CPU_SINCE``, and keep processors apart), and the
+on an earlier machine, before ``benchmarks.latency.CPU_SINCE``, and keep processors apart),
+and the
 layer table between ``<!-- fused:start -->`` and ``<!-- fused:end -->`` is
 ``scripts/bench_fused.py --table results/fused_kernel.csv``, the Amdahl-bound table between
 ``<!-- amdahl:start -->`` and ``<!-- amdahl:end -->`` is ``scripts/amdahl_bound.py --table
