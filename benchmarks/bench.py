@@ -45,6 +45,7 @@ def prune_untrained(cfg: RunConfig) -> tuple[nn.Module, nn.Module, Tensor]:
                 calib_batches=random_calibration(x.shape[1:], seed=cfg.seed),
                 teacher=dense,
                 seed=cfg.seed,
+                progress=cfg.progress,
                 snapshots=_snapshots(dense, cfg.seed, folder)
                 if "snapshots" in get_method(cfg.method).info.needs
                 else (),

@@ -202,6 +202,7 @@ def _prune(cfg: RunConfig, dense: nn.Module, base: dict[str, Any], info: MethodI
         teacher=dense if "teacher" in info.needs else None,
         seed=cfg.seed,
         finetune=budget,
+        progress=cfg.progress,
     )
     t0 = time.perf_counter()
     result = get_method(cfg.method)(dense, PruneTarget(cfg.target, dict(cfg.native)), ctx)

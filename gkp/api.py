@@ -81,6 +81,7 @@ class PruneContext:
     ``finetune`` → ``finetune(model, steps)``, a :class:`gkp.budget.FineTuneBudget` that trains
     in place and takes its steps from the run's fine-tuning budget. A method must also run
     without a ``finetune`` (None: tests, benchmarks, API use) and record that it skipped it.
+    ``progress``: False hides the method's own progress bars (``--no-progress``).
     """
 
     example_inputs: Tensor
@@ -89,6 +90,7 @@ class PruneContext:
     teacher: nn.Module | None = None
     seed: int = 0
     finetune: Callable[..., dict[str, Any]] | None = None
+    progress: bool = True  # progress bars of the method's own long steps (layer planning)
 
 
 @dataclass

@@ -322,7 +322,8 @@ def prune_grouped(
     jobs = [job(i, name) for i, name in enumerate(names)]
     small = max(j.weight.shape[1] for j in jobs) < PARALLEL_MIN_CHANNELS if jobs else True
     workers = 1 if small else min(plan_workers(), len(jobs))
-    bar = tqdm(total=len(jobs), desc="planning layers", leave=False, unit="layer")
+    bar = tqdm(total=len(jobs), desc="planning layers", leave=False, unit="layer",
+               disable=not ctx.progress)  # fmt: skip
 
     def planned(j: LayerJob) -> tuple[GroupPlan, dict[str, Any]]:
         out = plan_layer(j)

@@ -136,3 +136,18 @@ def test_plugin_that_registers_a_duplicate_is_a_plugin_error(plugin_package):
         get_method("same")
     (folder / "two.py").unlink()
     assert list_methods() == ["same"]  # one.py's first registration was rolled back
+
+
+def test_progress_false_hides_the_methods_own_bars(capsys):
+    """``PruneContext.progress`` (``--no-progress``) turns off the layer-planning bar."""
+    import torch
+
+    from gkp.api import PruneContext, PruneTarget, get_method
+    from gkp.models import get_model
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    for progress in (True, False):
+        ctx = PruneContext(example_inputs=x, progress=progress)
+        get_method("gkp-l2")(get_model("resnet20"), PruneTarget(native={"groups": 4}), ctx)
+        assert ("planning layers" in capsys.readouterr().err) is progress
