@@ -35,6 +35,7 @@ stays on record where it lost.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import tempfile
 import warnings
@@ -77,6 +78,14 @@ def version(backend: str) -> str:
     return f"{module} {importlib.import_module(module).__version__}"
 
 
+def structure_digest(model: nn.Module) -> str:
+    """A digest of ``model``'s layers and parameter shapes (not values): equal for a network and
+    a copy with masked (zeroed) weights, different once a layer is pruned or regrouped."""
+    parts = [f"{n}:{type(m).__name__}" for n, m in model.named_modules()]
+    parts += [f"{n}:{tuple(t.shape)}" for n, t in model.state_dict().items()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def _form(model: nn.Module) -> str:
     if per_group_plans(model):
         return "per-group"
@@ -91,6 +100,7 @@ def prepare(
     tune_rounds: int = 15,
     cache: dict[str, Any] | None = None,
     dense_layout: str | None = None,
+    dense_structure: str | None = None,
 ) -> Prepared:
     """``model`` (not modified) ready to run on ``backend`` for inputs shaped like ``example``.
 
@@ -104,15 +114,23 @@ def prepare(
     network runs faster in (its own ``info["layout"]``), when known: ``eager`` and ``fused`` then
     race the masked dense network in that layout only (it runs the very convs dense runs, so the
     other layout is slower for it too), a third fewer candidate networks to time.
+    ``dense_structure``: the dense network's :func:`structure_digest`; a ``model`` with the same
+    digest (the dense network's own layers and shapes, masked weights: the weight and kernel
+    methods) runs in ``dense_layout`` on ``eager``/``fused``/``autotune`` without a layout race
+    of its own (``info["layout_from"] = "dense"``): its faster layout is dense's, and a race of
+    its own would only let timing noise pick the slower one.
     Raises RuntimeError (with the fix) when the backend cannot run here.
     """
     why = missing(backend)
     if why:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    same = dense_structure is not None and structure_digest(model) == dense_structure
     model = fold_batchnorm(model).to(example.device)  # an eval() copy; runtimes fold BN too
     form = _form(model)
     if backend in ("eager", "fused", "autotune"):
-        return _eager(backend, model, form, example, threads, tune_rounds, cache, dense_layout)
+        return _eager(
+            backend, model, form, example, threads, tune_rounds, cache, dense_layout, same
+        )
     build = {"compile": _compiled, "onnxruntime": _ort, "openvino": _openvino}[backend]
     if form == "dense":
         return build(model, example, threads), {"form": form}
@@ -165,6 +183,7 @@ def _eager(
     rounds: int,
     cache,
     dense_layout: str | None = None,
+    same_as_dense: bool = False,
 ) -> Prepared:
     """Eager PyTorch (``fused``: fused op in every grouped layer; ``autotune``: each deploy-form
     layer tuned) in the faster of NCHW and channels-last for the whole network, dense and pruned
@@ -218,6 +237,9 @@ def _eager(
         return (lambda x: net(x.contiguous(memory_format=_CL))), info
 
     choices = ["nchw", "channels_last"]
+    if form == "dense" and same_as_dense and dense_layout in choices:
+        fn, info = variant(dense_layout)  # dense's own structure: dense's layout, unraced
+        return fn, {**info, "layout_from": "dense"}
     if form != "dense":
         dense_layouts = choices if dense_layout not in choices else [dense_layout]
         choices += [f"masked-dense|{layout}" for layout in dense_layouts]

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from benchmarks.backends import BACKENDS, prepare, version
+from benchmarks.backends import BACKENDS, prepare, structure_digest, version
 from benchmarks.csvtable import (
     csv_line,
     parse_table,
@@ -226,6 +226,7 @@ def latency_rows(
 
     x1 = torch.zeros(1, *sample_shape)
     macs_dense, macs = metrics.macs(dense, x1), metrics.macs(pruned, x1)
+    structure = structure_digest(dense)
     rows = []
     for backend in backends:
         why = missing(backend)
@@ -238,7 +239,9 @@ def latency_rows(
             x = torch.randn(batch, *sample_shape, device=device)
             run_dense, dense_info = prepare(backend, dense, x, threads)
             layout = dense_info.get("layout")  # masked dense races in that layout only
-            run_pruned, info = prepare(backend, pruned, x, threads, dense_layout=layout)
+            run_pruned, info = prepare(
+                backend, pruned, x, threads, dense_layout=layout, dense_structure=structure
+            )
             if layout is not None:
                 info["dense_layout"] = layout
             if x.is_cuda:

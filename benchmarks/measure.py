@@ -66,7 +66,7 @@ def timed_forms(
     ``results/latency.csv``. ``tune_cache`` (the pruned network's choices, see ``prepare``):
     choices found there are reused untimed, new ones are stored in it.
     """
-    from benchmarks.backends import prepare
+    from benchmarks.backends import prepare, structure_digest
     from gkp.nn import set_backend
 
     if deploy not in DEPLOYS:
@@ -77,12 +77,13 @@ def timed_forms(
         picked = {"fused_layers": set_backend(fns["pruned"], "fused")} if deploy == "fused" else {}
         return fns, picked
     run_dense, info = prepare("autotune", dense, example, threads)
-    layout = info.get("layout")
+    layout, structure = info.get("layout"), structure_digest(dense)
     run_pruned, info = prepare("autotune", pruned, example, threads, cache=tune_cache,
-                               dense_layout=layout)  # fmt: skip
+                               dense_layout=layout, dense_structure=structure)  # fmt: skip
     fns = {"dense": run_dense, "pruned": run_pruned}
     for name, model in (also or {}).items():
-        fns[name] = prepare("autotune", model, example, threads, dense_layout=layout)[0]
+        fns[name] = prepare("autotune", model, example, threads, dense_layout=layout,
+                            dense_structure=structure)[0]  # fmt: skip
     picked = {k: info[k] for k in _KEPT if k in info}
     return fns, {**picked, "dense_layout": layout}
 

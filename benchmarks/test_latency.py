@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.backends import missing, prepare, version
+from benchmarks.backends import missing, prepare, structure_digest, version
 from benchmarks.bench import cached_untrained, load_tune_cache, save_tune_cache, tune_cache_path
 from benchmarks.environment import cpu_name
 from benchmarks.runconfig import RunConfig
@@ -70,7 +70,8 @@ def networks(model: str, method: str) -> tuple[torch.nn.Module, torch.nn.Module,
     dense, pruned, x = cached_untrained(cfg, cache)
     info = {"config": cfg.bench_key(), "macs": metrics.macs(pruned, x),
             "macs_dense": metrics.macs(dense, x),
-            "tune_cache": tune_cache_path(cfg, cache)}  # fmt: skip
+            "tune_cache": tune_cache_path(cfg, cache),
+            "dense_structure": structure_digest(dense)}  # fmt: skip
     return dense, pruned, info, tuple(x.shape[1:])
 
 
@@ -98,7 +99,8 @@ def test_latency(benchmark, model, method, backend, batch):
     tuned = load_tune_cache(info["tune_cache"])
     before = json.dumps(tuned, sort_keys=True)
     layout = dense_info.get("layout")  # masked dense races in dense's faster layout only
-    run_pruned, picked = prepare(backend, pruned, x, THREADS, TUNE_ROUNDS, tuned, layout)
+    run_pruned, picked = prepare(backend, pruned, x, THREADS, TUNE_ROUNDS, tuned, layout,
+                                 info["dense_structure"])  # fmt: skip
     if layout is not None:
         picked["dense_layout"] = layout
     if json.dumps(tuned, sort_keys=True) != before:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.backends import BACKENDS, missing, prepare
+from benchmarks.backends import BACKENDS, missing, prepare, structure_digest
 from benchmarks.cli import main
 from benchmarks.csvtable import csv_line
 from benchmarks.environment import cpu_name
@@ -180,6 +180,40 @@ def test_eager_family_deploys_the_faster_of_grouped_and_masked_dense(backend, wi
         monkeypatch.setattr(GroupedKernelConv2d, "forward", boom)
     with torch.inference_mode():
         assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused", "autotune"])
+def test_a_network_of_the_dense_structure_runs_in_dense_layout_unraced(backend, monkeypatch):
+    """Masked weights (the weight and kernel methods) leave dense's structure: such a network
+    takes dense's faster layout without a race of its own, which could only let noise pick the
+    slower one; any other structure still races its layouts."""
+    from gkp import metrics
+
+    dense, _ = small_grouped()
+    masked = copy.deepcopy(dense)
+    with torch.no_grad():
+        masked[2].weight[:, ::2] = 0  # kernels removed, shapes kept
+    x = torch.randn(2, 3, 12, 12)
+    assert structure_digest(masked) == structure_digest(dense)
+    raced = []
+
+    def race(fns, example, **kw):
+        raced.append(sorted(fns))
+        return {k: 1.0 for k in fns}
+
+    monkeypatch.setattr(metrics, "fastest_of", race)
+    digest = structure_digest(dense)
+    fn, info = prepare(backend, masked, x, threads=1, dense_layout="channels_last",
+                       dense_structure=digest)  # fmt: skip
+    assert raced == [] and info["layout"] == "channels_last" and info["layout_from"] == "dense"
+    with torch.inference_mode():
+        assert torch.allclose(torch.as_tensor(fn(x)), masked(x), atol=1e-4, rtol=1e-4)
+    smaller = copy.deepcopy(dense)  # never run: the stubbed race only records its candidates
+    smaller[2] = nn.Conv2d(16, 16, 1)  # another layer shape: another structure
+    assert structure_digest(smaller) != digest
+    _, info = prepare(backend, smaller, x, threads=1, dense_layout="channels_last",
+                      dense_structure=digest)  # fmt: skip
+    assert raced == [["channels_last", "nchw"]] and "layout_from" not in info
 
 
 def test_eager_races_masked_dense_in_the_dense_layout_only_when_given(monkeypatch):
