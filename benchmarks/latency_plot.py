@@ -1,6 +1,6 @@
-"""``latency_backends.png``: measured vs ideal speed-up, one panel per backend and machine (GPU
-rows get their own panels, titled ``<backend> (cuda)``, and so do CPU rows of several processors,
-titled ``<backend> (<cpu_name>)``), from latency.csv.
+"""``latency_backends.png``: measured vs ideal speed-up, one panel per backend and one row of
+panels per machine (GPU rows get their own, titled ``<backend> (cuda)``, and so do CPU rows of
+several processors, titled ``<backend> (<cpu_name>)``), from latency.csv.
 
 Each point is one (method, model, batch, threads) of ``results/latency.csv`` (the last row when a
 run id was timed again): x = ideal speed-up (``macs_dense / macs`` of the deployed network),
@@ -41,16 +41,27 @@ def latency_figure(
         return None
     frame = frame.drop_duplicates(subset=LAST_ROW_KEYS, keep="last")
     frame = frame.assign(machine=machine(frame))
-    several = len(cpu_names(frame)) > 1  # then each CPU panel names its processor
-    present = set(zip(frame["backend"], frame["device"], frame["machine"], strict=True))
-    machines = cpu_names(frame) + sorted(set(frame.loc[frame["device"] != "cpu", "machine"]))
-    panels = [(b, d, m) for m in machines for d in ("cpu", "cuda") for b in BACKENDS
-              if (b, d, m) in present]  # fmt: skip
+    cpus = cpu_names(frame)
+    several = len(cpus) > 1  # then each CPU panel names its processor
+    present = set(zip(frame["backend"], frame["machine"], strict=True))
+    machines = cpus + sorted(set(frame.loc[frame["device"] != "cpu", "machine"]))
+    rows = [[b for b in BACKENDS if (b, m) in present] for m in machines]  # a row per machine
     palette = method_colors(sorted(set(frame["method"])), colors)
     kinds = sorted({(m, int(b)) for m, b in zip(frame["model"], frame["batch"], strict=True)})
     marker = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(kinds)}
-    fig = Figure(figsize=(4.2 * len(panels) + 2.6, 4.2), dpi=DPI)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    ncols = max(len(r) for r in rows)
+    width = 4.2 * ncols + 2.6
+    fig = Figure(figsize=(width, 4.2 * len(machines)), dpi=DPI)
+    grid = fig.subplots(len(machines), ncols, squeeze=False)
+    panels, axes = [], []
+    for r, (where, backends) in enumerate(zip(machines, rows, strict=True)):
+        for c in range(ncols):
+            if c >= len(backends):
+                fig.delaxes(grid[r][c])  # a machine with fewer backends: no empty panel
+                continue
+            panels.append((backends[c], "cpu" if where in cpus else where, where))
+            axes.append(grid[r][c])
+        grid[r][0].set_ylabel("measured speed-up vs dense, same backend")
     top = max(frame["ideal"].max(), frame["speedup"].max(), 1.0) * 1.08
     for ax, (backend, device, where) in zip(axes, panels, strict=True):
         part = frame[(frame["backend"] == backend) & (frame["machine"] == where)]
@@ -63,14 +74,13 @@ def latency_figure(
         title = f"{backend} ({where})" if device != "cpu" or several else backend
         ax.set(title=title, xlim=(0.8, top), ylim=(0, top), xlabel="ideal speed-up (MACs ratio)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("measured speed-up vs dense, same backend")
     handles = [Line2D([], [], color=palette[m], marker="o", linestyle="none", label=m)
                for m in sorted(palette)]  # fmt: skip
     handles += [Line2D([], [], color="0.3", marker=marker[k], linestyle="none",
                        label=f"{k[0]} batch {k[1]}") for k in kinds]  # fmt: skip
     fig.legend(handles=handles, loc="center right", fontsize="small", frameon=False)
-    fig.subplots_adjust(left=0.06, right=1 - 2.6 / (4.2 * len(panels) + 2.6), wspace=0.25,
-                        bottom=0.13, top=0.9)  # fmt: skip
+    fig.subplots_adjust(left=0.06, right=1 - 2.6 / width, wspace=0.25, hspace=0.35,
+                        bottom=0.13 / len(machines), top=1 - 0.1 / len(machines))  # fmt: skip
     return fig
 
 

@@ -517,6 +517,7 @@ def test_tables_goals_and_figure_keep_processors_apart(tmp_path):
     ]
     fig = latency_figure(path)
     assert [ax.get_title() for ax in fig.axes] == ["autotune (Xeon)", "autotune (EPYC)"]
+    assert [ax.get_subplotspec().rowspan.start for ax in fig.axes] == [0, 1]  # a row each
     assert all(len(ax.lines) == 2 + 1 for ax in fig.axes)  # guide lines and one point each
     one = read_latency(path).iloc[:1]  # one processor: plain titles and model cells
     assert "| resnet56 | 64 |" in latency_markdown(one)
