@@ -160,6 +160,23 @@ def upgraded_bytes(existing: bytes, table: Table, columns: tuple[str, ...]) -> b
     return existing if existing.endswith(b"\n") else existing + b"\n"
 
 
+def replace_rows(path: Path, rows: list[dict], key: tuple[str, ...]) -> None:
+    """Write ``rows`` (plain dict rows, their first row's fields as the header) to ``path``,
+    keeping the rows already there whose ``key`` values no new row has; a kept row's missing
+    fields are left empty. For the scripts' result files that hold one set of rows per machine
+    or configuration (``results/fused_kernel.csv``, ``results/amdahl.csv``)."""
+    new = {tuple(str(r[k]) for k in key) for r in rows}
+    kept = []
+    if path.exists():
+        with path.open(newline="") as handle:
+            kept = [r for r in csv.DictReader(handle)
+                    if tuple(r.get(k, "") for k in key) not in new]  # fmt: skip
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([{k: r.get(k, "") for k in rows[0]} for r in kept] + rows)
+
+
 def pad_record(record: str, fields: int) -> str:
     """``record`` with ``fields`` empty fields added before its line ending (added if none)."""
     body = record.rstrip("\r\n")

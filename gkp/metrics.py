@@ -77,23 +77,33 @@ def macs(model: nn.Module, example_inputs: Tensor) -> int:
     return int(sum(v for k, v in by_op.items() if k in _MAC_OPS))
 
 
-def _hook_count(
+def _hook_counts(
     model: nn.Module, x: Tensor, kinds: tuple[type, ...], count: Callable[[nn.Module, Tensor], int]
-) -> int:
-    total = 0
+) -> dict[str, int]:
+    """``count(module, output)`` summed per module name over one forward pass on ``x``, for
+    every module of ``kinds``."""
+    totals: dict[str, int] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, kinds):
 
-    def hook(mod: nn.Module, _inp: tuple, out: Tensor) -> None:
-        nonlocal total
-        total += count(mod, out)
+            def hook(mod: nn.Module, _inp: tuple, out: Tensor, name: str = name) -> None:
+                totals[name] = totals.get(name, 0) + int(count(mod, out))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+            handles.append(m.register_forward_hook(hook))
     try:
         with _eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return int(total)
+    return totals
+
+
+def _hook_count(
+    model: nn.Module, x: Tensor, kinds: tuple[type, ...], count: Callable[[nn.Module, Tensor], int]
+) -> int:
+    return sum(_hook_counts(model, x, kinds, count).values())
 
 
 def bn_elements(model: nn.Module, example_inputs: Tensor) -> int:
@@ -126,6 +136,11 @@ def macs_nonzero(model: nn.Module, example_inputs: Tensor) -> int:
 def macs_by_hooks(model: nn.Module, example_inputs: Tensor) -> int:
     """Conv + linear MACs counted from weight shapes (an fvcore cross-check)."""
     return _hook_count(model, example_inputs, (nn.Conv2d, nn.Linear), _weight_macs(False))
+
+
+def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[str, int]:
+    """:func:`macs_by_hooks` per conv and linear layer, by module name."""
+    return _hook_counts(model, example_inputs, (nn.Conv2d, nn.Linear), _weight_macs(False))
 
 
 def params(model: nn.Module) -> int:

@@ -39,12 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import prune_untrained  # noqa: E402
+from benchmarks.csvtable import replace_rows  # noqa: E402
 from benchmarks.environment import cpu_name  # noqa: E402
 from benchmarks.runconfig import RunConfig  # noqa: E402
 from benchmarks.runner import fresh_model  # noqa: E402
 from gkp.data import example_input  # noqa: E402
 from gkp.epilogue import fuse_epilogues  # noqa: E402
 from gkp.fold import fold_batchnorm  # noqa: E402
+from gkp.metrics import layer_macs  # noqa: E402
 from gkp.nn import GroupedKernelConv2d  # noqa: E402
 
 DATASETS = {"resnet50": "imagenet", "resnet56": "cifar10"}
@@ -101,8 +103,9 @@ def bound_rows(model: str, batch: int, threads: list[int], rounds: int) -> list[
     dense = fresh_model(cfg).eval()
     shape = example_input(cfg.dataset, 1).shape[1:]
     grouped = set(pruned_layer_names(model))
-    net = fuse_epilogues(fold_batchnorm(dense).to(memory_format=torch.channels_last))
-    convs = [n for n, m in fold_batchnorm(dense).named_modules() if isinstance(m, nn.Conv2d)]
+    folded = fold_batchnorm(dense)
+    convs = [n for n, m in folded.named_modules() if isinstance(m, nn.Conv2d)]
+    net = fuse_epilogues(folded.to(memory_format=torch.channels_last))
     x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
     per_macs = layer_macs(dense, torch.zeros(1, *shape))
     macs_share = sum(v for n, v in per_macs.items() if n in grouped) / sum(per_macs.values())
@@ -130,30 +133,6 @@ def bound(total: float, pruned: float, p: float) -> float:
     """The whole network's speed-up when layers taking ``pruned`` of its ``total`` time do
     ``1 - p`` of their work at the same speed and the rest is unchanged."""
     return total / (total - p * pruned)
-
-
-def layer_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """MACs of each conv and linear layer of ``model`` on ``x`` (output elements x inputs each
-    one reads), by forward hooks."""
-    out: dict[str, int] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            per = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            per = m.in_features
-        else:
-            continue
-
-        def count(_m, _a, o, name=name, per=per):
-            out[name] = o.numel() * per
-
-        handles.append(m.register_forward_hook(count))
-    with torch.inference_mode():
-        model(x)
-    for h in handles:
-        h.remove()
-    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -201,15 +180,7 @@ KEY = ("model", "batch", "threads", "cpu_name")
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` to ``path``, keeping the rows already there for other (model, batch,
     threads, processor)."""
-    new = {tuple(str(r[k]) for k in KEY) for r in rows}
-    kept = []
-    if path.exists():
-        with path.open(newline="") as handle:
-            kept = [r for r in csv.DictReader(handle) if tuple(r[k] for k in KEY) not in new]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept + rows)
+    replace_rows(path, rows, KEY)
 
 
 def read_table(path: Path) -> str:

@@ -30,6 +30,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.csvtable import replace_rows  # noqa: E402
 from benchmarks.environment import cpu_name  # noqa: E402
 from gkp import fused  # noqa: E402
 from gkp.metrics import time_interleaved  # noqa: E402
@@ -102,12 +103,7 @@ def main() -> None:
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` to ``path``, keeping the rows of other processors already there (a file
     holds one set of layer timings per processor; this machine's are replaced)."""
-    mine = {r["cpu_name"] for r in rows}
-    kept = [r for r in read_rows(path) if r.get("cpu_name") not in mine] if path.exists() else []
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows([{k: r.get(k, "") for k in rows[0]} for r in kept] + rows)
+    replace_rows(path, rows, ("cpu_name",))
 
 
 def measure(threads: int, rounds: int, layers: list[tuple]) -> list[dict]:
@@ -172,17 +168,17 @@ def print_table(rows: list[dict]) -> None:
 def table(rows: list[dict]) -> str:
     """The Markdown table of ``rows`` (what the README shows, generated from the CSV)."""
     strides = sorted({r.get("stride") or 1 for r in rows})  # rows from before: stride 1 only
-    cpus = ", ".join(dict.fromkeys(str(r.get("cpu_name") or "CPU not recorded") for r in rows))
+    cpus = list(dict.fromkeys(str(r.get("cpu_name") or "CPU not recorded") for r in rows))
     lines = [
         f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride {'/'.join(map(str, strides))}; (x ...): "
-        f"speed-up over the faster dense layout; measured on: {cpus}",
+        f"speed-up over the faster dense layout; measured on: {', '.join(cpus)}",
         "",
         "| layer | batch | threads | dense NCHW GMAC/s | dense channels-last GMAC/s "
         "| torch grouped GMAC/s (x) | fused NCHW GMAC/s (x) | fused channels-last GMAC/s (x) "
         "| ideal |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    several = len(cpus.split(", ")) > 1  # then each line names its processor
+    several = len(cpus) > 1  # then each line names its processor
     for r in rows:
         where = f" ({r.get('cpu_name') or 'CPU not recorded'})" if several else ""
         lines.append(
