@@ -595,6 +595,31 @@ def test_epilogue_adds_the_residual_and_applies_relu_on_both_paths(op, seed, mon
         assert (got >= 0).all() and (got == 0).any()
 
 
+@pytest.mark.parametrize("order", ["group", "band"])
+@pytest.mark.parametrize("layouts", ["nchw/nchw", "nchw/cl", "cl/nchw", "cl/cl"])
+def test_epilogue_on_the_shared_buffer_path_in_both_orders(op, order, layouts, monkeypatch):
+    """Batch 1 on 2 threads (the shared buffer: (image, group) or (image, band) tasks), where the
+    epilogue runs inside the tasks that finish each stretch of output: every loop order, input
+    and residual layout gives ``relu(conv + residual)`` exactly."""
+    monkeypatch.setenv("GKP_FUSED_PATH", "rows")
+    monkeypatch.setenv("GKP_FUSED_ORDER", order)
+    x_layout, r_layout = (torch.channels_last if k == "cl" else torch.contiguous_format
+                          for k in layouts.split("/"))  # fmt: skip
+    for seed in range(4):
+        x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(
+            random.Random(7000 + seed)
+        )
+        x = torch.randn(1, *x.shape[1:]).contiguous(memory_format=x_layout)
+        want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+        residual = torch.randn_like(want).contiguous(memory_format=r_layout)
+        want = (want + residual).relu()
+        got = with_threads(
+            2, lambda: op(x, weight, bias, gather, out_idx, stride, pad, dil, groups, residual, True)
+        )
+        assert got.is_contiguous(memory_format=fused.layout_of(x))
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (seed, layouts, order)
+
+
 def test_epilogue_refuses_a_residual_of_another_shape(op):
     x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(random.Random(7))
     y = op(x, weight, bias, gather, out_idx, stride, pad, dil, groups)

@@ -821,15 +821,23 @@ at::Tensor grouped_kernel_conv_cpu(
   // buffer, then (image, band of R rows) or (image, group) tasks are spread over the threads
   float* pp = scratch(0, N * C_in * g.plane + slack);
   std::memset(pp + N * C_in * g.plane, 0, sizeof(float) * slack);
-  const int64_t chunks = (C_in + 15) / 16;  // tasks of 16 channels (a cache line per pixel)
+  // tasks of one plane in NCHW; in channels-last, of 16 channels (a cache line per pixel), or
+  // fewer when that leaves a thread idle (with 16-channel tasks, a 16-channel layer at batch 1
+  // was padded by one thread: 20 us of a 44 us call on ResNet-56's first stage at 2 threads)
+  const int64_t per_task = cl ? std::clamp<int64_t>((C_in + threads - 1) / threads, 1, 16) : 1;
+  const int64_t chunks = (C_in + per_task - 1) / per_task;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / chunks, c0 = t % chunks * 16;
-      pad(pp + n * C_in * g.plane, n, c0, std::min(C_in, c0 + 16));
+      const int64_t n = t / chunks, c0 = t % chunks * per_task;
+      pad(pp + n * C_in * g.plane, n, c0, std::min(C_in, c0 + per_task));
     }
   });
   float* ys = cl ? scratch(1, N * C_out * HWo) : yp;
   const int64_t per_image = by_band ? bands : groups;
+  // the epilogue goes with the last pass over each stretch of output, inside the same parallel
+  // region (not a region of its own: at batch 1 every region is a wake-up and a barrier of the
+  // threads, which costs the most in small layers)
+  const float* res = e.res;
   at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
     for (int64_t task = begin; task < end;) {  // this call's consecutive tasks of one image
@@ -837,10 +845,20 @@ at::Tensor grouped_kernel_conv_cpu(
       const int64_t last = std::min(end, (n + 1) * per_image) - n * per_image;  // exclusive
       const float* img = pp + n * C_in * g.plane;
       float* yn = ys + n * C_out * HWo;
-      if (by_band)
-        compute(img, yn, 0, groups, first * s.R, std::min(g.Ho, last * s.R), chan.data());
-      else
+      const float* rn = res ? res + n * C_out * HWo : nullptr;
+      if (by_band) {
+        const int64_t oy0 = first * s.R, oy1 = std::min(g.Ho, last * s.R);
+        compute(img, yn, 0, groups, oy0, oy1, chan.data());
+        if (!cl && e.any())  // rows [oy0, oy1) of every channel
+          for (int64_t c = 0; c < C_out; ++c)
+            epilogue(yn + c * HWo + oy0 * g.Wo, rn ? rn + c * HWo + oy0 * g.Wo : nullptr,
+                     (oy1 - oy0) * g.Wo, e.relu);
+      } else {
         compute(img, yn, first, last, 0, g.Ho, chan.data());
+        if (!cl && e.any())  // the planes of these groups' filters
+          for (int64_t q = first * d; q < last * d; ++q)
+            epilogue(yn + pos[q] * HWo, rn ? rn + pos[q] * HWo : nullptr, HWo, e.relu);
+      }
       task = n * per_image + last;
     }
   });
@@ -848,12 +866,12 @@ at::Tensor grouped_kernel_conv_cpu(
     at::parallel_for(0, N * g.Ho, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {  // one output row of one image per task
         const int64_t n = t / g.Ho, p0 = t % g.Ho * g.Wo;
-        to_channels_last(yp + n * C_out * HWo, ys + n * C_out * HWo, C_out, HWo, p0, p0 + g.Wo);
+        float* yn = yp + n * C_out * HWo;
+        to_channels_last(yn, ys + n * C_out * HWo, C_out, HWo, p0, p0 + g.Wo);
+        if (e.any())  // the row's pixels, all channels: contiguous in channels-last
+          epilogue(yn + p0 * C_out, res ? res + n * C_out * HWo + p0 * C_out : nullptr,
+                   g.Wo * C_out, e.relu);
       }
-    });
-  if (e.any())
-    at::parallel_for(0, y.numel(), 4096, [&](int64_t begin, int64_t end) {
-      epilogue(yp + begin, e.res ? e.res + begin : nullptr, end - begin, e.relu);
     });
   return y;
 }
