@@ -613,9 +613,8 @@ def test_epilogue_on_the_shared_buffer_path_in_both_orders(op, order, layouts, m
         want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
         residual = torch.randn_like(want).contiguous(memory_format=r_layout)
         want = (want + residual).relu()
-        got = with_threads(
-            2, lambda: op(x, weight, bias, gather, out_idx, stride, pad, dil, groups, residual, True)
-        )
+        args = (x, weight, bias, gather, out_idx, stride, pad, dil, groups, residual, True)
+        got = with_threads(2, lambda a=args: op(*a))
         assert got.is_contiguous(memory_format=fused.layout_of(x))
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (seed, layouts, order)
 
