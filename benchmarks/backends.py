@@ -119,11 +119,33 @@ def prepare(
     methods) runs in ``dense_layout`` on ``eager``/``fused``/``autotune`` without a layout race
     of its own (``info["layout_from"] = "dense"``): its faster layout is dense's, and a race of
     its own would only let timing noise pick the slower one.
+    ``info["openmp"]``: the OpenMP wait and binding settings in the environment
+    (:func:`gkp.autotune.openmp_settings`), only when any is set: they change CPU timings and
+    the choices (which are kept apart per setting).
     Raises RuntimeError (with the fix) when the backend cannot run here.
     """
     why = missing(backend)
     if why:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    from gkp.autotune import openmp_settings
+
+    fn, info = _prepare(
+        backend, model, example, threads, tune_rounds, cache, dense_layout, dense_structure
+    )
+    omp = {} if example.is_cuda else openmp_settings()
+    return fn, ({**info, "openmp": omp} if omp else info)
+
+
+def _prepare(
+    backend: str,
+    model: nn.Module,
+    example: Tensor,
+    threads: int,
+    tune_rounds: int,
+    cache: dict[str, Any] | None,
+    dense_layout: str | None,
+    dense_structure: str | None,
+) -> Prepared:
     same = dense_structure is not None and structure_digest(model) == dense_structure
     model = fold_batchnorm(model).to(example.device)  # an eval() copy; runtimes fold BN too
     form = _form(model)

@@ -20,7 +20,8 @@ rate prunes to the same shapes, so a later layer (or a later method's network) o
 reuses the timings (``"shared": True`` in its choice). ``share=False`` times every layer anew.
 
 Choices depend on where the network runs, so they are cached under a key of device, processor,
-dtype, input shape, thread count, torch version and candidate set (:func:`tune_key`): pass a
+dtype, input shape, thread count, torch version, candidate set and the OpenMP wait and binding
+settings when any is set (:func:`tune_key`): pass a
 dict as ``cache`` and a later call with the same key applies the stored choices without timing.
 The pipeline keeps that dict in the fine-tuned checkpoint (``final.pt``, key ``autotune``),
 beside the weights it was tuned for; :func:`apply_choices` applies stored choices to a rebuilt
@@ -30,6 +31,7 @@ model.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
@@ -46,6 +48,7 @@ __all__ = [
     "candidates",
     "clear_shared_timings",
     "layer_signature",
+    "openmp_settings",
     "plain_if_all_dense",
     "tune_key",
 ]
@@ -85,10 +88,24 @@ def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
     return out
 
 
+# OpenMP settings that change how fast a form runs on a CPU (how threads wait between parallel
+# regions, where they are placed): at batch 1 on 2 threads, ResNet-56's tuned GKP network ran
+# 1.35-1.46x of dense with the default wait policy and 0.62-0.80x with OMP_WAIT_POLICY=PASSIVE,
+# where its fused layers' extra parallel regions each cost a wake-up (2026-11-29, AMD EPYC)
+OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_PROC_BIND",
+                   "OMP_PLACES")  # fmt: skip
+
+
+def openmp_settings() -> dict[str, str]:
+    """The :data:`OPENMP_SETTINGS` set in this process's environment (empty when none is)."""
+    return {k: os.environ[k] for k in OPENMP_SETTINGS if os.environ.get(k)}
+
+
 def tune_key(example: Tensor, threads: int | None = None) -> str:
     """Where choices hold: device and processor, dtype, input shape, threads, torch version,
-    the candidates a grouped layer is timed among, the fused kernel's build and how choices are
-    made (:data:`TUNE_VERSION`)."""
+    the candidates a grouped layer is timed among, the fused kernel's build, how choices are
+    made (:data:`TUNE_VERSION`) and, on a CPU, the OpenMP settings of :data:`OPENMP_SETTINGS`
+    that are set (none set: no part in the key, so keys made without them stay valid)."""
     if example.is_cuda:
         where = f"cuda:{torch.cuda.get_device_name(example.device)}"
     else:
@@ -99,7 +116,9 @@ def tune_key(example: Tensor, threads: int | None = None) -> str:
     tried = "+".join(candidates(example))  # other candidates (a new form, no compiler): re-tune
     if "fused" in tried:
         tried += f"|fused={fused.build_id()}"  # a changed kernel: re-tune
-    return f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}|{tried}|v{TUNE_VERSION}"
+    key = f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}|{tried}|v{TUNE_VERSION}"
+    omp = {} if example.is_cuda else openmp_settings()
+    return key + "".join(f"|{k}={v}" for k, v in sorted(omp.items()))
 
 
 @functools.cache  # tune_key runs once per layer (layer_signature): read /proc/cpuinfo once

@@ -350,6 +350,36 @@ def test_autotune_choices_are_cached_by_where_they_run(monkeypatch):
     assert set(cache[key]) == {"2", "5"}
 
 
+def test_choices_made_under_other_openmp_settings_are_not_reused(monkeypatch):
+    """How OpenMP threads wait between parallel regions changes which form is fastest (batch 1,
+    2 threads: the tuned GKP network 1.35-1.46x of dense by default, 0.62-0.80x with
+    OMP_WAIT_POLICY=PASSIVE), so the settings that are set are part of the key; with none set
+    the key is what it was before they were."""
+    from gkp import autotune as tune
+
+    for name in tune.OPENMP_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    x = torch.randn(2, 3, 15, 15)
+    plain = tune.tune_key(x, 1)
+    assert "OMP" not in plain and plain.endswith(f"|v{tune.TUNE_VERSION}")
+    assert tune.openmp_settings() == {}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    passive = tune.tune_key(x, 1)
+    assert passive == plain + "|OMP_WAIT_POLICY=PASSIVE"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    assert tune.tune_key(x, 1) == plain + "|GOMP_SPINCOUNT=10000|OMP_WAIT_POLICY=PASSIVE"
+    assert tune.openmp_settings() == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
+
+    _, _, pruned = grouped_net()
+    cache: dict = {}
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    tune.autotune(pruned, x, rounds=2, threads=1, cache=cache)
+    assert list(cache) == [passive]
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    tune.autotune(pruned, x, rounds=2, threads=1, cache=cache)  # tuned again, kept apart
+    assert sorted(cache) == sorted([plain, passive])
+
+
 def test_autotune_times_every_candidate_and_keeps_the_output():
     from gkp.autotune import autotune, candidates
 

@@ -182,6 +182,27 @@ def test_eager_family_deploys_the_faster_of_grouped_and_masked_dense(backend, wi
         assert torch.allclose(torch.as_tensor(fn(x)), want, atol=1e-4, rtol=1e-4)
 
 
+def test_prepared_info_names_the_openmp_settings_and_choices_are_kept_apart(monkeypatch):
+    """A network prepared with an OpenMP wait or binding setting in the environment says so
+    (``info["openmp"]``, carried into the latency row's ``backend_info``), and its form choice,
+    cached under another setting, is made again rather than reused."""
+    from gkp import autotune as tune
+
+    for name in tune.OPENMP_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    _, pruned = small_grouped()
+    x = torch.randn(2, 3, 12, 12)
+    cache: dict = {}
+    _, info = prepare("eager", pruned, x, threads=1, tune_rounds=3, cache=cache)
+    assert "openmp" not in info and "cached" not in info
+    _, info = prepare("eager", pruned, x, threads=1, tune_rounds=3, cache=cache)
+    assert info["cached"]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    _, info = prepare("eager", pruned, x, threads=1, tune_rounds=3, cache=cache)
+    assert info["openmp"] == {"OMP_WAIT_POLICY": "PASSIVE"} and "cached" not in info
+    assert len(cache["forms"]) == 2
+
+
 @pytest.mark.parametrize("backend", ["eager", "fused", "autotune"])
 def test_a_network_of_the_dense_structure_runs_in_dense_layout_unraced(backend, monkeypatch):
     """Masked weights (the weight and kernel methods) leave dense's structure: such a network
