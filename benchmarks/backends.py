@@ -132,7 +132,7 @@ def prepare(
     fn, info = _prepare(
         backend, model, example, threads, tune_rounds, cache, dense_layout, dense_structure
     )
-    omp = {} if example.is_cuda else openmp_settings()
+    omp = openmp_settings(example)
     return fn, ({**info, "openmp": omp} if omp else info)
 
 

@@ -89,15 +89,18 @@ def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
 
 
 # OpenMP settings that change how fast a form runs on a CPU (how threads wait between parallel
-# regions, where they are placed): at batch 1 on 2 threads, ResNet-56's tuned GKP network ran
-# 1.35-1.46x of dense with the default wait policy and 0.62-0.80x with OMP_WAIT_POLICY=PASSIVE,
-# where its fused layers' extra parallel regions each cost a wake-up (2026-11-29, AMD EPYC)
+# regions, where they are placed): with OMP_WAIT_POLICY=PASSIVE every region starts with a
+# wake-up, and ResNet-56's tuned GKP network at batch 1 on 2 threads went from well ahead of its
+# masked dense form to behind it (README, "Deploy speed", the two suite commands there)
 OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_PROC_BIND",
                    "OMP_PLACES")  # fmt: skip
 
 
-def openmp_settings() -> dict[str, str]:
-    """The :data:`OPENMP_SETTINGS` set in this process's environment (empty when none is)."""
+def openmp_settings(example: Tensor | None = None) -> dict[str, str]:
+    """The :data:`OPENMP_SETTINGS` set in this process's environment (empty when none is, or
+    when ``example`` is on a GPU, where they do not apply)."""
+    if example is not None and example.is_cuda:
+        return {}
     return {k: os.environ[k] for k in OPENMP_SETTINGS if os.environ.get(k)}
 
 
@@ -117,8 +120,7 @@ def tune_key(example: Tensor, threads: int | None = None) -> str:
     if "fused" in tried:
         tried += f"|fused={fused.build_id()}"  # a changed kernel: re-tune
     key = f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}|{tried}|v{TUNE_VERSION}"
-    omp = {} if example.is_cuda else openmp_settings()
-    return key + "".join(f"|{k}={v}" for k, v in sorted(omp.items()))
+    return key + "".join(f"|{k}={v}" for k, v in sorted(openmp_settings(example).items()))
 
 
 @functools.cache  # tune_key runs once per layer (layer_signature): read /proc/cpuinfo once

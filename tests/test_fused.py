@@ -351,10 +351,10 @@ def test_autotune_choices_are_cached_by_where_they_run(monkeypatch):
 
 
 def test_choices_made_under_other_openmp_settings_are_not_reused(monkeypatch):
-    """How OpenMP threads wait between parallel regions changes which form is fastest (batch 1,
-    2 threads: the tuned GKP network 1.35-1.46x of dense by default, 0.62-0.80x with
-    OMP_WAIT_POLICY=PASSIVE), so the settings that are set are part of the key; with none set
-    the key is what it was before they were."""
+    """How OpenMP threads wait between parallel regions changes which form is fastest (at
+    batch 1 on 2 threads OMP_WAIT_POLICY=PASSIVE put the tuned GKP network behind its masked
+    dense form: README, "Deploy speed"), so the settings that are set are part of the key; with
+    none set the key is what it was before they were."""
     from gkp import autotune as tune
 
     for name in tune.OPENMP_SETTINGS:

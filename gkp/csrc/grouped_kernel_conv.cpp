@@ -823,7 +823,7 @@ at::Tensor grouped_kernel_conv_cpu(
   std::memset(pp + N * C_in * g.plane, 0, sizeof(float) * slack);
   // tasks of one plane in NCHW; in channels-last, of 16 channels (a cache line per pixel), or
   // fewer when that leaves a thread idle (with 16-channel tasks, a 16-channel layer at batch 1
-  // was padded by one thread: 20 us of a 44 us call on ResNet-56's first stage at 2 threads)
+  // was padded by one thread, about half of each call on ResNet-56's first stage at 2 threads)
   const int64_t per_task = cl ? std::clamp<int64_t>((C_in + threads - 1) / threads, 1, 16) : 1;
   const int64_t chunks = (C_in + per_task - 1) / per_task;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -837,7 +837,6 @@ at::Tensor grouped_kernel_conv_cpu(
   // the epilogue goes with the last pass over each stretch of output, inside the same parallel
   // region (not a region of its own: at batch 1 every region is a wake-up and a barrier of the
   // threads, which costs the most in small layers)
-  const float* res = e.res;
   at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
     for (int64_t task = begin; task < end;) {  // this call's consecutive tasks of one image
@@ -845,7 +844,7 @@ at::Tensor grouped_kernel_conv_cpu(
       const int64_t last = std::min(end, (n + 1) * per_image) - n * per_image;  // exclusive
       const float* img = pp + n * C_in * g.plane;
       float* yn = ys + n * C_out * HWo;
-      const float* rn = res ? res + n * C_out * HWo : nullptr;
+      const float* rn = e.res ? e.res + n * C_out * HWo : nullptr;
       if (by_band) {
         const int64_t oy0 = first * s.R, oy1 = std::min(g.Ho, last * s.R);
         compute(img, yn, 0, groups, oy0, oy1, chan.data());
@@ -869,7 +868,7 @@ at::Tensor grouped_kernel_conv_cpu(
         float* yn = yp + n * C_out * HWo;
         to_channels_last(yn, ys + n * C_out * HWo, C_out, HWo, p0, p0 + g.Wo);
         if (e.any())  // the row's pixels, all channels: contiguous in channels-last
-          epilogue(yn + p0 * C_out, res ? res + n * C_out * HWo + p0 * C_out : nullptr,
+          epilogue(yn + p0 * C_out, e.res ? e.res + n * C_out * HWo + p0 * C_out : nullptr,
                    g.Wo * C_out, e.relu);
       }
     });
