@@ -551,6 +551,30 @@ def test_lanes_path_equals_gather_grouped_conv_unpermute(op, seed, monkeypatch):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_lanes_path_with_the_least_input_window_is_exact(op, seed, monkeypatch):
+    """The lanes path's padded input is a window of rows slid down each block (normally as many
+    rows as fit in half the L2 cache, so small layers never slide): forced to the least window,
+    it slides at almost every output row. Tall inputs, strides, dilations, paddings, both
+    layouts, 1 and 2 threads, with and without the epilogue: still exact."""
+    monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
+    monkeypatch.setenv("GKP_FUSED_LANE_WINDOW", "1")
+    rng = random.Random(9000 + seed)
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(rng)
+    x = torch.randn(rng.choice([16, 21]), x.shape[1], x.shape[2] + 24, x.shape[3])
+    if seed % 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+    residual = torch.randn_like(want) if seed // 2 % 2 else None
+    if residual is not None:
+        want = (want + residual).relu()
+    relu = residual is not None
+    args = (x, weight, bias, gather, out_idx, stride, pad, dil, groups, residual, relu)
+    got = with_threads(1 + seed // 4 % 2, lambda: op(*args))
+    assert got.is_contiguous(memory_format=fused.layout_of(x))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1"]
 
 
@@ -570,7 +594,8 @@ def test_every_lane_tile_shape_is_exact(op, tile, monkeypatch):
     "env",
     [{"GKP_FUSED_TILE": "4,3,1"}, {"GKP_FUSED_TILE": "2;2;2"}, {"GKP_FUSED_ORDER": "rows"},
      {"GKP_FUSED_PATH": "vectors"}, {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "3,3"},
-     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "4"}],
+     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "4"},
+     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "0"}],
 )  # fmt: skip
 def test_an_unknown_tuning_override_is_refused(op, env, monkeypatch):
     for var, value in env.items():

@@ -73,6 +73,13 @@ struct Geo {
   int64_t tap[32];  // offset of kernel column kx in the buffer row: phase plane + shift
 };
 
+// Bytes of L2 cache per core (512 KB when the system does not say).
+int64_t l2_bytes() {
+  static const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE) > 0 ? sysconf(_SC_LEVEL2_CACHE_SIZE)
+                                                               : 512 << 10;
+  return l2;
+}
+
 // Scratch memory of the calling thread, kept between calls: 64-byte aligned (every vector of the
 // lanes path is one cache line), grown on demand, freed when the thread ends. Buffers allocated
 // and first touched on every call cost page faults comparable to the work of a small layer.
@@ -300,8 +307,9 @@ int tap_variant(const G& g) {
 // per task when the blocks split evenly over the threads, else each block's rows in bands too.
 // A task runs as a pipeline of rows in its thread's own buffers: the input rows an output row
 // reads are padded just before it is computed for every group, and finished pixels go out to
-// the output every 64 or more, so what the task touches stays in cache (a whole block's planes
-// would not: ResNet-50's first stage needs 14 MB for 16 images).
+// the output every 64 or more; the padded rows and the staged pixels live in windows of their
+// planes that are reused as the task moves down, so what it touches stays in cache (a whole
+// block's planes would not: ResNet-50's first stage needs 14 MB for 16 images).
 
 #if defined(__AVX512F__)
 constexpr int LANES = 16;
@@ -388,13 +396,14 @@ struct LGeo {
   int64_t Wp;  // padded columns
 };
 
-// One tile: D filters x P output pixels of row oy from column ox0, LANES images per vector. K > 0:
-// a K x K kernel with stride ST (both directions) and unit dilation, known at compile time;
-// K == 0: any. Pixels past the row are computed from whatever the buffer holds there (never
-// stored).
+// One tile: D filters x P output pixels of row oy from column ox0, LANES images per vector,
+// written to row so of the staging planes out. K > 0: a K x K kernel with stride ST (both
+// directions) and unit dilation, known at compile time; K == 0: any. oy counts from the input
+// window's first row (chan: its planes). Pixels past the row are computed from whatever the
+// buffer holds there (never stored).
 template <int D, int P, int K, int ST = 1>
 void ltile(const float* const* chan, const float* w, const float* bias, float* const* out,
-           int64_t n_keep, const LGeo& g, int64_t oy, int64_t ox0) {
+           int64_t n_keep, const LGeo& g, int64_t oy, int64_t ox0, int64_t so) {
   vl acc[D][P];
   for (int f = 0; f < D; ++f)
     for (int p = 0; p < P; ++p) acc[f][p] = splat(bias ? bias[f] : 0.f);
@@ -418,13 +427,13 @@ void ltile(const float* const* chan, const float* w, const float* bias, float* c
   }
   const int64_t valid = std::min<int64_t>(P, g.Wo - ox0);
   for (int f = 0; f < D; ++f) {
-    float* dst = out[f] + (oy * g.Wo + ox0) * LANES;
+    float* dst = out[f] + (so * g.Wo + ox0) * LANES;
     for (int p = 0; p < valid; ++p) storel(dst + p * LANES, acc[f][p]);
   }
 }
 
 using TileFn_l = void (*)(const float* const*, const float*, const float*, float* const*,
-                           int64_t, const LGeo&, int64_t, int64_t);
+                           int64_t, const LGeo&, int64_t, int64_t, int64_t);
 
 struct LShape {
   int D, P;
@@ -474,6 +483,20 @@ const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
     if (!best || c < best_cost) best = &s, best_cost = c;
   }
   return *best;  // (1, 8) and (1, 7) always qualify
+}
+
+// Rows of the lanes path's padded input window (row: floats of one padded row of every channel):
+// what fits in half the L2 cache (GKP_FUSED_LANE_WINDOW=rows forces a number, for tests: the
+// kernel raises it to the least that works).
+int64_t window_rows(int64_t row) {
+  if (const char* force = std::getenv("GKP_FUSED_LANE_WINDOW")) {
+    int64_t rows = 0;
+    TORCH_CHECK(std::sscanf(force, "%ld", &rows) == 1 && rows >= 1,
+                "gkp_fused: GKP_FUSED_LANE_WINDOW must be a number of rows >= 1, got \"", force,
+                "\"");
+    return rows;
+  }
+  return l2_bytes() / 2 / (row * int64_t(sizeof(float)));
 }
 
 // Whether a batch of N runs on the lanes path: LANES or more images with at most a quarter of the
@@ -583,14 +606,14 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
           for (int k = 0; k < LANES; ++k) at[c * plane + k] = k < nimg ? src[k][c] : 0.f;
       }
   };
-  // Staged pixels [p0, p1) of block b (stage: [C_out][npix][LANES], its pixel 0 being output
-  // pixel base) into the output.
-  auto unstage = [&](const float* stage, int64_t npix, int64_t base, int64_t b, int64_t p0,
+  // Staged pixels [p0, p1) of block b (stage: C_out planes of sst floats, [pixel][LANES] each,
+  // its pixel 0 being output pixel base) into the output.
+  auto unstage = [&](const float* stage, int64_t sst, int64_t base, int64_t b, int64_t p0,
                      int64_t p1) {
     const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
     if (!cl) {
       for (int64_t o = 0; o < C_out; ++o) {
-        const float* src = stage + o * npix * LANES;
+        const float* src = stage + o * sst;
         const int64_t at = o * HWo + base;  // + image's offset
         int64_t p = p0;
         for (; p + LANES <= p1; p += LANES) {
@@ -609,47 +632,70 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
       int64_t o = 0;
       for (; o + LANES <= C_out; o += LANES) {
         vl r[LANES];
-        for (int j = 0; j < LANES; ++j) r[j] = loadl(stage + ((o + j) * npix + p) * LANES);
+        for (int j = 0; j < LANES; ++j) r[j] = loadl(stage + (o + j) * sst + p * LANES);
         transpose(r);
         for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * HWo * C_out + o, r[k], e);
       }
       for (; o < C_out; ++o)
         for (int k = 0; k < nimg; ++k)
-          put(yp, at + (n0 + k) * HWo * C_out + o, stage[(o * npix + p) * LANES + k], e);
+          put(yp, at + (n0 + k) * HWo * C_out + o, stage[o * sst + p * LANES + k], e);
     }
   };
   // One task: output rows [oy0, oy1) of block b, in this thread's own buffers, as a pipeline
   // of rows: each output row is computed for every group right after the input rows it reads
-  // were padded, and every 64 or more finished pixels go out to the output, so what is touched
-  // stays in cache.
+  // were padded, and every 64 or more finished pixels go out to the output. Both buffers are
+  // windows that stay in cache rather than the band's whole planes (ResNet-50's first stage:
+  // 14 MB of padded input and 13 MB of staged output for 16 images): the padded input holds
+  // `wr` rows per channel (what fits in half the L2 cache, at least one output row's rows and a
+  // stride more), slid back over itself when the next output row reads past it; the staging
+  // planes hold the rows not yet written out. Written to cold memory instead, every row cost
+  // its cache misses: 5-16% of these layers' time (scripts/bench_fused.py).
   auto band = [&](int64_t b, int64_t oy0, int64_t oy1, std::vector<const float*>& chan) {
     const int64_t py0 = oy0 * g.sh, rows = (oy1 - oy0 - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-    const int64_t plane = rows * g.Wp * LANES, npix = (oy1 - oy0) * g.Wo;
+    const int64_t span = (g.kh - 1) * g.dh + 1, rowf = g.Wp * LANES;  // rows one output row reads
+    const int64_t wr = std::min(rows, std::max(span + g.sh, window_rows(C_in * rowf)));
+    const int64_t plane = wr * rowf;
+    const int64_t sst = std::min<int64_t>(oy1 - oy0, (64 + g.Wo - 1) / g.Wo) * g.Wo * LANES;
     float* buf = scratch(0, C_in * plane + slack);
     std::memset(buf + C_in * plane, 0, sizeof(float) * slack);
-    float* stage = scratch(1, C_out * npix * LANES);
+    float* stage = scratch(1, C_out * sst);
     for (int64_t i = 0; i < groups * n_keep; ++i) chan[i] = buf + gp[i] * plane;
-    for (int64_t c = 0; c < C_in; ++c)  // padding rows (above and below the input) are zeros
-      for (int64_t r = 0; r < rows; ++r)
-        if (py0 + r < g.ph || py0 + r >= g.ph + g.H)
-          std::memset(buf + c * plane + r * g.Wp * LANES, 0, sizeof(float) * g.Wp * LANES);
-    const int64_t last = std::min(g.H, py0 + rows - g.ph);  // input rows the band reads: < last
-    int64_t padded = std::max<int64_t>(0, py0 - g.ph), written = 0;
+    // band rows (padded rows from py0): the window's first, one past the last padded; output
+    // pixels of the band written out
+    int64_t base = 0, filled = 0, written = 0;
     float* out[8];
     for (int64_t oy = oy0; oy < oy1; ++oy) {
-      const int64_t need = std::min(last, oy * g.sh + (g.kh - 1) * g.dh + 1 - g.ph);
-      if (need > padded) pad(buf, plane, py0, b, padded, need), padded = need;
+      const int64_t orow = oy - oy0, first = orow * g.sh, need = first + span;
+      if (need > base + wr) {  // slide: the rows from this output row's first to the top
+        for (int64_t c = 0; c < C_in && filled > first; ++c)
+          std::memmove(buf + c * plane, buf + c * plane + (first - base) * rowf,
+                       sizeof(float) * (filled - first) * rowf);
+        base = first;  // a multiple of the stride: tiles address rows from it
+        filled = std::max(filled, first);
+      }
+      while (filled < need) {  // zeros above and below the input, else its rows
+        const int64_t iy = py0 + filled - g.ph;
+        if (iy < 0 || iy >= g.H) {
+          for (int64_t c = 0; c < C_in; ++c)
+            std::memset(buf + c * plane + (filled - base) * rowf, 0, sizeof(float) * rowf);
+          ++filled;
+        } else {
+          const int64_t iy1 = std::min(g.H, py0 + need - g.ph);
+          pad(buf, plane, py0 + base, b, iy, iy1);
+          filled += iy1 - iy;
+        }
+      }
       for (int64_t grp = 0; grp < groups; ++grp)
         for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
-          for (int f = 0; f < s.D; ++f) out[f] = stage + pos[q + f] * npix * LANES;
+          for (int f = 0; f < s.D; ++f) out[f] = stage + pos[q + f] * sst;
           const float* bq = bp ? bp + q : nullptr;
           for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += s.P)
-            run(chan.data() + grp * n_keep, pk + q * per_filter, bq, out, n_keep, g, oy - oy0,
-                ox0);
+            run(chan.data() + grp * n_keep, pk + q * per_filter, bq, out, n_keep, g,
+                orow - base / g.sh, ox0, orow - written / g.Wo);
         }
-      const int64_t done = (oy + 1 - oy0) * g.Wo;
+      const int64_t done = (orow + 1) * g.Wo;
       if (done - written >= 64 || oy + 1 == oy1)
-        unstage(stage, npix, oy0 * g.Wo, b, written, done), written = done;
+        unstage(stage, sst, oy0 * g.Wo + written, b, 0, done - written), written = done;
     }
   };
   // Blocks split over the threads; when there are fewer blocks than threads (or an uneven few),
@@ -763,9 +809,7 @@ at::Tensor grouped_kernel_conv_cpu(
   // rows), or, when one group's kept planes overflow the L2 cache, band by band of R rows with
   // every group inside, so that a band's input rows stay in cache for all groups (group-major
   // wins otherwise: it streams each block's weights once, not once per band).
-  static const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE) > 0 ? sysconf(_SC_LEVEL2_CACHE_SIZE)
-                                                               : 512 << 10;  // bytes
-  bool by_band = n_keep * g.plane * int64_t(sizeof(float)) > l2 * 3 / 4;
+  bool by_band = n_keep * g.plane * int64_t(sizeof(float)) > l2_bytes() * 3 / 4;
   if (const char* order = std::getenv("GKP_FUSED_ORDER")) {  // "band" or "group": tuning, tests
     TORCH_CHECK(!std::strcmp(order, "band") || !std::strcmp(order, "group"),
                 "gkp_fused: GKP_FUSED_ORDER must be \"band\" or \"group\", got \"", order, "\"");
