@@ -649,7 +649,7 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   // `wr` rows per channel (what fits in half the L2 cache, at least one output row's rows and a
   // stride more), slid back over itself when the next output row reads past it; the staging
   // planes hold the rows not yet written out. Written to cold memory instead, every row cost
-  // its cache misses: 5-16% of these layers' time (scripts/bench_fused.py).
+  // its cache misses (README, "Deploy speed": scripts/ab_fused.py against the whole planes).
   auto band = [&](int64_t b, int64_t oy0, int64_t oy1, std::vector<const float*>& chan) {
     const int64_t py0 = oy0 * g.sh, rows = (oy1 - oy0 - 1) * g.sh + (g.kh - 1) * g.dh + 1;
     const int64_t span = (g.kh - 1) * g.dh + 1, rowf = g.Wp * LANES;  // rows one output row reads
