@@ -46,6 +46,8 @@ def load_base(rev: str) -> None:
         ).stdout  # fmt: skip
     except subprocess.CalledProcessError as err:
         sys.exit(f"cannot read {SOURCE} at {rev!r}: {err.stderr.strip()}")
+    except OSError as err:  # no git
+        sys.exit(f"cannot read {SOURCE} at {rev!r}: git did not run ({err})")
     renamed = text.replace("TORCH_LIBRARY(gkp_fused,", "TORCH_LIBRARY(gkp_fused_base,")
     renamed = renamed.replace("TORCH_LIBRARY_IMPL(gkp_fused,", "TORCH_LIBRARY_IMPL(gkp_fused_base,")
     if renamed.count("gkp_fused_base") < 2:
