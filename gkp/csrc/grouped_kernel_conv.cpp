@@ -490,7 +490,7 @@ const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
 // kernel raises it to the least that works).
 int64_t window_rows(int64_t row) {
   if (const char* force = std::getenv("GKP_FUSED_LANE_WINDOW")) {
-    int64_t rows = 0;
+    long rows = 0;
     TORCH_CHECK(std::sscanf(force, "%ld", &rows) == 1 && rows >= 1,
                 "gkp_fused: GKP_FUSED_LANE_WINDOW must be a number of rows >= 1, got \"", force,
                 "\"");
