@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,14 +51,17 @@ def load_base(rev: str) -> None:
         sys.exit(f"cannot read {SOURCE} at {rev!r}: git did not run ({err})")
     renamed = text.replace("TORCH_LIBRARY(gkp_fused,", "TORCH_LIBRARY(gkp_fused_base,")
     renamed = renamed.replace("TORCH_LIBRARY_IMPL(gkp_fused,", "TORCH_LIBRARY_IMPL(gkp_fused_base,")
-    if renamed.count("gkp_fused_base") < 2:
+    # every registration renamed, so the base build cannot touch this checkout's op
+    left = re.search(r"\(\s*gkp_fused\s*,", renamed)
+    if renamed.count("TORCH_LIBRARY(gkp_fused_base,") != 1 or left:
         sys.exit(f"{SOURCE} at {rev!r} does not register the op as this script expects")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(renamed.encode()).hexdigest()[:10]
     path = Path(tempfile.gettempdir()) / f"gkp_fused_base_{digest}.cpp"
-    path.write_text(renamed)
+    if not path.exists() or path.read_text() != renamed:  # an unchanged file: no rebuild
+        path.write_text(renamed)
     cpp_extension.load(
         name=f"gkp_fused_base_{digest}", sources=[str(path)], extra_cflags=fused.FLAGS,
         extra_ldflags=["-fopenmp"], is_python_module=False,

@@ -554,13 +554,15 @@ def test_lanes_path_equals_gather_grouped_conv_unpermute(op, seed, monkeypatch):
 @pytest.mark.parametrize("seed", range(16))
 def test_lanes_path_with_the_least_input_window_is_exact(op, seed, monkeypatch):
     """The lanes path's padded input is a window of rows slid down each block (normally as many
-    rows as fit in half the L2 cache, so small layers never slide): forced to the least window,
-    it slides at almost every output row. Tall inputs, strides, dilations, paddings, both
-    layouts, 1 and 2 threads, with and without the epilogue: still exact."""
+    rows as fit in half the L2 cache, so small layers never slide): forced to the least window
+    (the rows one output row reads plus a stride), it slides every output row or two. Tall
+    inputs, strides, dilations (vertical ones too), paddings, both layouts, 1 and 2 threads,
+    with and without the epilogue: still exact."""
     monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
     monkeypatch.setenv("GKP_FUSED_LANE_WINDOW", "1")
     rng = random.Random(9000 + seed)
     x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(rng)
+    dil = (rng.choice([1, 2]), dil[1])  # the taller input has room for a dilated kernel
     x = torch.randn(rng.choice([16, 21]), x.shape[1], x.shape[2] + 24, x.shape[3])
     if seed % 2:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -578,14 +580,18 @@ def test_lanes_path_with_the_least_input_window_is_exact(op, seed, monkeypatch):
 LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1"]
 
 
+@pytest.mark.parametrize("window", [None, "1"])
 @pytest.mark.parametrize("tile", LANE_TILES)
-def test_every_lane_tile_shape_is_exact(op, tile, monkeypatch):
+def test_every_lane_tile_shape_is_exact(op, tile, window, monkeypatch):
     """Each tile shape of the lanes path (forced; normally a cost model picks one) on its four
     code paths (3x3 and 1x1 unit stride, 3x3 stride 2, a strided dilated 3x3), NCHW and
     channels-last input, one block split into bands of rows (batch 16 at 2 threads) and a block
-    per thread (batch 40: the last block has empty lanes)."""
+    per thread (batch 40: the last block has empty lanes); with the default input window (these
+    small inputs fit in it whole) and with the least one (slid as the rows go down)."""
     monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
     monkeypatch.setenv("GKP_FUSED_LANE_TILE", tile)
+    if window is not None:
+        monkeypatch.setenv("GKP_FUSED_LANE_WINDOW", window)
     gen = torch.Generator().manual_seed(sum(map(int, tile.split(","))))
     check_tile_geometries(op, gen, batches=[16, 40], layouts=[False, True], label=tile)
 

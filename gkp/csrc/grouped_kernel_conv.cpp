@@ -398,9 +398,9 @@ struct LGeo {
 
 // One tile: D filters x P output pixels of row oy from column ox0, LANES images per vector,
 // written to row so of the staging planes out. K > 0: a K x K kernel with stride ST (both
-// directions) and unit dilation, known at compile time; K == 0: any. oy counts from the input
-// window's first row (chan: its planes). Pixels past the row are computed from whatever the
-// buffer holds there (never stored).
+// directions) and unit dilation, known at compile time; K == 0: any. oy is the output row
+// counted from the one whose first input row is the window's first (chan: the window's planes).
+// Pixels past the row are computed from whatever the buffer holds there (never stored).
 template <int D, int P, int K, int ST = 1>
 void ltile(const float* const* chan, const float* w, const float* bias, float* const* out,
            int64_t n_keep, const LGeo& g, int64_t oy, int64_t ox0, int64_t so) {
@@ -486,8 +486,10 @@ const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
 }
 
 // Rows of the lanes path's padded input window (row: floats of one padded row of every channel):
-// what fits in half the L2 cache (GKP_FUSED_LANE_WINDOW=rows forces a number, for tests: the
-// kernel raises it to the least that works).
+// what fits in half the L2 cache (GKP_FUSED_LANE_WINDOW=rows forces a number, for tests). The
+// caller raises it to the rows one output row reads plus a stride, so a layer whose rows are
+// wide (ResNet-50's first stage: 237 KB per row of 16 images' 64 channels) gets a window larger
+// than that budget: 4 rows there.
 int64_t window_rows(int64_t row) {
   if (const char* force = std::getenv("GKP_FUSED_LANE_WINDOW")) {
     long rows = 0;
@@ -646,8 +648,8 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   // were padded, and every 64 or more finished pixels go out to the output. Both buffers are
   // windows that stay in cache rather than the band's whole planes (ResNet-50's first stage:
   // 14 MB of padded input and 13 MB of staged output for 16 images): the padded input holds
-  // `wr` rows per channel (what fits in half the L2 cache, at least one output row's rows and a
-  // stride more), slid back over itself when the next output row reads past it; the staging
+  // `wr` rows per channel (what fits in half the L2 cache, but at least one output row's rows
+  // and a stride more), slid back over itself when the next output row reads past it; the staging
   // planes hold the rows not yet written out. Written to cold memory instead, every row cost
   // its cache misses (README, "Deploy speed": scripts/ab_fused.py against the whole planes).
   auto band = [&](int64_t b, int64_t oy0, int64_t oy1, std::vector<const float*>& chan) {
