@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build_id", "grouped_kernel_conv", "load"]
+__all__ = ["available", "build_id", "compile_source", "grouped_kernel_conv", "load"]
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
 # -fopenmp: ATen's at::parallel_for is a header template that runs serially unless the op itself
@@ -66,20 +66,27 @@ def load(verbose: bool = False) -> bool:
         return _state["ok"]
 
 
-def _build(verbose: bool) -> bool:
+def compile_source(name: str, source: Path, verbose: bool = False) -> None:
+    """Build (or load the cached build of) ``source`` as the extension ``name`` with the op's
+    flags (:data:`FLAGS`, OpenMP), registering the ``torch.ops`` libraries it defines. Raises
+    what ``torch.utils.cpp_extension.load`` raises when the build fails."""
     # importing cpp_extension logs a CUDA_HOME warning on CPU-only machines: not ours to show
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
+    cpp_extension.load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def _build(verbose: bool) -> bool:
     try:
-        cpp_extension.load(
-            name="gkp_fused",
-            sources=[str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=verbose,
-        )
+        compile_source("gkp_fused", SOURCE, verbose)
     except Exception as err:  # no compiler, no headers, a failed build: fall back, loudly
         warnings.warn(
             f"gkp: the fused grouped-kernel CPU op could not be built ({type(err).__name__}: "

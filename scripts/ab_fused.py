@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
 import re
 import subprocess
 import sys
@@ -55,17 +54,11 @@ def load_base(rev: str) -> None:
     left = re.search(r"\(\s*gkp_fused\s*,", renamed)
     if renamed.count("TORCH_LIBRARY(gkp_fused_base,") != 1 or left:
         sys.exit(f"{SOURCE} at {rev!r} does not register the op as this script expects")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
-
     digest = hashlib.sha256(renamed.encode()).hexdigest()[:10]
     path = Path(tempfile.gettempdir()) / f"gkp_fused_base_{digest}.cpp"
     if not path.exists() or path.read_text() != renamed:  # an unchanged file: no rebuild
         path.write_text(renamed)
-    cpp_extension.load(
-        name=f"gkp_fused_base_{digest}", sources=[str(path)], extra_cflags=fused.FLAGS,
-        extra_ldflags=["-fopenmp"], is_python_module=False,
-    )  # fmt: skip
+    fused.compile_source(f"gkp_fused_base_{digest}", path)  # the same flags as this build
 
 
 def main() -> None:
