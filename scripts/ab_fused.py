@@ -6,7 +6,8 @@ the kernel source of ``--base`` (read with ``git show``) as a second op namespac
 (``gkp_fused_base``) beside this checkout's ``gkp_fused`` and times the two in one interleaved
 run per layer (``gkp.metrics.time_interleaved``: inference_mode, warm-up, fixed threads,
 rounds rotated, median). Layers: those of ``scripts/bench_fused.py`` at their larger batch
-(ResNet-56 at 64, ResNet-50 at 16), and with ``--downsampling`` its stride-2 ones; input
+(ResNet-56 at 64, ResNet-50 at 16), with ``--batch-one`` at batch 1, and with
+``--downsampling`` its stride-2 ones; input
 NCHW or channels-last; with the epilogue a ResNet block's second conv runs (residual + ReLU).
 
     taskset -c 0,1 .venv/bin/python scripts/ab_fused.py --base HEAD~1 --threads 1,2
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--layouts", default="nchw,cl", help="input layouts: nchw, cl or both")
     ap.add_argument("--no-epilogue", action="store_true", help="time the conv alone")
     ap.add_argument("--downsampling", action="store_true", help="the stride-2 layers instead")
+    ap.add_argument("--batch-one", action="store_true", help="the batch-1 layers instead")
     args = ap.parse_args()
     if not fused.load():
         sys.exit("the fused op could not be built (see the warning above)")
@@ -78,7 +80,7 @@ def main() -> None:
     if args.downsampling:
         layers = [(*ly, 2) for ly in DOWNSAMPLING]
     else:
-        layers = [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS if b > 1]
+        layers = [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS if (b == 1) == args.batch_one]
     print(f"| layer | batch | layout | threads | {args.base} ms | this ms | {args.base} / this |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for threads in [int(t) for t in args.threads.split(",")]:

@@ -521,6 +521,36 @@ def test_every_tile_shape_is_exact(op, tile, order, monkeypatch):
     check_tile_geometries(op, gen, batches=[1, 2], layouts=[False], label=tile)
 
 
+@pytest.mark.parametrize(
+    "path,tile",
+    [("rows", t) for t in ("1,8,1", "2,6,1", "4,2,1", "8,1,1")]
+    + [("lanes", t) for t in ("1,8", "2,8", "4,4", "8,2")],
+)
+def test_large_weights_are_packed_in_parallel_exactly(op, path, tile, monkeypatch):
+    """Weights of 32768 floats or more are packed into the tiles' blocks of D filters on every
+    thread (smaller ones by the calling thread, as in the tests above): a 64-filter layer with
+    64 kept channels of 3x3 kernels (36864 floats), each block size D (forced through the tile
+    shape), both paths, 1 and 2 threads, contiguous, channels-last and strided weights."""
+    monkeypatch.setenv("GKP_FUSED_PATH", path)
+    monkeypatch.setenv("GKP_FUSED_TILE" if path == "rows" else "GKP_FUSED_LANE_TILE", tile)
+    gen = torch.Generator().manual_seed(len(path) + sum(map(int, tile.split(","))))
+    groups, c_in = 8, 72
+    x = torch.randn(1 if path == "rows" else 16, c_in, 6, 7, generator=gen)
+    weight = torch.randn(64, 64, 3, 3, generator=gen)
+    assert weight.numel() >= 32768
+    gather = torch.randint(0, c_in, (groups * 64,), generator=gen)
+    out_idx = torch.randperm(64, generator=gen)
+    bias = torch.randn(64, generator=gen)
+    want = F.conv2d(x[:, gather], weight, bias, 1, 1, 1, groups)[:, out_idx]
+    strided = torch.zeros(64, 128, 3, 3)[:, ::2]
+    strided.copy_(weight)
+    for w in (weight, weight.contiguous(memory_format=torch.channels_last), strided):
+        for threads in (1, 2):
+            args = (x, w, bias, gather, out_idx, (1, 1), (1, 1), (1, 1), groups)
+            got = with_threads(threads, lambda args=args: op(*args))
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (path, tile, threads)
+
+
 def with_threads(n, fn):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
