@@ -30,6 +30,15 @@ def op():
     return fused.grouped_kernel_conv
 
 
+@pytest.fixture(autouse=True)
+def _split_every_call(monkeypatch):
+    """The op runs calls of few multiply-adds (under GKP_FUSED_SERIAL_MACS, 4 million by
+    default) on the calling thread alone; these tests' layers are that small, so they set the
+    bound to 0 and their 2-thread cases still run the parallel paths. The tests of that bound
+    delete it again."""
+    monkeypatch.setenv("GKP_FUSED_SERIAL_MACS", "0")
+
+
 def random_case(rng):
     """Shapes, strides (also unequal), paddings, dilations, odd sizes, batch 1, repeats."""
     n, c_in, groups = rng.choice([1, 2, 3]), rng.choice([3, 8, 17]), rng.choice([1, 2, 4])
@@ -631,7 +640,8 @@ def test_every_lane_tile_shape_is_exact(op, tile, window, monkeypatch):
     [{"GKP_FUSED_TILE": "4,3,1"}, {"GKP_FUSED_TILE": "2;2;2"}, {"GKP_FUSED_ORDER": "rows"},
      {"GKP_FUSED_PATH": "vectors"}, {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "3,3"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "4"},
-     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "0"}],
+     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "0"},
+     {"GKP_FUSED_SERIAL_MACS": "-1"}, {"GKP_FUSED_SERIAL_MACS": "many"}],
 )  # fmt: skip
 def test_an_unknown_tuning_override_is_refused(op, env, monkeypatch):
     for var, value in env.items():
@@ -640,6 +650,27 @@ def test_an_unknown_tuning_override_is_refused(op, env, monkeypatch):
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 2, 3, 3)
     with pytest.raises(RuntimeError, match=var):
         op(x, weight, None, torch.arange(4), torch.arange(8), (1, 1), (1, 1), (1, 1), 2)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_small_batch_1_calls_on_the_calling_thread_alone_are_exact(op, seed, monkeypatch):
+    """Under the default bound (4 million multiply-adds) a call with fewer images than threads
+    runs on one thread with no parallel region: batch 1 at 2 threads, with the epilogue, both
+    input layouts; exact, and the same output as the call split over the threads."""
+    monkeypatch.delenv("GKP_FUSED_SERIAL_MACS")
+    rng = random.Random(300 + seed)
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(rng)
+    x = x[:1].contiguous(memory_format=torch.channels_last if seed % 2 else torch.contiguous_format)
+    want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+    residual = torch.randn_like(want)
+    want = (want + residual).relu()
+    assert want.numel() * weight[0].numel() < 4 << 20  # multiply-adds: under the bound
+    args = (x, weight, bias, gather, out_idx, stride, pad, dil, groups, residual, True)
+    got = with_threads(2, lambda: op(*args))
+    assert got.is_contiguous(memory_format=fused.layout_of(x))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("GKP_FUSED_SERIAL_MACS", "0")
+    assert torch.equal(with_threads(2, lambda: op(*args)), got)
 
 
 def test_op_runs_on_torchs_thread_pool(op):

@@ -47,6 +47,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -513,6 +514,26 @@ bool use_lanes(int64_t N) {
   return N >= LANES && 4 * empty <= N;
 }
 
+// A call with fewer images than threads (where the rows path splits each image's work) and
+// fewer multiply-adds than this runs on the calling thread alone, with no parallel region
+// (GKP_FUSED_SERIAL_MACS=n sets another bound, for tests and tuning; 0 splits every call). On
+// the 2-core AMD EPYC, ResNet-56's 3x3 layers at batch 1 (1.3 million multiply-adds, about
+// 40 us on one thread) ran 0.75-1.1x as fast on two threads as on one (scripts/ab_fused.py
+// --batch-one): three parallel regions a call, and at times one of this shared machine's cores
+// slowed down, which holds every region up (a tuned ResNet-56 then took 6.9 ms at batch 1 on 2
+// threads, 3.8 ms on 1). ResNet-50's layers at batch 1 (16-65 million) gain on two threads.
+constexpr int64_t SERIAL_MACS = int64_t(4) << 20;
+
+int64_t serial_macs() {
+  if (const char* force = std::getenv("GKP_FUSED_SERIAL_MACS")) {
+    long macs = -1;
+    TORCH_CHECK(std::sscanf(force, "%ld", &macs) == 1 && macs >= 0,
+                "gkp_fused: GKP_FUSED_SERIAL_MACS must be a number >= 0, got \"", force, "\"");
+    return macs;
+  }
+  return SERIAL_MACS;
+}
+
 // Blocks [begin, end) of D filters of pack_weights (D known at compile time: a tap's D floats
 // are D unrolled loads and stores, written in order).
 template <int D>
@@ -541,7 +562,7 @@ constexpr int64_t PACK_PARALLEL_FLOATS = 1 << 15;
 // cheap: the loop it replaced wrote one filter at a time, every D-th float, at about 3 ns a
 // float (scripts/ab_fused.py --batch-one: at batch 1 it took more than half of a ResNet-56
 // 64-channel layer's call and of a ResNet-50 512-channel one's).
-const float* pack_weights(const at::Tensor& weight, int64_t D) {
+const float* pack_weights(const at::Tensor& weight, int64_t D, bool serial) {
   const int64_t C_out = weight.size(0), n_keep = weight.size(1);
   const int64_t kh = weight.size(2), kw = weight.size(3), per_filter = n_keep * kh * kw;
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2),
@@ -554,7 +575,7 @@ const float* pack_weights(const at::Tensor& weight, int64_t D) {
     run(pk, wp, begin, end, n_keep, kh, kw, s0, s1, s2, s3);
   };
   TORCH_CHECK(D == 1 || D == 2 || D == 4 || D == 8, "gkp_fused: no packing for blocks of ", D);
-  if (C_out * per_filter < PACK_PARALLEL_FLOATS)
+  if (serial || C_out * per_filter < PACK_PARALLEL_FLOATS)
     pack(0, C_out / D);
   else
     at::parallel_for(0, C_out / D, 1, pack);
@@ -578,7 +599,7 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   const LShape& s = lchoose(d, n_keep, g);
   const TileFn_l run = s.fn[lane_variant(g)];
   const int64_t per_filter = n_keep * g.kh * g.kw;
-  const float* pk = pack_weights(weight, s.D);
+  const float* pk = pack_weights(weight, s.D, false);
   // reads past the last plane: the last tile's pixels beyond the row, one row down at most
   const int64_t slack = (g.Wp + s.P * g.sw + g.kw * g.dw) * LANES;
   const int64_t nblk = (N + LANES - 1) / LANES;
@@ -827,7 +848,10 @@ at::Tensor grouped_kernel_conv_cpu(
 
   // weights packed per block of D grouped filters: [block][kept channel][tap][D]
   const int64_t per_filter = n_keep * g.kh * g.kw;
-  const float* pk = pack_weights(weight, s.D);
+  // fewer images than threads and little work: one thread, no parallel region (serial_macs)
+  const bool serial = N < at::get_num_threads() &&
+                      N * C_out * n_keep * g.kh * g.kw * g.Ho * g.Wo < serial_macs();
+  const float* pk = pack_weights(weight, s.D, serial);
 
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -868,11 +892,12 @@ at::Tensor grouped_kernel_conv_cpu(
     if (cl) return pad_channels_last(dst, img, g, C_in, c0, c1);
     for (int64_t c = c0; c < c1; ++c) pad_plane(dst + c * g.plane, img + c * g.H * g.W, g);
   };
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = serial ? 1 : at::get_num_threads();
+  const int64_t grain = serial ? std::numeric_limits<int64_t>::max() : 1;  // max: no region
   if (N % threads == 0 || N >= 4 * threads) {
     // images split evenly enough over the threads: each pads one image at a time into its own
     // buffer and computes it while that buffer is still in cache
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       float* buf = scratch(0, C_in * g.plane + slack);
       std::memset(buf + C_in * g.plane, 0, sizeof(float) * slack);
       float* staging = cl ? scratch(1, C_out * HWo) : nullptr;
@@ -897,7 +922,7 @@ at::Tensor grouped_kernel_conv_cpu(
   // was padded by one thread, about half of each call on ResNet-56's first stage at 2 threads)
   const int64_t per_task = cl ? std::clamp<int64_t>((C_in + threads - 1) / threads, 1, 16) : 1;
   const int64_t chunks = (C_in + per_task - 1) / per_task;
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, c0 = t % chunks * per_task;
       pad(pp + n * C_in * g.plane, n, c0, std::min(C_in, c0 + per_task));
@@ -908,7 +933,7 @@ at::Tensor grouped_kernel_conv_cpu(
   // the epilogue goes with the last pass over each stretch of output, inside the same parallel
   // region (not a region of its own: at batch 1 every region is a wake-up and a barrier of the
   // threads, which costs the most in small layers)
-  at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * per_image, grain, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
     for (int64_t task = begin; task < end;) {  // this call's consecutive tasks of one image
       const int64_t n = task / per_image, first = task % per_image;
@@ -933,7 +958,7 @@ at::Tensor grouped_kernel_conv_cpu(
     }
   });
   if (cl)
-    at::parallel_for(0, N * g.Ho, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * g.Ho, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {  // one output row of one image per task
         const int64_t n = t / g.Ho, p0 = t % g.Ho * g.Wo;
         float* yn = yp + n * C_out * HWo;
