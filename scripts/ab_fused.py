@@ -69,8 +69,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--layouts", default="nchw,cl", help="input layouts: nchw, cl or both")
     ap.add_argument("--no-epilogue", action="store_true", help="time the conv alone")
-    ap.add_argument("--downsampling", action="store_true", help="the stride-2 layers instead")
-    ap.add_argument("--batch-one", action="store_true", help="the batch-1 layers instead")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--downsampling", action="store_true", help="the stride-2 layers instead")
+    which.add_argument("--batch-one", action="store_true", help="the batch-1 layers instead")
     args = ap.parse_args()
     if not fused.load():
         sys.exit("the fused op could not be built (see the warning above)")

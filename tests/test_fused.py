@@ -34,8 +34,8 @@ def op():
 def _split_every_call(monkeypatch):
     """The op runs calls of few multiply-adds (under GKP_FUSED_SERIAL_MACS, 4 million by
     default) on the calling thread alone; these tests' layers are that small, so they set the
-    bound to 0 and their 2-thread cases still run the parallel paths. The tests of that bound
-    delete it again."""
+    bound to 0 and their 2-thread cases still run the parallel paths. The tests of the default
+    bound delete it again."""
     monkeypatch.setenv("GKP_FUSED_SERIAL_MACS", "0")
 
 
@@ -539,7 +539,9 @@ def test_large_weights_are_packed_in_parallel_exactly(op, path, tile, monkeypatc
     """Weights of 32768 floats or more are packed into the tiles' blocks of D filters on every
     thread (smaller ones by the calling thread, as in the tests above): a 64-filter layer with
     64 kept channels of 3x3 kernels (36864 floats), each block size D (forced through the tile
-    shape), both paths, 1 and 2 threads, contiguous, channels-last and strided weights."""
+    shape), both paths, 1 and 2 threads (only 2 splits the packing), contiguous, channels-last
+    and strided weights; on the rows path also a batch-1 call under the default bound at 2
+    threads, which packs them on one."""
     monkeypatch.setenv("GKP_FUSED_PATH", path)
     monkeypatch.setenv("GKP_FUSED_TILE" if path == "rows" else "GKP_FUSED_LANE_TILE", tile)
     gen = torch.Generator().manual_seed(len(path) + sum(map(int, tile.split(","))))
@@ -558,6 +560,12 @@ def test_large_weights_are_packed_in_parallel_exactly(op, path, tile, monkeypatc
             args = (x, w, bias, gather, out_idx, (1, 1), (1, 1), (1, 1), groups)
             got = with_threads(threads, lambda args=args: op(*args))
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (path, tile, threads)
+        if path == "rows":  # batch 1 under the default bound: one thread packs them all
+            monkeypatch.delenv("GKP_FUSED_SERIAL_MACS")
+            got = with_threads(2, lambda w=w: op(x, w, bias, gather, out_idx, (1, 1), (1, 1),
+                                                 (1, 1), groups))  # fmt: skip
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (path, tile, "serial")
+            monkeypatch.setenv("GKP_FUSED_SERIAL_MACS", "0")
 
 
 def with_threads(n, fn):
@@ -641,7 +649,8 @@ def test_every_lane_tile_shape_is_exact(op, tile, window, monkeypatch):
      {"GKP_FUSED_PATH": "vectors"}, {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "3,3"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "4"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "0"},
-     {"GKP_FUSED_SERIAL_MACS": "-1"}, {"GKP_FUSED_SERIAL_MACS": "many"}],
+     {"GKP_FUSED_SERIAL_MACS": "-1"}, {"GKP_FUSED_SERIAL_MACS": "many"},
+     {"GKP_FUSED_SERIAL_MACS": "4M"}],
 )  # fmt: skip
 def test_an_unknown_tuning_override_is_refused(op, env, monkeypatch):
     for var, value in env.items():
@@ -652,25 +661,28 @@ def test_an_unknown_tuning_override_is_refused(op, env, monkeypatch):
         op(x, weight, None, torch.arange(4), torch.arange(8), (1, 1), (1, 1), (1, 1), 2)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_small_batch_1_calls_on_the_calling_thread_alone_are_exact(op, seed, monkeypatch):
+@pytest.mark.parametrize("seed", range(12))
+def test_small_calls_with_fewer_images_than_threads_run_exactly_on_one(op, seed, monkeypatch):
     """Under the default bound (4 million multiply-adds) a call with fewer images than threads
-    runs on one thread with no parallel region: batch 1 at 2 threads, with the epilogue, both
-    input layouts; exact, and the same output as the call split over the threads."""
+    runs on one thread with no parallel region: batch 1 at 2 threads, batches 2 and 3 at 4, with
+    the epilogue, both input layouts; exact, and the same output as the call split over the
+    threads."""
     monkeypatch.delenv("GKP_FUSED_SERIAL_MACS")
     rng = random.Random(300 + seed)
     x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(rng)
-    x = x[:1].contiguous(memory_format=torch.channels_last if seed % 2 else torch.contiguous_format)
+    batch, threads = [(1, 2), (2, 4), (3, 4)][seed % 3]
+    x = torch.randn(batch, *x.shape[1:])
+    x = x.contiguous(memory_format=torch.channels_last if seed % 2 else torch.contiguous_format)
     want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
     residual = torch.randn_like(want)
     want = (want + residual).relu()
     assert want.numel() * weight[0].numel() < 4 << 20  # multiply-adds: under the bound
     args = (x, weight, bias, gather, out_idx, stride, pad, dil, groups, residual, True)
-    got = with_threads(2, lambda: op(*args))
+    got = with_threads(threads, lambda: op(*args))
     assert got.is_contiguous(memory_format=fused.layout_of(x))
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     monkeypatch.setenv("GKP_FUSED_SERIAL_MACS", "0")
-    assert torch.equal(with_threads(2, lambda: op(*args)), got)
+    assert torch.equal(with_threads(threads, lambda: op(*args)), got)
 
 
 def test_op_runs_on_torchs_thread_pool(op):

@@ -44,6 +44,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -519,16 +520,20 @@ bool use_lanes(int64_t N) {
 // (GKP_FUSED_SERIAL_MACS=n sets another bound, for tests and tuning; 0 splits every call). On
 // the 2-core AMD EPYC, ResNet-56's 3x3 layers at batch 1 (1.3 million multiply-adds, about
 // 40 us on one thread) ran 0.75-1.1x as fast on two threads as on one (scripts/ab_fused.py
-// --batch-one): three parallel regions a call, and at times one of this shared machine's cores
-// slowed down, which holds every region up (a tuned ResNet-56 then took 6.9 ms at batch 1 on 2
-// threads, 3.8 ms on 1). ResNet-50's layers at batch 1 (16-65 million) gain on two threads.
+// --batch-one): three parallel regions a call (four with a channels-last input), and at times
+// one of this shared machine's cores slowed down, which holds every region up (a tuned
+// ResNet-56 then took 6.9 ms at batch 1 on 2 threads, 3.8 ms on 1). ResNet-50's 3x3 layers at
+// batch 1 (65 million each at 9/16 of the channels kept) gain on two threads.
 constexpr int64_t SERIAL_MACS = int64_t(4) << 20;
 
 int64_t serial_macs() {
   if (const char* force = std::getenv("GKP_FUSED_SERIAL_MACS")) {
-    long macs = -1;
-    TORCH_CHECK(std::sscanf(force, "%ld", &macs) == 1 && macs >= 0,
-                "gkp_fused: GKP_FUSED_SERIAL_MACS must be a number >= 0, got \"", force, "\"");
+    char* end = nullptr;
+    errno = 0;
+    const long long macs = std::strtoll(force, &end, 10);
+    TORCH_CHECK(end != force && *end == '\0' && errno == 0 && macs >= 0,
+                "gkp_fused: GKP_FUSED_SERIAL_MACS must be a whole number >= 0, got \"", force,
+                "\"");
     return macs;
   }
   return SERIAL_MACS;
@@ -848,9 +853,10 @@ at::Tensor grouped_kernel_conv_cpu(
 
   // weights packed per block of D grouped filters: [block][kept channel][tap][D]
   const int64_t per_filter = n_keep * g.kh * g.kw;
-  // fewer images than threads and little work: one thread, no parallel region (serial_macs)
-  const bool serial = N < at::get_num_threads() &&
-                      N * C_out * n_keep * g.kh * g.kw * g.Ho * g.Wo < serial_macs();
+  // fewer images than threads and little work: one thread, no parallel region (serial_macs;
+  // read on every rows-path call, so a bad override is refused whatever the batch)
+  const int64_t bound = serial_macs();
+  const bool serial = N < at::get_num_threads() && double(y.numel()) * per_filter < double(bound);
   const float* pk = pack_weights(weight, s.D, serial);
 
   float* yp = y.data_ptr<float>();
@@ -893,10 +899,11 @@ at::Tensor grouped_kernel_conv_cpu(
     for (int64_t c = c0; c < c1; ++c) pad_plane(dst + c * g.plane, img + c * g.H * g.W, g);
   };
   const int64_t threads = serial ? 1 : at::get_num_threads();
-  const int64_t grain = serial ? std::numeric_limits<int64_t>::max() : 1;  // max: no region
   if (N % threads == 0 || N >= 4 * threads) {
     // images split evenly enough over the threads: each pads one image at a time into its own
     // buffer and computes it while that buffer is still in cache
+    // (serial: one thread takes every image, the grain above the range opens no region)
+    const int64_t grain = serial ? std::numeric_limits<int64_t>::max() : 1;
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       float* buf = scratch(0, C_in * g.plane + slack);
       std::memset(buf + C_in * g.plane, 0, sizeof(float) * slack);
@@ -922,7 +929,7 @@ at::Tensor grouped_kernel_conv_cpu(
   // was padded by one thread, about half of each call on ResNet-56's first stage at 2 threads)
   const int64_t per_task = cl ? std::clamp<int64_t>((C_in + threads - 1) / threads, 1, 16) : 1;
   const int64_t chunks = (C_in + per_task - 1) / per_task;
-  at::parallel_for(0, N * chunks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, c0 = t % chunks * per_task;
       pad(pp + n * C_in * g.plane, n, c0, std::min(C_in, c0 + per_task));
@@ -933,7 +940,7 @@ at::Tensor grouped_kernel_conv_cpu(
   // the epilogue goes with the last pass over each stretch of output, inside the same parallel
   // region (not a region of its own: at batch 1 every region is a wake-up and a barrier of the
   // threads, which costs the most in small layers)
-  at::parallel_for(0, N * per_image, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
     for (int64_t task = begin; task < end;) {  // this call's consecutive tasks of one image
       const int64_t n = task / per_image, first = task % per_image;
@@ -958,7 +965,7 @@ at::Tensor grouped_kernel_conv_cpu(
     }
   });
   if (cl)
-    at::parallel_for(0, N * g.Ho, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * g.Ho, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {  // one output row of one image per task
         const int64_t n = t / g.Ho, p0 = t % g.Ho * g.Wo;
         float* yn = yp + n * C_out * HWo;
