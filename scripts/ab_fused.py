@@ -62,6 +62,14 @@ def load_base(rev: str) -> None:
     fused.compile_source(f"gkp_fused_base_{digest}", path)  # the same flags as this build
 
 
+def pick_layers(downsampling: bool, batch_one: bool) -> list[tuple]:
+    """(network, in channels, input size, batch, out channels, stride) of the layers to time:
+    ``scripts/bench_fused.py``'s stride-2 layers, its batch-1 layers, or its larger-batch ones."""
+    if downsampling:
+        return [(*ly, 2) for ly in DOWNSAMPLING]
+    return [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS if (b == 1) == batch_one]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="git revision to compare against (HEAD~1, ...)")
@@ -78,10 +86,7 @@ def main() -> None:
     load_base(args.base)
     ops = {"base": torch.ops.gkp_fused_base.grouped_kernel_conv,
            "this": torch.ops.gkp_fused.grouped_kernel_conv}  # fmt: skip
-    if args.downsampling:
-        layers = [(*ly, 2) for ly in DOWNSAMPLING]
-    else:
-        layers = [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS if (b == 1) == args.batch_one]
+    layers = pick_layers(args.downsampling, args.batch_one)
     print(f"| layer | batch | layout | threads | {args.base} ms | this ms | {args.base} / this |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for threads in [int(t) for t in args.threads.split(",")]:

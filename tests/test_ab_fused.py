@@ -56,3 +56,18 @@ def test_the_base_build_runs_beside_this_one_and_both_are_exact():
 def test_an_unknown_revision_is_a_clear_error():
     with pytest.raises(SystemExit, match="cannot read gkp/csrc/grouped_kernel_conv.cpp at"):
         ab_fused.load_base("no-such-revision-anywhere")
+
+
+def test_the_layer_sets_and_their_exclusive_options(monkeypatch, capsys):
+    """``--batch-one`` times the batch-1 layers, the default the larger batches (64 and 16),
+    ``--downsampling`` the stride-2 ones; asking for two sets at once is refused before any
+    build."""
+    assert {ly[3] for ly in ab_fused.pick_layers(False, True)} == {1}
+    assert {ly[3] for ly in ab_fused.pick_layers(False, False)} == {16, 64}
+    assert {ly[5] for ly in ab_fused.pick_layers(True, False)} == {2}
+    argv = ["ab_fused.py", "--base", "HEAD", "--batch-one", "--downsampling"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exc:
+        ab_fused.main()
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
