@@ -649,6 +649,7 @@ def test_every_lane_tile_shape_is_exact(op, tile, window, monkeypatch):
      {"GKP_FUSED_PATH": "vectors"}, {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "3,3"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "4"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "0"},
+     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "4x"},
      {"GKP_FUSED_SERIAL_MACS": "-1"}, {"GKP_FUSED_SERIAL_MACS": "many"},
      {"GKP_FUSED_SERIAL_MACS": "4M"}],
 )  # fmt: skip

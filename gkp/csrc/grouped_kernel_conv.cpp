@@ -487,20 +487,26 @@ const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
   return *best;  // (1, 8) and (1, 7) always qualify
 }
 
+// The whole number >= least in the environment variable `name`, or `fallback` when it is unset
+// (the kernel's numeric overrides; anything else, "4M" or "-1" included, is refused by name).
+int64_t env_count(const char* name, int64_t least, int64_t fallback) {
+  const char* text = std::getenv(name);
+  if (!text) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long long value = std::strtoll(text, &end, 10);
+  TORCH_CHECK(end != text && *end == '\0' && errno == 0 && value >= least, "gkp_fused: ", name,
+              " must be a whole number >= ", least, ", got \"", text, "\"");
+  return value;
+}
+
 // Rows of the lanes path's padded input window (row: floats of one padded row of every channel):
 // what fits in half the L2 cache (GKP_FUSED_LANE_WINDOW=rows forces a number, for tests). The
 // caller raises it to the rows one output row reads plus a stride, so a layer whose rows are
 // wide (ResNet-50's first stage: 237 KB per row of 16 images' 64 channels) gets a window larger
 // than that budget: 4 rows there.
 int64_t window_rows(int64_t row) {
-  if (const char* force = std::getenv("GKP_FUSED_LANE_WINDOW")) {
-    long rows = 0;
-    TORCH_CHECK(std::sscanf(force, "%ld", &rows) == 1 && rows >= 1,
-                "gkp_fused: GKP_FUSED_LANE_WINDOW must be a number of rows >= 1, got \"", force,
-                "\"");
-    return rows;
-  }
-  return l2_bytes() / 2 / (row * int64_t(sizeof(float)));
+  return env_count("GKP_FUSED_LANE_WINDOW", 1, l2_bytes() / 2 / (row * int64_t(sizeof(float))));
 }
 
 // Whether a batch of N runs on the lanes path: LANES or more images with at most a quarter of the
@@ -526,18 +532,7 @@ bool use_lanes(int64_t N) {
 // batch 1 (65 million each at 9/16 of the channels kept) gain on two threads.
 constexpr int64_t SERIAL_MACS = int64_t(4) << 20;
 
-int64_t serial_macs() {
-  if (const char* force = std::getenv("GKP_FUSED_SERIAL_MACS")) {
-    char* end = nullptr;
-    errno = 0;
-    const long long macs = std::strtoll(force, &end, 10);
-    TORCH_CHECK(end != force && *end == '\0' && errno == 0 && macs >= 0,
-                "gkp_fused: GKP_FUSED_SERIAL_MACS must be a whole number >= 0, got \"", force,
-                "\"");
-    return macs;
-  }
-  return SERIAL_MACS;
-}
+int64_t serial_macs() { return env_count("GKP_FUSED_SERIAL_MACS", 0, SERIAL_MACS); }
 
 // Blocks [begin, end) of D filters of pack_weights (D known at compile time: a tap's D floats
 // are D unrolled loads and stores, written in order).
@@ -574,12 +569,12 @@ const float* pack_weights(const at::Tensor& weight, int64_t D, bool serial) {
                 s3 = weight.stride(3);
   const float* wp = weight.data_ptr<float>();
   float* pk = scratch(2, C_out * per_filter);
+  TORCH_CHECK(D == 1 || D == 2 || D == 4 || D == 8, "gkp_fused: no packing for blocks of ", D);
+  const auto run = D == 8 ? &pack_blocks<8> : D == 4 ? &pack_blocks<4>
+                   : D == 2 ? &pack_blocks<2> : &pack_blocks<1>;
   auto pack = [&](int64_t begin, int64_t end) {
-    auto run = D == 8 ? &pack_blocks<8> : D == 4 ? &pack_blocks<4> : D == 2 ? &pack_blocks<2>
-                                                                             : &pack_blocks<1>;
     run(pk, wp, begin, end, n_keep, kh, kw, s0, s1, s2, s3);
   };
-  TORCH_CHECK(D == 1 || D == 2 || D == 4 || D == 8, "gkp_fused: no packing for blocks of ", D);
   if (serial || C_out * per_filter < PACK_PARALLEL_FLOATS)
     pack(0, C_out / D);
   else
