@@ -83,13 +83,23 @@ LATENCY_SCHEMA: tuple[Column, ...] = (
         "processor of the machine that timed it (benchmarks.environment.cpu_name; the host's for "
         "cuda rows; empty: not recorded)",
     ),
+    _c(
+        "speedup_low",
+        "float",
+        "x",
+        "lower end of a 95% interval for the median per-round speed-up (dense / pruned of each "
+        "interleaved round; sign-test order statistics, gkp.metrics.speedup_interval); empty "
+        "under 6 rounds and in rows measured before it was recorded",
+    ),
+    _c("speedup_high", "float", "x", "upper end of that interval"),
 )
 COLUMNS = tuple(c.name for c in LATENCY_SCHEMA)
 _BY_NAME = {c.name: c for c in LATENCY_SCHEMA}
-REQUIRED = tuple(c for c in COLUMNS if c not in ("backend_info", "command", "cpu_name"))
-# Headers of older files (a prefix of COLUMNS): they read with the missing columns empty, and
+OPTIONAL = ("backend_info", "command", "cpu_name", "speedup_low", "speedup_high")
+REQUIRED = tuple(c for c in COLUMNS if c not in OPTIONAL)
+# Headers of older files (prefixes of COLUMNS): they read with the missing columns empty, and
 # the next append upgrades the file in place (benchmarks.csvtable.upgraded_bytes).
-LEGACY_HEADERS = (COLUMNS[: COLUMNS.index("cpu_name")],)
+LEGACY_HEADERS = (COLUMNS[: COLUMNS.index("cpu_name")], COLUMNS[: COLUMNS.index("speedup_low")])
 
 
 def _check(row: Mapping[str, object]) -> tuple[dict, list[str]]:
@@ -192,6 +202,8 @@ def rows_from_suite(pairs: Iterable[Mapping[str, Any]], command: str) -> list[di
             "date": utc_now(),
             "command": command,
             "cpu_name": p.get("cpu_name") or "",
+            "speedup_low": p.get("speedup_low"),
+            "speedup_high": p.get("speedup_high"),
         })  # fmt: skip
     return rows
 
@@ -253,6 +265,7 @@ def latency_rows(
             )  # fmt: skip
             d, p = stats["dense"], stats["pruned"]
             speedup = d.median_ms / p.median_ms
+            interval = metrics.speedup_interval(d.times_ms, p.times_ms) or (None, None)
             rows.append({
                 **ident,
                 "input_shape": "x".join(map(str, sample_shape)),
@@ -276,6 +289,8 @@ def latency_rows(
                 "date": utc_now(),
                 "command": command,
                 "cpu_name": cpu_name(),
+                "speedup_low": interval[0],
+                "speedup_high": interval[1],
             })  # fmt: skip
             if progress is not None:
                 progress(rows[-1])
@@ -350,7 +365,9 @@ GKP_FAMILY = ("gkp-l2", "gkp-random", "tmi-gkp", "sr-gkp")  # G = 8 in the suite
 def goals_markdown(frame: pd.DataFrame) -> str:
     """Issue 9's speed goals against the measured CPU rows (the last row of each run id, backend,
     batch, threads and processor): per processor and thread count, the values each goal covers
-    and whether all meet it."""
+    and whether all meet it. Rows below a goal are counted, and how many of them are below it
+    beyond noise (the upper end of their speed-up interval, ``speedup_high``, under the goal)
+    and how many have no interval."""
     frame = frame.drop_duplicates(LAST_ROW_KEYS, keep="last")
     frame = frame[frame["device"] == "cpu"]
     lines = [
@@ -384,13 +401,23 @@ def _goal_lines(frame: pd.DataFrame, cpu: str) -> list[str]:
             continue
         for threads, rows in part.groupby("threads", sort=True):
             values = sorted(rows["speedup"])
+            measured = f"{values[0]:.2f}–{values[-1]:.2f}× over {len(values)} rows"
             below = int((rows["speedup"] < target).sum())
-            measured = f"{values[0]:.2f}–{values[-1]:.2f}× over {len(values)} rows" + (
-                f", {below} below" if below else ""
-            )
+            if below:
+                measured += f", {below} below ({_beyond_noise(rows, target)})"
             met = "yes" if below == 0 else "no"
             lines.append(f"| {name} | ≥ {target:.2f}× | {cpu} | {threads} | {measured} | {met} |")
     return lines
+
+
+def _beyond_noise(rows: pd.DataFrame, target: float) -> str:
+    """How many of ``rows`` below ``target`` are below it beyond noise (their speed-up interval's
+    upper end under it), and how many have no interval to tell (under 6 rounds, older rows)."""
+    low = rows[rows["speedup"] < target]
+    beyond = int((low["speedup_high"] < target).sum())
+    unknown = int(low["speedup_high"].isna().sum())
+    parts = [f"{beyond} beyond noise"] if unknown < len(low) else []
+    return ", ".join(parts + ([f"{unknown} without an interval"] if unknown else []))
 
 
 def _best(frame: pd.DataFrame) -> pd.DataFrame:

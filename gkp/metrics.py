@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from numbers import Integral
 
 import torch
@@ -170,9 +171,49 @@ class LatencyStats:
     batch: int
     threads: int
     device: str
+    # Every round's time in ms, in round order (rounds of :func:`time_interleaved` pair up
+    # across its models by position); left out of ``to_dict``.
+    times_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["times_ms"]
+        return out
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of ``values``: the order statistics
+    ``(v_(k), v_(n+1-k))`` of the sorted values with the largest ``k`` such that the binomial
+    probability ``P(Binomial(n, 1/2) <= k - 1)`` is at most ``(1 - level) / 2`` (the sign test's
+    interval: it covers the median with probability at least ``level`` for any continuous
+    distribution of independent values). None when there are too few values for ``level``
+    (n < 6 at 0.95, where even the smallest and largest value cover it with less).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    v = sorted(float(x) for x in values)
+    n, tail, k = len(v), (1.0 - level) / 2.0, 0
+    below = 0.0  # P(Binomial(n, 1/2) <= k), growing with k
+    while k < n // 2:
+        below += math.comb(n, k) / 2.0**n
+        if below > tail:
+            break
+        k += 1
+    return (v[k - 1], v[n - k]) if k >= 1 else None
+
+
+def speedup_interval(
+    dense_ms: Sequence[float], pruned_ms: Sequence[float], level: float = 0.95
+) -> tuple[float, float] | None:
+    """:func:`median_interval` of the per-round speed-ups ``dense_ms[i] / pruned_ms[i]`` of an
+    interleaved run (round ``i`` timed both networks, so slow drifts of the machine cancel in
+    each ratio). An interval whose upper end is below a target says the network is slower than
+    that beyond noise; one that contains it says the rounds cannot tell. None under 6 rounds."""
+    if len(dense_ms) != len(pruned_ms):
+        raise ValueError(
+            f"speedup_interval needs paired rounds: {len(dense_ms)} dense, {len(pruned_ms)} pruned"
+        )
+    return median_interval([d / p for d, p in zip(dense_ms, pruned_ms, strict=True)], level)
 
 
 def _positive_int(name: str, value: object, least: int) -> int:
@@ -230,9 +271,8 @@ def _timing_settings(threads: int, device: torch.device) -> Iterator[None]:
 
 def _stats(times: list[float], batch: int, threads: int, device: torch.device) -> LatencyStats:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return LatencyStats(
-        statistics.median(times), q[2] - q[0], len(times), batch, threads, str(device)
-    )
+    median, iqr = statistics.median(times), q[2] - q[0]
+    return LatencyStats(median, iqr, len(times), batch, threads, str(device), tuple(times))
 
 
 def _rotated(items: list, r: int) -> list:

@@ -391,6 +391,7 @@ def test_latency_rows_time_dense_and_pruned_on_the_same_backend():
         assert r["ideal"] == pytest.approx(r["macs_dense"] / r["macs"]) and r["ideal"] > 1
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
         assert r["fraction_of_ideal"] == pytest.approx(r["speedup"] / r["ideal"])
+        assert r["speedup_low"] is None and r["speedup_high"] is None  # 3 rounds: too few
     # hand count: conv1 3*16*9*144, conv2 16*16*9*144 dense vs 16*9*9*144 grouped, linear 160
     assert rows[0]["macs_dense"] == 3 * 16 * 9 * 144 + 16 * 16 * 9 * 144 + 160
     assert rows[0]["macs"] == 3 * 16 * 9 * 144 + 16 * 9 * 9 * 144 + 160
@@ -490,6 +491,13 @@ def test_interleaved_suite_entries_give_one_row_each(tmp_path):
     path.write_text(json.dumps({"machine_info": machine, "benchmarks": entries}))
     assert main(["bench", "--from-json", str(path), "--save", "--out", str(out)]) == 0
     assert read_latency(out / "latency.csv")["cpu_name"].tolist() == ["", "Suite CPU", "Info CPU"]
+    assert read_latency(out / "latency.csv")["speedup_low"].isna().all()  # none recorded
+    entry = {"stats": {"median": 0.05, "iqr": 0.001, "rounds": 9},
+             "extra_info": info | {"speedup_low": 1.4, "speedup_high": 1.6}}  # fmt: skip
+    path.write_text(json.dumps({"benchmarks": [entry]}))
+    assert main(["bench", "--from-json", str(path), "--save", "--out", str(out)]) == 0
+    last = read_latency(out / "latency.csv").iloc[-1]
+    assert (last["speedup_low"], last["speedup_high"]) == (1.4, 1.6)
 
 
 def test_rows_record_the_processor_that_timed_them():
@@ -502,7 +510,8 @@ def test_rows_record_the_processor_that_timed_them():
 
 def test_a_file_without_the_cpu_column_reads_and_is_upgraded_on_append(tmp_path):
     """latency.csv files older than ``cpu_name``: read with it empty; the next append writes the
-    current header and keeps every old record byte for byte, with one empty field added."""
+    current header and keeps every old record byte for byte, with empty fields added (``cpu_name``
+    and the later interval columns)."""
     path = tmp_path / "latency.csv"
     old = LEGACY_HEADERS[0]
     record = csv_line([good_row()[c] if c != "backend_info" else "{}" for c in old])
@@ -510,7 +519,7 @@ def test_a_file_without_the_cpu_column_reads_and_is_upgraded_on_append(tmp_path)
     assert read_latency(path)["cpu_name"].tolist() == [""]
     append_rows(path, [good_row(cpu_name="AMD EPYC")])
     lines = path.read_bytes().splitlines(keepends=True)
-    assert lines == [csv_line(list(COLUMNS)), record[:-1] + b",\n", lines[2]]
+    assert lines == [csv_line(list(COLUMNS)), record[:-1] + b",,,\n", lines[2]]
     assert read_latency(path)["cpu_name"].tolist() == ["", "AMD EPYC"]
 
 
@@ -534,7 +543,7 @@ def test_tables_goals_and_figure_keep_processors_apart(tmp_path):
         "| ResNet-56 GKP (G=8, p=0.4375), autotune, batch 64 | ≥ 1.30× | Xeon | 2 | "
         "1.50–1.50× over 1 rows | yes |",
         "| ResNet-56 GKP (G=8, p=0.4375), autotune, batch 64 | ≥ 1.30× | EPYC | 2 | "
-        "1.20–1.20× over 1 rows, 1 below | no |",
+        "1.20–1.20× over 1 rows, 1 below (1 without an interval) | no |",
     ]
     fig = latency_figure(path)
     assert [ax.get_title() for ax in fig.axes] == ["autotune (Xeon)", "autotune (EPYC)"]
@@ -585,3 +594,61 @@ def test_bench_text_names_the_layout_each_row_ran_in():
     assert _layout({"backend_info": {"layout": "channels_last"}}) == "channels_last"
     assert _layout({"deploy_choices": {"layout": "channels_last"}}) == "channels_last"
     assert _layout({"backend_info": None, "deploy_choices": {}}) == "nchw"
+
+
+def test_rows_of_enough_rounds_carry_the_speedup_interval(monkeypatch):
+    """The interval is the sign test's of the per-round ratios of the very rounds timed."""
+    from gkp import metrics
+
+    seen = {}
+    real = metrics.time_interleaved
+
+    def spy(*args, **kwargs):
+        seen.update(real(*args, **kwargs))
+        return seen
+
+    monkeypatch.setattr(metrics, "time_interleaved", spy)
+    dense, pruned = small_grouped()
+    ident = {"run_id": "r1", "model": "m", "method": "gkp-l2", "config": "{}"}
+    (row,) = latency_rows(dense, pruned, sample_shape=(3, 12, 12), backends=["eager"],
+                          batches=[2], threads=1, rounds=10, ident=ident)  # fmt: skip
+    d, p = seen["dense"].times_ms, seen["pruned"].times_ms
+    assert len(d) == len(p) == 10 and row["dense_ms"] == seen["dense"].median_ms
+    ratios = sorted(a / b for a, b in zip(d, p, strict=True))
+    assert (row["speedup_low"], row["speedup_high"]) == (ratios[1], ratios[8])
+
+
+def test_a_file_without_the_interval_columns_reads_and_is_upgraded_on_append(tmp_path):
+    path = tmp_path / "latency.csv"
+    old = LEGACY_HEADERS[1]
+    assert old == COLUMNS[: COLUMNS.index("speedup_low")] and COLUMNS[-1] == "speedup_high"
+    record = csv_line([good_row(cpu_name="EPYC")[c] if c != "backend_info" else "{}"
+                       for c in old])  # fmt: skip
+    path.write_bytes(csv_line(list(old)) + record)
+    assert read_latency(path)["speedup_low"].isna().all()
+    append_rows(path, [good_row(cpu_name="EPYC", speedup_low=1.9, speedup_high=2.1)])
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert lines == [csv_line(list(COLUMNS)), record[:-1] + b",,\n", lines[2]]
+    frame = read_latency(path)
+    assert frame["speedup_high"].tolist()[1] == 2.1 and frame["speedup_high"].isna().tolist()[0]
+    with pytest.raises(LeaderboardError, match="speedup_low"):
+        append_rows(path, [good_row(speedup_low="wide")])
+
+
+def test_goals_count_the_rows_below_beyond_noise(tmp_path):
+    """A row under a goal is below it beyond noise when its interval's upper end is under it too;
+    one whose interval reaches the goal is not; one without an interval is counted apart."""
+    path = tmp_path / "latency.csv"
+    base = {"model": "resnet50", "method": "filter-l1", "batch": 16, "threads": 2,
+            "date": "2026-11-29T00:00:00Z", "cpu_name": "EPYC"}  # fmt: skip
+    rows = [good_row(**base, run_id=f"r{i}", speedup=s, speedup_low=lo, speedup_high=hi)
+            for i, (s, lo, hi) in enumerate([(0.95, 0.93, 0.97), (0.97, 0.94, 0.99),
+                                             (0.96, None, None), (1.01, 0.99, 1.03)])]  # fmt: skip
+    append_rows(path, rows)
+    (line,) = [g for g in goals_markdown(read_latency(path)).splitlines() if "every method" in g]
+    assert line == ("| every method, every backend | ≥ 0.98× | EPYC | 2 | 0.95–1.01× over 4 rows, "
+                    "3 below (1 beyond noise, 1 without an interval) | no |")  # fmt: skip
+    append_rows(path, [good_row(**base, run_id="r2", speedup=0.96, speedup_low=0.9,
+                                speedup_high=0.99)])  # the last row of r2 counts  # fmt: skip
+    (line,) = [g for g in goals_markdown(read_latency(path)).splitlines() if "every method" in g]
+    assert line.endswith("3 below (1 beyond noise) | no |")

@@ -189,3 +189,65 @@ def test_cuda_run_records_device_and_restores_benchmark():
     assert stats["m"].device.startswith("cuda") and stats["m"].median_ms > 0
     assert torch.backends.cudnn.benchmark == old
     assert model.weight.device.type == "cpu"
+
+
+def test_each_models_times_are_kept_in_round_order(monkeypatch):
+    """Round r's times pair up across models (the speed-up interval divides them round by
+    round); ``to_dict`` leaves them out."""
+    fake = {"a": iter([5.0, 1.0, 4.0]), "b": iter([10.0, 12.0, 30.0])}
+    monkeypatch.setattr(metrics, "_time_cpu", lambda m, x: next(fake[m.tag]))
+    stats = compare_latency({"a": Recorder("a"), "b": Recorder("b")}, (1, 3, 5, 5), rounds=3,
+                            warmup=0)  # fmt: skip
+    assert stats["a"].times_ms == (5.0, 1.0, 4.0) and stats["b"].times_ms == (10.0, 12.0, 30.0)
+    assert "times_ms" not in stats["a"].to_dict() and stats["a"].to_dict()["median_ms"] == 4.0
+
+
+def sign_test_k(n: int, level: float) -> int:
+    """The k of the sign-test interval from scipy's binomial: the largest k >= 1 with
+    P(Binomial(n, 1/2) <= k - 1) <= (1 - level) / 2 (0: no interval)."""
+    from scipy.stats import binom
+
+    ks = [k for k in range(1, n // 2 + 1) if binom.cdf(k - 1, n, 0.5) <= (1 - level) / 2]
+    return max(ks, default=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 7, 10, 17, 30, 31, 100])
+@pytest.mark.parametrize("level", [0.9, 0.95, 0.99])
+def test_median_interval_is_the_sign_tests_order_statistics(n, level):
+    values = [float((7 * i) % n) for i in range(n)]  # 0..n-1, shuffled (7 is prime to these n)
+    if n % 7 == 0:
+        values = [float(i) for i in reversed(range(n))]
+    k = sign_test_k(n, level)
+    got = metrics.median_interval(values, level)
+    if k == 0:
+        assert got is None
+        return
+    assert got == (k - 1.0, n - k + 0.0)  # the k-th smallest and the k-th largest of 0..n-1
+    from scipy.stats import binom
+
+    assert 1 - 2 * binom.cdf(k - 1, n, 0.5) >= level  # it covers the median at >= level
+
+
+def test_median_interval_hand_values():
+    # n = 5: even (min, max) covers the median with 1 - 2/32 = 0.9375 < 0.95: no interval
+    assert metrics.median_interval([3, 1, 2, 5, 4]) is None
+    # n = 6: (min, max) covers it with 1 - 2/64 = 0.969; the next pair with 1 - 14/64 < 0.95
+    assert metrics.median_interval([6, 1, 5, 2, 4, 3]) == (1.0, 6.0)
+    # n = 10: P(B <= 1) = 11/1024 <= 0.025 < P(B <= 2) = 56/1024: the 2nd and 9th values
+    assert metrics.median_interval(range(10, 0, -1)) == (2.0, 9.0)
+    for level in (0.0, 1.0, -0.5, 95):
+        with pytest.raises(ValueError, match="level must be in"):
+            metrics.median_interval([1.0] * 10, level)
+
+
+def test_speedup_interval_divides_round_by_round():
+    """A machine that slows down during the run moves both medians but no round's ratio."""
+    pruned = [1.0 + 0.3 * i for i in range(10)]  # drifting
+    dense = [2.0 * p for p in pruned]
+    dense[4] *= 1.5  # one noisy round
+    assert metrics.speedup_interval(dense, pruned) == pytest.approx((2.0, 2.0))
+    ratios = sorted(d / p for d, p in zip(dense, [1.0] * 10, strict=True))
+    assert metrics.speedup_interval(dense, [1.0] * 10) == pytest.approx((ratios[1], ratios[8]))
+    assert metrics.speedup_interval(dense[:5], pruned[:5]) is None
+    with pytest.raises(ValueError, match="paired rounds: 10 dense, 9 pruned"):
+        metrics.speedup_interval(dense, pruned[:9])
