@@ -151,6 +151,7 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
             fns, xb, rounds=cfg.bench_rounds, warmup=5, threads=threads
         )
         d, p = stats["dense"], stats["pruned"]
+        interval = metrics.speedup_interval(d.times_ms, p.times_ms) or (None, None)
         rows.append(
             {
                 "model": cfg.model,
@@ -163,6 +164,8 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
                 "dense_iqr_ms": d.iqr_ms,
                 "pruned_iqr_ms": p.iqr_ms,
                 "speedup": d.median_ms / p.median_ms,
+                "speedup_low": interval[0],
+                "speedup_high": interval[1],
                 "macs_dense": macs_dense,
                 "macs": macs,
                 "ideal": macs_dense / macs,

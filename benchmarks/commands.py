@@ -302,18 +302,25 @@ def cmd_bench(args: argparse.Namespace) -> Result:
             return rows, "\n".join(
                 f"{r['model']} {r['method']} {r['backend']} batch {r['batch']} ({r['form']}): "
                 f"dense {r['dense_ms']:.2f} ms, pruned {r['pruned_ms']:.2f} ms, speed-up "
-                f"x{r['speedup']:.2f} (ideal x{r['ideal']:.2f})"
+                f"x{r['speedup']:.2f}{_interval(r)} (ideal x{r['ideal']:.2f})"
                 for r in rows
             ) + f"\n{len(rows)} row(s) appended to {cfg.results_dir / 'latency.csv'}"
         rows = bench_untrained(cfg)
     text = "\n".join(
         f"{r['model']} {r['method']} batch {r['batch']} {_layout(r)}: "
         f"dense {r['dense_ms']:.2f} ms,"
-        f" pruned {r['pruned_ms']:.2f} ms, speed-up x{r['speedup']:.2f}"
+        f" pruned {r['pruned_ms']:.2f} ms, speed-up x{r['speedup']:.2f}{_interval(r)}"
         + (f" (ideal x{r['ideal']:.2f}, {r.get('deploy') or r['backend']})" if "ideal" in r else "")
         for r in rows
     )
     return rows, text
+
+
+def _interval(row: dict[str, Any]) -> str:
+    """`` [low–high]``: the row's 95% speed-up interval (gkp.metrics.speedup_interval), or ""
+    (fewer than 6 rounds, or not recorded)."""
+    low, high = row.get("speedup_low"), row.get("speedup_high")
+    return "" if low is None or high is None else f" [{low:.2f}–{high:.2f}]"
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> Result:

@@ -294,6 +294,18 @@ def test_bench_untrained_reports_ratios(capsys):
     for r in rows:
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
         assert r["threads"] == 1
+        assert r["speedup_low"] is None and r["speedup_high"] is None  # 2 rounds: too few
+
+
+def test_bench_text_gives_the_speedup_interval_with_enough_rounds(capsys):
+    code, out, _ = run_cli(capsys, "bench", "--dataset", "synthetic", "--bench-rounds", "6",
+                           "--bench-batch", "2", "--threads", "1")  # fmt: skip
+    assert code == 0
+    lines = [line for line in out.splitlines() if "speed-up" in line]
+    assert len(lines) == 2
+    for line in lines:  # 6 rounds: the smallest and the largest per-round speed-up
+        low, high = (float(v) for v in line.split(" [")[1].split("]")[0].split("–"))
+        assert 0 < low <= float(line.split("speed-up x")[1].split(" ")[0]) <= high
 
 
 def test_tmi_without_snapshots_names_the_command(pipeline, capsys):
