@@ -195,7 +195,7 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
     n, tail, k = len(v), (1.0 - level) / 2.0, 0
     below = 0.0  # P(Binomial(n, 1/2) <= k), growing with k
     while k < n // 2:
-        below += math.comb(n, k) / 2.0**n
+        below += math.comb(n, k) / 2**n  # integers: exact, no overflow for any n
         if below > tail:
             break
         k += 1

@@ -211,7 +211,7 @@ def sign_test_k(n: int, level: float) -> int:
     return max(ks, default=0)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 6, 7, 10, 17, 30, 31, 100])
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 7, 10, 17, 30, 31, 100, 2000])
 @pytest.mark.parametrize("level", [0.9, 0.95, 0.99])
 def test_median_interval_is_the_sign_tests_order_statistics(n, level):
     values = [float((7 * i) % n) for i in range(n)]  # 0..n-1, shuffled (7 is prime to these n)
