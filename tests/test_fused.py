@@ -761,3 +761,57 @@ def test_epilogue_refuses_a_residual_of_another_shape(op):
         op(x, weight, bias, gather, out_idx, stride, pad, dil, groups, y[:, :, :1])
     with pytest.raises(RuntimeError, match="residual must be float32"):
         op(x, weight, bias, gather, out_idx, stride, pad, dil, groups, y.double())
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 17, 32])
+@pytest.mark.parametrize("path", ["auto", "rows", "lanes"])
+def test_the_path_argument_picks_the_path_at_any_batch_exactly(op, batch, path, monkeypatch):
+    """``path`` forces the rows or the lanes path whatever the batch (``"auto"``: lanes for the
+    batches :func:`gkp.fused.lanes_for` names). Which path ran shows through an override only
+    the lanes path reads: a bad GKP_FUSED_LANE_TILE is refused there and ignored on the rows
+    path. Every path is exact, with the epilogue too, in both layouts."""
+    rng = random.Random(batch)
+    x, weight, bias, gather, out_idx, stride, pad, dil, groups = random_case(rng)
+    x = torch.randn(batch, *x.shape[1:])
+    want = F.conv2d(x[:, gather], weight, bias, stride, pad, dil, groups)[:, out_idx]
+    residual = torch.randn_like(want)
+    args = (weight, bias, gather, out_idx, stride, pad, dil, groups)
+    lanes = path == "lanes" or (path == "auto" and fused.lanes_for(batch))
+    assert fused.lanes_for(batch) == (batch in (16, 32))  # 16 or 8 lanes: the same batches here
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        got = op(xl, *args, residual.contiguous(memory_format=layout), True, path=path)
+        assert torch.allclose(got, (want + residual).relu(), atol=1e-4, rtol=1e-4)
+        assert got.is_contiguous(memory_format=layout)
+    monkeypatch.setenv("GKP_FUSED_LANE_TILE", "3,3")
+    if lanes:
+        with pytest.raises(RuntimeError, match="GKP_FUSED_LANE_TILE"):
+            op(x, *args, path=path)
+    else:
+        assert torch.allclose(op(x, *args, path=path), want, atol=1e-4, rtol=1e-4)
+    monkeypatch.delenv("GKP_FUSED_LANE_TILE")
+    monkeypatch.setenv("GKP_FUSED_PATH", "lanes")  # the environment decides "auto" only
+    assert fused.lanes_for(batch)
+    if path == "rows":
+        assert torch.allclose(op(x, *args, path=path), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match='path must be "auto", "rows" or "lanes", got "cols"'):
+        op(x, *args, path="cols")
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_fused_rows_backend_is_exact_and_a_candidate_where_auto_takes_lanes(op, batch):
+    """``"fused_rows"`` runs the op's rows path (plain and inside an epilogue) and equals the
+    PyTorch form; autotune times it only where ``"fused"`` would take the lanes path."""
+    from gkp.autotune import candidates
+    from gkp.epilogue import fuse_epilogues
+
+    _, _, pruned = grouped_net()
+    x = torch.randn(batch, 3, 15, 15)
+    with torch.inference_mode():
+        want = pruned(x)
+        assert set_backend(pruned, "fused_rows") == 2
+        assert torch.allclose(pruned(x), want, atol=1e-5)
+        fused_net = fuse_epilogues(pruned)
+        assert torch.allclose(fused_net(x), want, atol=1e-5)
+    names = candidates(x)
+    assert ("fused_rows" in names) == (batch == 16) and names[1] == "fused"
