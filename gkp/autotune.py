@@ -73,17 +73,13 @@ def beats_dense(ms: float, dense_ms: float) -> bool:
 def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
     """The backends worth timing for ``layer`` (a grouped layer when None) on input ``x``:
     always the PyTorch ops and masked dense; for a grouped layer also channels-last, one conv
-    per group, the fused op for float32 on a CPU (and its rows path, ``"fused_rows"``, for a
-    batch the op would run on its lanes path: on the AMD EPYC the rows path ran ResNet-56's
-    16-channel layer at batch 64 in NCHW 1.6x as fast as the lanes path in channels-last) and
-    the Triton kernel for float32/bfloat16 on a CUDA GPU."""
+    per group, the fused op for float32 on a CPU and the Triton kernel for float32/bfloat16 on
+    a CUDA GPU."""
     if isinstance(layer, PerGroupConv2d):
         return list(PerGroupConv2d.BACKENDS)
     out = ["torch", "channels_last", "per_group", "dense"]
     if x.device.type == "cpu" and x.dtype == torch.float32 and fused.load():
         out.insert(1, "fused")
-        if fused.lanes_for(x.shape[0]):  # "fused" takes the lanes path: time the rows path too
-            out.insert(2, "fused_rows")
     if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16):
         from gkp import triton_conv
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build_id", "compile_source", "grouped_kernel_conv", "lanes_for", "load"]
+__all__ = ["available", "build_id", "compile_source", "grouped_kernel_conv", "load"]
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
 # -fopenmp: ATen's at::parallel_for is a header template that runs serially unless the op itself
@@ -106,7 +106,7 @@ def _register_fake() -> None:
     @torch.library.register_fake("gkp_fused::grouped_kernel_conv")
     def _fake(
         x, weight, bias, gather_index, output_index, stride, padding, dilation, groups,
-        residual=None, relu=False, path="auto",
+        residual=None, relu=False,
     ):  # fmt: skip
         shape = output_shape(x, weight, stride, padding, dilation)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
@@ -148,21 +148,11 @@ def grouped_kernel_conv(
     groups: int,
     residual: Tensor | None = None,
     relu: bool = False,
-    path: str = "auto",
 ) -> Tensor:
     """``conv2d(x[:, gather_index], weight, bias, groups=groups)[:, output_index]`` in one op,
     then ``+ residual`` (a float32 tensor of the output's shape) and a ReLU when asked: the
-    epilogue is applied as results reach the output, so it costs no pass of its own.
-    ``path``: ``"auto"`` (the lanes path for batches of :func:`lanes_for`, the rows path for the
-    others), ``"rows"`` or ``"lanes"`` to force one; any other value raises RuntimeError."""
+    epilogue is applied as results reach the output, so it costs no pass of its own."""
     return torch.ops.gkp_fused.grouped_kernel_conv(
         x, weight, bias, gather_index, output_index, list(stride), list(padding),
-        list(dilation), groups, residual, relu, path,
+        list(dilation), groups, residual, relu,
     )  # fmt: skip
-
-
-def lanes_for(batch: int) -> bool:
-    """Whether path ``"auto"`` runs a batch of ``batch`` images on the lanes path (16 or more
-    with AVX-512, 8 without, at most a quarter of the last vector's lanes empty; or as
-    ``GKP_FUSED_PATH`` forces). False when the op is not loaded."""
-    return available() and bool(torch.ops.gkp_fused.lanes_for(batch))

@@ -293,8 +293,7 @@ class GroupedKernelConv2d(_DeployForm):
 
     ``backend``: how inference runs (autograd off, e.g. under ``torch.inference_mode``; with
     autograd on it is always the PyTorch ops): ``"torch"`` (gather → grouped conv → un-permute),
-    ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs; the op picks its
-    path by batch size), ``"fused_rows"`` (the same op on its rows path at any batch), ``"triton"``
+    ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs), ``"triton"``
     (the one-op GPU kernel of :mod:`gkp.triton_conv`, float32/bfloat16 CUDA inputs),
     ``"channels_last"`` (the PyTorch ops on a channels-last copy of the gathered input: oneDNN
     picks other kernels for that layout), ``"per_group"`` (one conv per group, as
@@ -363,11 +362,11 @@ class GroupedKernelConv2d(_DeployForm):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.backend != "torch" and not torch.is_grad_enabled():
-            if self.backend in FUSED_PATHS and x.device.type == "cpu" and x.dtype == torch.float32:
+            if self.backend == "fused" and x.device.type == "cpu" and x.dtype == torch.float32:
                 c = self.conv
                 return fused.grouped_kernel_conv(
                     x, c.weight, c.bias, self.gather_index, self.output_index,
-                    c.stride, c.padding, c.dilation, self.n_groups, path=FUSED_PATHS[self.backend],
+                    c.stride, c.padding, c.dilation, self.n_groups,
                 )  # fmt: skip
             if self.backend == "triton" and x.is_cuda and x.dtype in _TRITON_DTYPES:
                 c = self.conv
@@ -515,12 +514,9 @@ class PerGroupConv2d(_DeployForm):
 DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
 
 
-BACKENDS = ("torch", "fused", "fused_rows", "triton", "channels_last", "per_group", "dense")
+BACKENDS = ("torch", "fused", "triton", "channels_last", "per_group", "dense")
 _CL = torch.channels_last
 _TRITON_DTYPES = (torch.float32, torch.bfloat16)
-# The fused op's backends and the path each passes to it: "fused" lets the op pick by batch size,
-# "fused_rows" forces its rows path (gkp.autotune times it where "fused" takes the lanes path)
-FUSED_PATHS = {"fused": "auto", "fused_rows": "rows"}
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
@@ -528,13 +524,12 @@ def set_backend(model: nn.Module, backend: str) -> int:
     ``PerGroupConv2d`` too where it has that backend: ``"torch"``, ``"dense"``; the others stay
     on ``"torch"``); returns how many layers run with it.
 
-    ``"fused"`` and ``"fused_rows"`` build (or load) the fused op first; when that is impossible
-    (no compiler) it warns, leaves the layers on ``"torch"`` and returns 0. Unknown names raise
-    ValueError.
+    ``"fused"`` builds (or loads) the fused op first; when that is impossible (no compiler) it
+    warns, leaves the layers on ``"torch"`` and returns 0. Unknown names raise ValueError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend in FUSED_PATHS and not fused.load():
+    if backend == "fused" and not fused.load():
         return 0
     if backend == "triton":
         from gkp import triton_conv  # registers the op

@@ -23,10 +23,6 @@
 // 3x3 and 1x1 kernels with unit stride and dilation get fully unrolled tap loops. A channels-last
 // output is staged as NCHW planes per image and transposed into place while in cache.
 //
-// The op's last argument, path = "auto" | "rows" | "lanes", picks the path: "auto" by batch size
-// as below, the others force one (gkp.autotune times the rows path on large batches too, where it
-// can be the faster: ResNet-56's 16-channel layer, 2 filters per group, in NCHW).
-//
 // The lanes path (batches of at least LANES images with at most a quarter of the lanes empty;
 // LANES = 16 with AVX-512, else 8; GKP_FUSED_PATH=lanes forces it): LANES images share each
 // vector, so every tap of every output pixel is one aligned vector load for any stride and
@@ -513,27 +509,17 @@ int64_t window_rows(int64_t row) {
   return env_count("GKP_FUSED_LANE_WINDOW", 1, l2_bytes() / 2 / (row * int64_t(sizeof(float))));
 }
 
-// Whether a batch of N runs on the lanes path. The op's argument `path` ("rows" or "lanes")
-// forces one (gkp.autotune times the rows path as a candidate of its own where "auto" picks the
-// lanes one: on the 2-core AMD EPYC the rows path ran ResNet-56's 16-channel layer at batch 64
-// in NCHW 1.6x as fast as the lanes path in channels-last); "auto" takes the lanes path for LANES
-// or more images with at most a quarter of the lanes empty, unless GKP_FUSED_PATH=lanes|rows
-// forces one (for tuning and tests).
-bool use_lanes(int64_t N, c10::string_view path) {
-  TORCH_CHECK(path == "auto" || path == "rows" || path == "lanes",
-              "gkp_fused: path must be \"auto\", \"rows\" or \"lanes\", got \"", path, "\"");
-  if (path != "auto") return path == "lanes";
-  if (const char* env = std::getenv("GKP_FUSED_PATH")) {
-    TORCH_CHECK(!std::strcmp(env, "lanes") || !std::strcmp(env, "rows"),
-                "gkp_fused: GKP_FUSED_PATH must be \"lanes\" or \"rows\", got \"", env, "\"");
-    return !std::strcmp(env, "lanes");
+// Whether a batch of N runs on the lanes path: LANES or more images with at most a quarter of the
+// lanes empty (GKP_FUSED_PATH=lanes|rows forces it, for tuning and tests).
+bool use_lanes(int64_t N) {
+  if (const char* path = std::getenv("GKP_FUSED_PATH")) {
+    TORCH_CHECK(!std::strcmp(path, "lanes") || !std::strcmp(path, "rows"),
+                "gkp_fused: GKP_FUSED_PATH must be \"lanes\" or \"rows\", got \"", path, "\"");
+    return !std::strcmp(path, "lanes");
   }
   const int64_t empty = (N + LANES - 1) / LANES * LANES - N;
   return N >= LANES && 4 * empty <= N;
 }
-
-// Whether path "auto" runs a batch of N on the lanes path (for gkp.autotune's candidates).
-bool lanes_for(int64_t N) { return use_lanes(N, "auto"); }
 
 // A call with fewer images than threads (where the rows path splits each image's work) and
 // fewer multiply-adds than this runs on the calling thread alone, with no parallel region
@@ -782,7 +768,7 @@ at::Tensor grouped_kernel_conv_cpu(
     const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
     const at::Tensor& gather_, const at::Tensor& output_index_, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::optional<at::Tensor>& residual_, bool relu, c10::string_view path) {
+    const std::optional<at::Tensor>& residual_, bool relu) {
   TORCH_CHECK(x_.dim() == 4 && weight_.dim() == 4, "gkp_fused: x and weight must be 4-D");
   TORCH_CHECK(x_.scalar_type() == at::kFloat && weight_.scalar_type() == at::kFloat,
               "gkp_fused: float32 only");
@@ -846,7 +832,7 @@ at::Tensor grouped_kernel_conv_cpu(
   const Epi e{residual.defined() ? residual.data_ptr<float>() : nullptr, relu};
 
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  if (use_lanes(N, path)) {
+  if (use_lanes(N)) {
     LGeo lg{g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.Ho, g.Wo, g.W + 2 * g.pw};
     return lanes_path(x, cl, weight, bp, gp, pos, groups, lg, y, e);
   }
@@ -1002,11 +988,10 @@ int64_t threads_used(int64_t tasks) {
 
 TORCH_LIBRARY(gkp_fused, m) {
   m.def("threads_used(int tasks) -> int");
-  m.def("lanes_for(int n) -> bool");
   m.def(
       "grouped_kernel_conv(Tensor x, Tensor weight, Tensor? bias, Tensor gather_index, "
       "Tensor output_index, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "Tensor? residual=None, bool relu=False, str path=\"auto\") -> Tensor");
+      "Tensor? residual=None, bool relu=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gkp_fused, CPU, m) {
@@ -1015,5 +1000,4 @@ TORCH_LIBRARY_IMPL(gkp_fused, CPU, m) {
 
 TORCH_LIBRARY_IMPL(gkp_fused, CompositeExplicitAutograd, m) {
   m.impl("threads_used", &threads_used);
-  m.impl("lanes_for", &lanes_for);
 }
