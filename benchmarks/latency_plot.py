@@ -4,8 +4,10 @@ several processors, titled ``<backend> (<cpu_name>)``), from latency.csv.
 
 Each point is one (method, model, batch, threads) of ``results/latency.csv`` (the last row when a
 run id was timed again): x = ideal speed-up (``macs_dense / macs`` of the deployed network),
-y = measured speed-up against dense *on the same backend*. Colours: one per method (as in the
-other figures); markers: one per (model, batch). The dashed diagonal is the ideal, the dotted
+y = measured speed-up against dense *on the same backend*, with a vertical bar over its 95%
+interval where the row has one (``speedup_low``-``speedup_high``: rows of 6 or more rounds since
+the interval was recorded). Colours: one per method (as in the other figures); markers: one per
+(model, batch). The dashed diagonal is the ideal, the dotted
 line no speed-up. Same CSV, same PNG (Agg, default style, no metadata). ``gkp-bench plot`` draws
 the CPU rows since :data:`benchmarks.latency.CPU_SINCE` only (earlier ones come from another
 machine, and one panel must not mix machines); GPU rows are all drawn.
@@ -13,6 +15,7 @@ machine, and one panel must not mix machines); GPU rows are all drawn.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,6 +74,9 @@ def latency_figure(
         for row in part.itertuples():
             style = {"color": palette[row.method], "marker": marker[(row.model, int(row.batch))]}
             ax.plot(row.ideal, row.speedup, linestyle="none", markersize=6, alpha=0.85, **style)
+            if math.isfinite(row.speedup_low) and math.isfinite(row.speedup_high):  # NaN: none
+                ax.vlines(row.ideal, row.speedup_low, row.speedup_high, colors=style["color"],
+                          linewidth=1, alpha=0.6)  # fmt: skip
         title = f"{backend} ({where})" if device != "cpu" or several else backend
         ax.set(title=title, xlim=(0.8, top), ylim=(0, top), xlabel="ideal speed-up (MACs ratio)")
         ax.grid(alpha=0.3)

@@ -652,3 +652,13 @@ def test_goals_count_the_rows_below_beyond_noise(tmp_path):
                                 speedup_high=0.99)])  # the last row of r2 counts  # fmt: skip
     (line,) = [g for g in goals_markdown(read_latency(path)).splitlines() if "every method" in g]
     assert line.endswith("3 below (1 beyond noise) | no |")
+
+
+def test_the_figure_draws_each_rows_interval_where_it_has_one(tmp_path):
+    path = tmp_path / "latency.csv"
+    append_rows(path, [good_row(speedup=1.9, speedup_low=1.8, speedup_high=2.05),
+                       good_row(run_id="untrained-other", speedup=1.5)])  # fmt: skip
+    (ax,) = latency_figure(path).axes
+    assert len(ax.lines) == 2 + 2  # the guide lines and the two points
+    (bars,) = ax.collections  # one bar: the second row has no interval
+    assert [seg.tolist() for seg in bars.get_segments()] == [[[2.0, 1.8], [2.0, 2.05]]]
