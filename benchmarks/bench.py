@@ -151,7 +151,8 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
             fns, xb, rounds=cfg.bench_rounds, warmup=5, threads=threads
         )
         d, p = stats["dense"], stats["pruned"]
-        interval = metrics.speedup_interval(d.times_ms, p.times_ms) or (None, None)
+        paired, interval = metrics.paired_speedup(d.times_ms, p.times_ms)
+        interval = interval or (None, None)
         rows.append(
             {
                 "model": cfg.model,
@@ -166,6 +167,7 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
                 "speedup": d.median_ms / p.median_ms,
                 "speedup_low": interval[0],
                 "speedup_high": interval[1],
+                "speedup_paired": paired,
                 "macs_dense": macs_dense,
                 "macs": macs,
                 "ideal": macs_dense / macs,

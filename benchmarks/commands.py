@@ -317,10 +317,12 @@ def cmd_bench(args: argparse.Namespace) -> Result:
 
 
 def _interval(row: dict[str, Any]) -> str:
-    """`` [low–high]``: the row's 95% speed-up interval (gkp.metrics.speedup_interval), or ""
-    (fewer than 6 rounds, or not recorded)."""
-    low, high = row.get("speedup_low"), row.get("speedup_high")
-    return "" if low is None or high is None else f" [{low:.2f}–{high:.2f}]"
+    """`` (paired x1.25 [1.22–1.28])``: the median per-round speed-up and its 95% interval
+    (gkp.metrics.paired_speedup; the interval from 6 rounds), or "" (not recorded)."""
+    paired, low, high = (row.get(k) for k in ("speedup_paired", "speedup_low", "speedup_high"))
+    if paired is None:
+        return ""
+    return f" (paired x{paired:.2f}" + ("" if low is None else f" [{low:.2f}–{high:.2f}]") + ")"
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> Result:

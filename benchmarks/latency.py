@@ -92,14 +92,23 @@ LATENCY_SCHEMA: tuple[Column, ...] = (
         "under 6 rounds and in rows measured before it was recorded",
     ),
     _c("speedup_high", "float", "x", "upper end of that interval"),
+    _c(
+        "speedup_paired",
+        "float",
+        "x",
+        "median of the per-round speed-ups (gkp.metrics.paired_speedup), the estimate the "
+        "interval is for; empty in rows measured before it was recorded",
+    ),
 )
 COLUMNS = tuple(c.name for c in LATENCY_SCHEMA)
 _BY_NAME = {c.name: c for c in LATENCY_SCHEMA}
-OPTIONAL = ("backend_info", "command", "cpu_name", "speedup_low", "speedup_high")
+OPTIONAL = ("backend_info", "command", "cpu_name", "speedup_low", "speedup_high", "speedup_paired")
 REQUIRED = tuple(c for c in COLUMNS if c not in OPTIONAL)
 # Headers of older files (prefixes of COLUMNS): they read with the missing columns empty, and
 # the next append upgrades the file in place (benchmarks.csvtable.upgraded_bytes).
-LEGACY_HEADERS = (COLUMNS[: COLUMNS.index("cpu_name")], COLUMNS[: COLUMNS.index("speedup_low")])
+LEGACY_HEADERS = tuple(
+    COLUMNS[: COLUMNS.index(first)] for first in ("cpu_name", "speedup_low", "speedup_paired")
+)
 
 
 def _check(row: Mapping[str, object]) -> tuple[dict, list[str]]:
@@ -204,6 +213,7 @@ def rows_from_suite(pairs: Iterable[Mapping[str, Any]], command: str) -> list[di
             "cpu_name": p.get("cpu_name") or "",
             "speedup_low": p.get("speedup_low"),
             "speedup_high": p.get("speedup_high"),
+            "speedup_paired": p.get("speedup_paired"),
         })  # fmt: skip
     return rows
 
@@ -265,7 +275,8 @@ def latency_rows(
             )  # fmt: skip
             d, p = stats["dense"], stats["pruned"]
             speedup = d.median_ms / p.median_ms
-            interval = metrics.speedup_interval(d.times_ms, p.times_ms) or (None, None)
+            paired, interval = metrics.paired_speedup(d.times_ms, p.times_ms)
+            interval = interval or (None, None)
             rows.append({
                 **ident,
                 "input_shape": "x".join(map(str, sample_shape)),
@@ -291,6 +302,7 @@ def latency_rows(
                 "cpu_name": cpu_name(),
                 "speedup_low": interval[0],
                 "speedup_high": interval[1],
+                "speedup_paired": paired,
             })  # fmt: skip
             if progress is not None:
                 progress(rows[-1])

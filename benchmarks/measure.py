@@ -193,7 +193,7 @@ def _interleaved_row(info: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("model", "method", "config", "backend", "form", "batch", "input_shape", "device",
             "dense_ms", "dense_iqr_ms", "pruned_ms", "pruned_iqr_ms", "speedup", "threads",
             "macs", "macs_dense", "rounds", "engine", "backend_info", "cpu_name",
-            "speedup_low", "speedup_high")  # fmt: skip
+            "speedup_low", "speedup_high", "speedup_paired")  # fmt: skip
     return {**{k: info.get(k) for k in keys}, **_ideal(info, info["speedup"])}
 
 

@@ -21,10 +21,10 @@ machine reuses them untimed (``backend_info["cached"]``) and only times the netw
 Each result carries model, method, config, backend, form, batch, threads, MACs, dense MACs and
 the ideal speed-up in ``extra_info``; ``gkp-bench bench --from-json`` pairs each with dense on
 the same backend, batch and threads. Protocol: eval(), inference_mode, warm-up, fixed thread
-count, median and IQR over the rounds; compare ratios within one run only. ``speedup_low`` and
-``speedup_high``: a 95% interval for the median of the per-round speed-ups
-(:func:`gkp.metrics.speedup_interval`; None under 6 rounds, as ResNet-50 at batch 16 gets with the
-default budget: raise ``GKP_BENCH_SECONDS`` for one).
+count, median and IQR over the rounds; compare ratios within one run only. ``speedup`` is the
+ratio of the two medians; ``speedup_paired`` the median of the per-round speed-ups and
+``speedup_low``, ``speedup_high`` its 95% interval (:func:`gkp.metrics.paired_speedup`; None under
+6 rounds, as ResNet-50 at batch 16 gets with the default budget: raise ``GKP_BENCH_SECONDS``).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_latency(benchmark, model, method, backend, batch):
         rounds = max(3, min(30, int(SECONDS / max(once, 1e-6))))
         out = benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     dense_ms, pruned_ms = (statistics.median(times[k][-rounds:]) * 1e3 for k in times)
-    interval = metrics.speedup_interval(times["dense"][-rounds:], times["pruned"][-rounds:])
+    paired, interval = metrics.paired_speedup(times["dense"][-rounds:], times["pruned"][-rounds:])
     DENSE_SECONDS[key] = dense_ms / 1e3
     benchmark.group = f"{model} {backend} batch {batch}"
     benchmark.extra_info.update(
@@ -144,6 +144,7 @@ def test_latency(benchmark, model, method, backend, batch):
         dense_iqr_ms=_iqr(times["dense"][-rounds:]), pruned_iqr_ms=_iqr(times["pruned"][-rounds:]),
         speedup=dense_ms / pruned_ms, cpu_name=cpu_name(),
         speedup_low=interval and interval[0], speedup_high=interval and interval[1],
+        speedup_paired=paired,
     )  # fmt: skip
     assert tuple(out.shape)[0] == batch
 

@@ -209,11 +209,27 @@ def speedup_interval(
     interleaved run (round ``i`` timed both networks, so slow drifts of the machine cancel in
     each ratio). An interval whose upper end is below a target says the network is slower than
     that beyond noise; one that contains it says the rounds cannot tell. None under 6 rounds."""
-    if len(dense_ms) != len(pruned_ms):
+    return median_interval(_round_ratios(dense_ms, pruned_ms), level)
+
+
+def paired_speedup(
+    dense_ms: Sequence[float], pruned_ms: Sequence[float], level: float = 0.95
+) -> tuple[float, tuple[float, float] | None]:
+    """The median of the per-round speed-ups ``dense_ms[i] / pruned_ms[i]`` and its
+    :func:`speedup_interval`. Where the machine's speed changes during the run (a slowed core
+    for some rounds), the two medians ``median(dense) / median(pruned)`` can come from rounds of
+    different speed; each round's ratio cannot, so the paired median is the steadier estimate."""
+    ratios = _round_ratios(dense_ms, pruned_ms)
+    return statistics.median(ratios), median_interval(ratios, level)
+
+
+def _round_ratios(dense_ms: Sequence[float], pruned_ms: Sequence[float]) -> list[float]:
+    if len(dense_ms) != len(pruned_ms) or not dense_ms:
         raise ValueError(
-            f"speedup_interval needs paired rounds: {len(dense_ms)} dense, {len(pruned_ms)} pruned"
+            f"the speed-up of an interleaved run needs paired rounds: {len(dense_ms)} dense, "
+            f"{len(pruned_ms)} pruned"
         )
-    return median_interval([d / p for d, p in zip(dense_ms, pruned_ms, strict=True)], level)
+    return [d / p for d, p in zip(dense_ms, pruned_ms, strict=True)]
 
 
 def _positive_int(name: str, value: object, least: int) -> int:

@@ -295,6 +295,7 @@ def test_bench_untrained_reports_ratios(capsys):
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
         assert r["threads"] == 1
         assert r["speedup_low"] is None and r["speedup_high"] is None  # 2 rounds: too few
+        assert r["speedup_paired"] > 0
 
 
 def test_bench_text_gives_the_speedup_interval_with_enough_rounds(capsys):
@@ -305,7 +306,9 @@ def test_bench_text_gives_the_speedup_interval_with_enough_rounds(capsys):
     assert len(lines) == 2
     for line in lines:  # 6 rounds: the smallest and the largest per-round speed-up
         low, high = (float(v) for v in line.split(" [")[1].split("]")[0].split("–"))
+        paired = float(line.split("(paired x")[1].split(" ")[0])
         assert 0 < low <= float(line.split("speed-up x")[1].split(" ")[0]) <= high
+        assert low <= paired <= high
 
 
 def test_tmi_without_snapshots_names_the_command(pipeline, capsys):

@@ -493,11 +493,12 @@ def test_interleaved_suite_entries_give_one_row_each(tmp_path):
     assert read_latency(out / "latency.csv")["cpu_name"].tolist() == ["", "Suite CPU", "Info CPU"]
     assert read_latency(out / "latency.csv")["speedup_low"].isna().all()  # none recorded
     entry = {"stats": {"median": 0.05, "iqr": 0.001, "rounds": 9},
-             "extra_info": info | {"speedup_low": 1.4, "speedup_high": 1.6}}  # fmt: skip
+             "extra_info": info | {"speedup_low": 1.4, "speedup_high": 1.6,
+                                   "speedup_paired": 1.45}}  # fmt: skip
     path.write_text(json.dumps({"benchmarks": [entry]}))
     assert main(["bench", "--from-json", str(path), "--save", "--out", str(out)]) == 0
     last = read_latency(out / "latency.csv").iloc[-1]
-    assert (last["speedup_low"], last["speedup_high"]) == (1.4, 1.6)
+    assert (last["speedup_low"], last["speedup_high"], last["speedup_paired"]) == (1.4, 1.6, 1.45)
 
 
 def test_rows_record_the_processor_that_timed_them():
@@ -519,7 +520,7 @@ def test_a_file_without_the_cpu_column_reads_and_is_upgraded_on_append(tmp_path)
     assert read_latency(path)["cpu_name"].tolist() == [""]
     append_rows(path, [good_row(cpu_name="AMD EPYC")])
     lines = path.read_bytes().splitlines(keepends=True)
-    assert lines == [csv_line(list(COLUMNS)), record[:-1] + b",,,\n", lines[2]]
+    assert lines == [csv_line(list(COLUMNS)), record[:-1] + b",,,,\n", lines[2]]
     assert read_latency(path)["cpu_name"].tolist() == ["", "AMD EPYC"]
 
 
@@ -616,23 +617,34 @@ def test_rows_of_enough_rounds_carry_the_speedup_interval(monkeypatch):
     assert len(d) == len(p) == 10 and row["dense_ms"] == seen["dense"].median_ms
     ratios = sorted(a / b for a, b in zip(d, p, strict=True))
     assert (row["speedup_low"], row["speedup_high"]) == (ratios[1], ratios[8])
+    assert row["speedup_paired"] == (ratios[4] + ratios[5]) / 2  # the median of 10
 
 
-def test_a_file_without_the_interval_columns_reads_and_is_upgraded_on_append(tmp_path):
+@pytest.mark.parametrize("first_missing", ["speedup_low", "speedup_paired"])
+def test_a_file_without_the_interval_columns_reads_and_is_upgraded_on_append(
+    tmp_path, first_missing
+):
+    """Files from before the interval (or before the paired median): read with those columns
+    empty; the next append writes the current header and pads the old records."""
     path = tmp_path / "latency.csv"
-    old = LEGACY_HEADERS[1]
-    assert old == COLUMNS[: COLUMNS.index("speedup_low")] and COLUMNS[-1] == "speedup_high"
-    record = csv_line([good_row(cpu_name="EPYC")[c] if c != "backend_info" else "{}"
-                       for c in old])  # fmt: skip
+    old = COLUMNS[: COLUMNS.index(first_missing)]
+    assert old in LEGACY_HEADERS and COLUMNS[-3:] == ("speedup_low", "speedup_high",
+                                                      "speedup_paired")  # fmt: skip
+    row = good_row(cpu_name="EPYC", speedup_low=1.8, speedup_high=2.2)
+    record = csv_line([row[c] if c != "backend_info" else "{}" for c in old])
     path.write_bytes(csv_line(list(old)) + record)
-    assert read_latency(path)["speedup_low"].isna().all()
-    append_rows(path, [good_row(cpu_name="EPYC", speedup_low=1.9, speedup_high=2.1)])
+    assert read_latency(path)[first_missing].isna().all()
+    append_rows(path, [good_row(cpu_name="EPYC", speedup_low=1.9, speedup_high=2.1,
+                                speedup_paired=2.0)])  # fmt: skip
     lines = path.read_bytes().splitlines(keepends=True)
-    assert lines == [csv_line(list(COLUMNS)), record[:-1] + b",,\n", lines[2]]
+    pad = b"," * (len(COLUMNS) - len(old))
+    assert lines == [csv_line(list(COLUMNS)), record[:-1] + pad + b"\n", lines[2]]
     frame = read_latency(path)
-    assert frame["speedup_high"].tolist()[1] == 2.1 and frame["speedup_high"].isna().tolist()[0]
-    with pytest.raises(LeaderboardError, match="speedup_low"):
-        append_rows(path, [good_row(speedup_low="wide")])
+    assert frame["speedup_paired"].tolist()[1] == 2.0 and frame["speedup_paired"].isna()[0]
+    assert frame["speedup_high"].tolist()[1] == 2.1
+    for column in ("speedup_low", "speedup_paired"):
+        with pytest.raises(LeaderboardError, match=column):
+            append_rows(path, [good_row(**{column: "wide"})])
 
 
 def test_goals_count_the_rows_below_beyond_noise(tmp_path):

@@ -3,6 +3,8 @@
 No test here looks at how long anything took: timings are replaced where a value is needed.
 """
 
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -251,3 +253,17 @@ def test_speedup_interval_divides_round_by_round():
     assert metrics.speedup_interval(dense[:5], pruned[:5]) is None
     with pytest.raises(ValueError, match="paired rounds: 10 dense, 9 pruned"):
         metrics.speedup_interval(dense, pruned[:9])
+
+
+def test_paired_speedup_is_the_median_round_ratio_where_the_medians_disagree():
+    """The machine slows down (2x) from the middle of the fourth round on, between that round's
+    pruned and dense calls: the median of the dense times is a fast round's, the pruned one a
+    slow round's, and their ratio reads 0.5; every other round compares like with like."""
+    dense = [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    pruned = [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert statistics.median(dense) / statistics.median(pruned) == 0.5
+    paired, interval = metrics.paired_speedup(dense, pruned)
+    assert paired == 1.0 and interval == (0.5, 1.0)  # 7 rounds: the smallest and largest ratio
+    assert metrics.paired_speedup(dense[:5], pruned[:5]) == (1.0, None)
+    with pytest.raises(ValueError, match="paired rounds: 0 dense, 0 pruned"):
+        metrics.paired_speedup([], [])

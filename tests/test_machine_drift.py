@@ -42,4 +42,7 @@ def test_aa_check_times_two_preparations_of_one_dense_network():
     import aa_check
 
     ratios = aa_check.aa_ratios("resnet56", "eager", batch=1, rounds=2, repeat=2, threads=1)
-    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    assert len(ratios) == 2 and all(r > 0 and m > 0 and i is None for r, m, i in ratios)
+    ((r, m, (low, high)),) = aa_check.aa_ratios("resnet56", "eager", batch=1, rounds=6, repeat=1,
+                                                threads=1)  # fmt: skip
+    assert 0 < low <= min(r, m) <= max(r, m) <= high  # 6 rounds: smallest, largest round ratio
