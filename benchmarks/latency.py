@@ -218,6 +218,16 @@ def rows_from_suite(pairs: Iterable[Mapping[str, Any]], command: str) -> list[di
     return rows
 
 
+def suite_rounds(seconds: float, once: float) -> int:
+    """Timed rounds of a latency-suite test: its budget ``seconds`` over one round's time
+    ``once`` (seconds), at least 3 and at most 30, and at least 6 (the fewest that give a
+    speed-up interval, :func:`gkp.metrics.speedup_interval`) where 6 rounds fit in twice the
+    budget: ResNet-56 at batch 64 (about 0.2 s a round on 2 cores) gets its interval for a round
+    or two more, ResNet-50 at batch 16 (1.4 s) keeps 3 at the default budget of 1 s."""
+    rounds = max(3, min(30, int(seconds / max(once, 1e-6))))
+    return max(rounds, 6) if 6 * once <= 2 * seconds else rounds
+
+
 def untrained_run_id(model: str, config: str, input_shape: Sequence[int]) -> str:
     """``run_id`` of latency rows of a freshly initialised network (no leaderboard row)."""
     key = f"{model}|{config}|{tuple(input_shape)}".encode()

@@ -10,13 +10,14 @@ the same MACs target (0.436, the GKP paper's ResNet-56 setting; GKP-family metho
 
 Environment: ``GKP_BENCH_THREADS`` (default: all cores); ``GKP_BENCH_BACKENDS`` (comma list,
 default ``eager,autotune,onnxruntime,openvino``; add ``fused``, ``compile``);
-``GKP_BENCH_SECONDS`` (timing budget per benchmark, default 1: rounds = budget / one call, at
-least 3, at most 30); ``GKP_BENCH_CACHE`` (folder caching each pruned structure, default
-``~/.cache/gkp-bench/structures``; ``0`` prunes and tunes every time: ResNet-50 with sr-gkp or
-tmi-gkp takes minutes, so the first run is the slow one). Beside each structure a
-``.tune.json`` keeps the tuning choices (autotune's per-layer backends, the runtimes' network
-form) per backend, engine version, processor, batch shape and threads: a later run on the same
-machine reuses them untimed (``backend_info["cached"]``) and only times the networks.
+``GKP_BENCH_SECONDS`` (timing budget per benchmark, default 1: rounds = budget / one round, at
+least 3, at most 30, and at least 6 where 6 fit in twice the budget:
+:func:`benchmarks.latency.suite_rounds`); ``GKP_BENCH_CACHE`` (folder caching each pruned
+structure, default ``~/.cache/gkp-bench/structures``; ``0`` prunes and tunes every time:
+ResNet-50 with sr-gkp or tmi-gkp takes minutes, so the first run is the slow one). Beside each
+structure a ``.tune.json`` keeps the tuning choices (autotune's per-layer backends, the runtimes'
+network form) per backend, engine version, processor, batch shape and threads: a later run on the
+same machine reuses them untimed (``backend_info["cached"]``) and only times the networks.
 
 Each result carries model, method, config, backend, form, batch, threads, MACs, dense MACs and
 the ideal speed-up in ``extra_info``; ``gkp-bench bench --from-json`` pairs each with dense on
@@ -42,6 +43,7 @@ import torch
 from benchmarks.backends import missing, prepare, structure_digest, version
 from benchmarks.bench import cached_untrained, load_tune_cache, save_tune_cache, tune_cache_path
 from benchmarks.environment import cpu_name
+from benchmarks.latency import suite_rounds
 from benchmarks.runconfig import RunConfig
 from gkp import metrics
 from gkp.api import list_methods
@@ -129,7 +131,7 @@ def test_latency(benchmark, model, method, backend, batch):
         else:
             one_round()  # warm-up, and the cost of one round
             once = times["dense"].pop() + times["pruned"].pop()
-        rounds = max(3, min(30, int(SECONDS / max(once, 1e-6))))
+        rounds = suite_rounds(SECONDS, once)
         out = benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     dense_ms, pruned_ms = (statistics.median(times[k][-rounds:]) * 1e3 for k in times)
     paired, interval = metrics.paired_speedup(times["dense"][-rounds:], times["pruned"][-rounds:])

@@ -26,6 +26,7 @@ from benchmarks.latency import (
     latency_rows,
     read_latency,
     rows_from_suite,
+    suite_rounds,
     untrained_run_id,
 )
 from benchmarks.latency_plot import latency_figure
@@ -674,3 +675,13 @@ def test_the_figure_draws_each_rows_interval_where_it_has_one(tmp_path):
     assert len(ax.lines) == 2 + 2  # the guide lines and the two points
     (bars,) = ax.collections  # one bar: the second row has no interval
     assert [seg.tolist() for seg in bars.get_segments()] == [[[2.0, 1.8], [2.0, 2.05]]]
+
+
+@pytest.mark.parametrize(
+    "seconds,once,rounds",
+    [(1, 0.006, 30), (1, 0.05, 20), (1, 0.17, 6), (1, 0.2, 6), (1, 0.25, 6), (1, 0.33, 6),
+     (1, 0.34, 3), (1, 0.7, 3), (1, 1.4, 3), (8, 0.17, 30), (8, 1.4, 6), (20, 1.4, 14),
+     (1, 0.0, 30)],
+)  # fmt: skip
+def test_suite_rounds_give_an_interval_where_six_fit_twice_the_budget(seconds, once, rounds):
+    assert suite_rounds(seconds, once) == rounds
