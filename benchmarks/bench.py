@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmarks.latency import paired_columns
 from benchmarks.measure import bench_from_json, timed_forms
 from benchmarks.runner import RunConfig, fresh_model
 from gkp import metrics
@@ -151,8 +152,6 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
             fns, xb, rounds=cfg.bench_rounds, warmup=5, threads=threads
         )
         d, p = stats["dense"], stats["pruned"]
-        paired, interval = metrics.paired_speedup(d.times_ms, p.times_ms)
-        interval = interval or (None, None)
         rows.append(
             {
                 "model": cfg.model,
@@ -165,9 +164,7 @@ def bench_untrained(cfg: RunConfig) -> list[dict[str, Any]]:
                 "dense_iqr_ms": d.iqr_ms,
                 "pruned_iqr_ms": p.iqr_ms,
                 "speedup": d.median_ms / p.median_ms,
-                "speedup_low": interval[0],
-                "speedup_high": interval[1],
-                "speedup_paired": paired,
+                **paired_columns(d.times_ms, p.times_ms),
                 "macs_dense": macs_dense,
                 "macs": macs,
                 "ideal": macs_dense / macs,

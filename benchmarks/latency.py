@@ -218,6 +218,15 @@ def rows_from_suite(pairs: Iterable[Mapping[str, Any]], command: str) -> list[di
     return rows
 
 
+def paired_columns(dense_ms: Sequence[float], pruned_ms: Sequence[float]) -> dict[str, Any]:
+    """A row's ``speedup_paired``, ``speedup_low`` and ``speedup_high`` from the per-round times
+    of an interleaved run (:func:`gkp.metrics.paired_speedup`; the interval None under 6 rounds):
+    the one place the suite, ``gkp-bench bench`` and the latency rows make them."""
+    paired, interval = metrics.paired_speedup(dense_ms, pruned_ms)
+    low, high = interval or (None, None)
+    return {"speedup_paired": paired, "speedup_low": low, "speedup_high": high}
+
+
 def suite_rounds(seconds: float, once: float) -> int:
     """Timed rounds of a latency-suite test: its budget ``seconds`` over one round's time
     ``once`` (seconds), at least 3 and at most 30, and at least 6 (the fewest that give a
@@ -285,8 +294,6 @@ def latency_rows(
             )  # fmt: skip
             d, p = stats["dense"], stats["pruned"]
             speedup = d.median_ms / p.median_ms
-            paired, interval = metrics.paired_speedup(d.times_ms, p.times_ms)
-            interval = interval or (None, None)
             rows.append({
                 **ident,
                 "input_shape": "x".join(map(str, sample_shape)),
@@ -310,9 +317,7 @@ def latency_rows(
                 "date": utc_now(),
                 "command": command,
                 "cpu_name": cpu_name(),
-                "speedup_low": interval[0],
-                "speedup_high": interval[1],
-                "speedup_paired": paired,
+                **paired_columns(d.times_ms, p.times_ms),
             })  # fmt: skip
             if progress is not None:
                 progress(rows[-1])

@@ -43,7 +43,7 @@ import torch
 from benchmarks.backends import missing, prepare, structure_digest, version
 from benchmarks.bench import cached_untrained, load_tune_cache, save_tune_cache, tune_cache_path
 from benchmarks.environment import cpu_name
-from benchmarks.latency import suite_rounds
+from benchmarks.latency import paired_columns, suite_rounds
 from benchmarks.runconfig import RunConfig
 from gkp import metrics
 from gkp.api import list_methods
@@ -134,7 +134,6 @@ def test_latency(benchmark, model, method, backend, batch):
         rounds = suite_rounds(SECONDS, once)
         out = benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     dense_ms, pruned_ms = (statistics.median(times[k][-rounds:]) * 1e3 for k in times)
-    paired, interval = metrics.paired_speedup(times["dense"][-rounds:], times["pruned"][-rounds:])
     DENSE_SECONDS[key] = dense_ms / 1e3
     benchmark.group = f"{model} {backend} batch {batch}"
     benchmark.extra_info.update(
@@ -145,8 +144,7 @@ def test_latency(benchmark, model, method, backend, batch):
         interleaved=True, rounds=rounds, dense_ms=dense_ms, pruned_ms=pruned_ms,
         dense_iqr_ms=_iqr(times["dense"][-rounds:]), pruned_iqr_ms=_iqr(times["pruned"][-rounds:]),
         speedup=dense_ms / pruned_ms, cpu_name=cpu_name(),
-        speedup_low=interval and interval[0], speedup_high=interval and interval[1],
-        speedup_paired=paired,
+        **paired_columns(times["dense"][-rounds:], times["pruned"][-rounds:]),
     )  # fmt: skip
     assert tuple(out.shape)[0] == batch
 
