@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from gkp import fused, metrics
 from gkp.fold import fold_batchnorm
+from gkp.memory import keep_freed_memory
 from gkp.nn import densify, grouped_plans, per_group_plans, set_backend
 
 __all__ = ["BACKENDS", "Prepared", "missing", "prepare", "version"]
@@ -121,7 +122,9 @@ def prepare(
     its own would only let timing noise pick the slower one.
     ``info["openmp"]``: the OpenMP wait and binding settings in the environment
     (:func:`gkp.autotune.openmp_settings`), only when any is set: they change CPU timings and
-    the choices (which are kept apart per setting).
+    the choices (which are kept apart per setting). ``info["allocator"]``: PyTorch's CPU
+    allocator (:func:`gkp.memory.keep_freed_memory`, installed here before anything is timed:
+    ``"caching"`` unless ``GKP_CPU_CACHE=off`` or it cannot be built, then ``"default"``).
     Raises RuntimeError (with the fix) when the backend cannot run here.
     """
     why = missing(backend)
@@ -129,11 +132,12 @@ def prepare(
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
     from gkp.autotune import openmp_settings
 
+    alloc = keep_freed_memory()
     fn, info = _prepare(
         backend, model, example, threads, tune_rounds, cache, dense_layout, dense_structure
     )
     omp = openmp_settings(example)
-    return fn, ({**info, "openmp": omp} if omp else info)
+    return fn, {**info, "allocator": alloc, **({"openmp": omp} if omp else {})}
 
 
 def _prepare(

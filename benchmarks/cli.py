@@ -18,6 +18,7 @@ from typing import Any
 
 from benchmarks import commands
 from benchmarks.measure import DEFAULT_DEPLOY, DEPLOYS
+from gkp import memory
 from gkp.checkpoint import CheckpointError
 from gkp.data import DatasetNotFoundError
 
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = "gkp-bench " + shlex.join(argv)
     try:
+        if args.command in ("prune", "run", "bench"):  # they time networks: refuse a bad value now
+            memory.limit_mb()
         result, text = commands.dispatch(args)
     except EXPECTED as err:
         msg = str(err)

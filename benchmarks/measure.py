@@ -41,7 +41,7 @@ DEPLOYS = ("torch", "fused", "autotune")
 DEFAULT_DEPLOY = "autotune"
 
 
-_KEPT = ("form", "layout", "dense_layout", "autotune", "epilogues", "cached")
+_KEPT = ("form", "layout", "dense_layout", "autotune", "epilogues", "cached", "allocator")
 
 
 def timed_forms(
@@ -64,9 +64,12 @@ def timed_forms(
     for the pruned network per-layer tuning and the race against its masked dense form; so the
     speed-up is against the fastest dense network on the same backend, as in
     ``results/latency.csv``. ``tune_cache`` (the pruned network's choices, see ``prepare``):
-    choices found there are reused untimed, new ones are stored in it.
+    choices found there are reused untimed, new ones are stored in it. Every deploy first installs
+    the caching CPU allocator (:func:`gkp.memory.keep_freed_memory`; ``"allocator"`` in what
+    comes back says which one ran).
     """
     from benchmarks.backends import prepare, structure_digest
+    from gkp.memory import keep_freed_memory
     from gkp.nn import set_backend
 
     if deploy not in DEPLOYS:
@@ -74,7 +77,9 @@ def timed_forms(
     if deploy != "autotune":
         nets = {"dense": dense, "pruned": pruned, **(also or {})}
         fns = {k: copy.deepcopy(m).to(example.device).eval() for k, m in nets.items()}
-        picked = {"fused_layers": set_backend(fns["pruned"], "fused")} if deploy == "fused" else {}
+        picked = {"allocator": keep_freed_memory()}
+        if deploy == "fused":
+            picked["fused_layers"] = set_backend(fns["pruned"], "fused")
         return fns, picked
     run_dense, info = prepare("autotune", dense, example, threads)
     layout, structure = info.get("layout"), structure_digest(dense)

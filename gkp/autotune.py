@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gkp import fused, metrics
+from gkp import fused, memory, metrics
 from gkp.nn import DEPLOY_FORMS, PerGroupConv2d
 
 __all__ = [
@@ -108,7 +108,10 @@ def tune_key(example: Tensor, threads: int | None = None) -> str:
     """Where choices hold: device and processor, dtype, input shape, threads, torch version,
     the candidates a grouped layer is timed among, the fused kernel's build, how choices are
     made (:data:`TUNE_VERSION`) and, on a CPU, the OpenMP settings of :data:`OPENMP_SETTINGS`
-    that are set (none set: no part in the key, so keys made without them stay valid)."""
+    that are set (none set: no part in the key, so keys made without them stay valid) and
+    ``alloc=caching`` while the caching CPU allocator is installed
+    (:func:`gkp.memory.keep_freed_memory`: no page faults in the timed calls, so the timings, and
+    the choices, differ)."""
     if example.is_cuda:
         where = f"cuda:{torch.cuda.get_device_name(example.device)}"
     else:
@@ -120,6 +123,8 @@ def tune_key(example: Tensor, threads: int | None = None) -> str:
     if "fused" in tried:
         tried += f"|fused={fused.build_id()}"  # a changed kernel: re-tune
     key = f"{where}|{dtype}|{shape}|threads={n}|torch={torch.__version__}|{tried}|v{TUNE_VERSION}"
+    if not example.is_cuda and memory.allocator() == "caching":
+        key += "|alloc=caching"
     return key + "".join(f"|{k}={v}" for k, v in sorted(openmp_settings(example).items()))
 
 
