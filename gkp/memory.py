@@ -20,8 +20,12 @@ Only new CPU tensors come from it; nothing else changes. The latency backends
 record it (``"allocator"``: ``"caching"`` or ``"default"``).
 
 ``GKP_CPU_CACHE`` (environment): unset or ``on``, a limit of :data:`DEFAULT_LIMIT_MB` MB kept;
-a number, that limit in MB; ``off``, PyTorch's default allocator. Without a C++ compiler it
-warns once and keeps the default allocator.
+a number, that limit in MB (a lower one than before frees kept blocks down to it); ``off`` or
+``0``, no caching. Without a C++ compiler it warns once and keeps the default allocator. Once
+built and installed it stays PyTorch's CPU allocator for the process (turned off, every freed
+block goes straight back to ``free``, as with the default one): handing the slot back could let
+oneDNN free a block of its table elsewhere (``gkp/csrc/caching_allocator.cpp``). Not reported to
+PyTorch's memory profiler.
 """
 
 from __future__ import annotations
@@ -33,28 +37,39 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_LIMIT_MB", "ENV", "allocator", "keep_freed_memory", "limit_mb", "stats"]
+__all__ = [
+    "DEFAULT_LIMIT_MB",
+    "ENV",
+    "MAX_LIMIT_MB",
+    "allocator",
+    "keep_freed_memory",
+    "limit_mb",
+    "stats",
+    "uninstall",
+]
 
 ENV = "GKP_CPU_CACHE"
 DEFAULT_LIMIT_MB = 4096
+MAX_LIMIT_MB = 1 << 20  # 1 TiB
 SOURCE = Path(__file__).with_name("csrc") / "caching_allocator.cpp"
 _lock = threading.Lock()
 _built: dict[str, bool] = {}
 
 
 def limit_mb() -> int | None:
-    """The limit ``GKP_CPU_CACHE`` asks for, in MB (None: ``off``). ValueError for a value that
-    is none of ``on``, ``off`` or a whole number >= 0, so a command can refuse it up front."""
+    """The limit ``GKP_CPU_CACHE`` asks for, in MB (None: ``off`` or ``0``). ValueError for a
+    value that is none of ``on``, ``off`` or a whole number of MB up to :data:`MAX_LIMIT_MB`, so
+    a command can refuse it up front."""
     raw = os.environ.get(ENV, "on").strip().lower()
     if raw in ("", "on"):
         return DEFAULT_LIMIT_MB
     if raw == "off":
         return None
-    if raw.isdigit():
-        return int(raw)
+    if raw.isascii() and raw.isdigit() and int(raw) <= MAX_LIMIT_MB:
+        return int(raw) or None
     raise ValueError(
         f"{ENV}={raw!r} is not a setting: use on (a {DEFAULT_LIMIT_MB} MB cache), off (PyTorch's "
-        "default CPU allocator) or a limit in MB"
+        f"default CPU allocator) or a limit in MB (at most {MAX_LIMIT_MB})"
     )
 
 
@@ -93,12 +108,13 @@ def keep_freed_memory() -> str:
 
 
 def allocator() -> str:
-    """``"caching"`` while new CPU tensors come from the caching allocator, else ``"default"``."""
+    """``"caching"`` while freed CPU blocks are kept for reuse, else ``"default"``."""
     return "caching" if _built.get("ok") and torch.ops.gkp_memory.stats()[0] else "default"
 
 
 def stats() -> dict[str, int]:
-    """The caching allocator's counters (all 0 before it is built): ``installed``, ``kept_bytes``
+    """The caching allocator's counters (all 0 before it is built): ``installed`` (1 while
+    caching), ``kept_bytes``
     (freed blocks kept), ``limit_bytes``, ``hits`` (requests served from them), ``misses``,
     ``live`` (blocks handed out)."""
     keys = ("installed", "kept_bytes", "limit_bytes", "hits", "misses", "live")
@@ -107,6 +123,7 @@ def stats() -> dict[str, int]:
 
 
 def uninstall() -> None:
-    """New CPU tensors from PyTorch's default allocator again; the kept blocks are freed."""
+    """Stop caching: the kept blocks are freed, and every block freed from now on goes straight
+    back to ``free`` (the allocator stays installed; :func:`allocator` says ``"default"``)."""
     if _built.get("ok"):
         torch.ops.gkp_memory.uninstall()

@@ -43,6 +43,7 @@ from benchmarks.csvtable import replace_rows  # noqa: E402
 from benchmarks.environment import cpu_name  # noqa: E402
 from benchmarks.runconfig import RunConfig  # noqa: E402
 from benchmarks.runner import fresh_model  # noqa: E402
+from gkp import memory  # noqa: E402
 from gkp.data import example_input  # noqa: E402
 from gkp.epilogue import fuse_epilogues  # noqa: E402
 from gkp.fold import fold_batchnorm  # noqa: E402
@@ -167,6 +168,7 @@ def main() -> None:
     if args.table is not None:
         print(read_table(args.table), end="")
         return
+    print(f"allocator: {memory.keep_freed_memory()}")  # no page faults in the timed calls
     rows = bound_rows(args.model, args.batch, [int(t) for t in args.threads.split(",")],
                       args.rounds)  # fmt: skip
     if args.out is not None:

@@ -63,7 +63,8 @@ def test_kept_blocks_are_not_faulted_in_again_unless_off_or_over_the_limit():
 def test_blocks_handed_out_never_overlap_and_keep_what_was_written():
     """Many tensors of a few sizes, freed in random order and allocated again: no two live
     tensors share memory, and each holds the value written into it."""
-    memory.keep_freed_memory()
+    assert memory.keep_freed_memory() == "caching"
+    hits = memory.stats()["hits"]
     rng = random.Random(0)
     live: dict[int, torch.Tensor] = {}
     for step in range(400):
@@ -74,7 +75,62 @@ def test_blocks_handed_out_never_overlap_and_keep_what_was_written():
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in live.values())
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert all(bool((t == float(k)).all()) for k, t in live.items())
-    assert memory.stats()["hits"] > 0
+    assert memory.stats()["hits"] > hits
+
+
+@needs_compiler
+def test_threads_allocating_at_once_get_their_own_blocks():
+    """Torch ops release the GIL, so Python threads allocate and free concurrently."""
+    import threading
+
+    assert memory.keep_freed_memory() == "caching"
+    bad: list[str] = []
+
+    def work(k: int) -> None:
+        for i in range(300):
+            t = torch.full((1000 + 37 * (i % 5),), float(k * 1000 + i))
+            s = (t * 2).sum().item()
+            if s != 2.0 * (k * 1000 + i) * t.numel():
+                bad.append(f"thread {k} step {i}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+@needs_compiler
+def test_raw_allocations_pass_through_it_also_after_caching_stops(monkeypatch):
+    """oneDNN's buffers (an mkldnn tensor) are raw allocations through PyTorch's CPU allocator:
+    they are counted as handed out, and freed after caching stopped they leave the table."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN")
+    assert memory.keep_freed_memory() == "caching"
+    before = memory.stats()["live"]
+    y = torch.randn(64, 64).to_mkldnn()
+    assert memory.stats()["live"] > before
+    memory.uninstall()
+    assert memory.allocator() == "default" and memory.stats()["kept_bytes"] == 0
+    del y
+    assert memory.stats()["live"] == before
+    assert memory.keep_freed_memory() == "caching"
+
+
+@needs_compiler
+def test_a_lower_limit_frees_kept_blocks_down_to_it(monkeypatch):
+    assert memory.keep_freed_memory() == "caching"
+    blocks = [torch.empty(1 << 20) for _ in range(8)]  # 4 MiB each
+    del blocks
+    assert memory.stats()["kept_bytes"] >= 32 << 20
+    monkeypatch.setenv(memory.ENV, "8")
+    assert memory.keep_freed_memory() == "caching"
+    assert memory.stats()["kept_bytes"] <= 8 << 20 and memory.stats()["limit_bytes"] == 8 << 20
+    monkeypatch.setenv(memory.ENV, "0")
+    assert memory.keep_freed_memory() == "default" and memory.stats()["kept_bytes"] == 0
+    monkeypatch.delenv(memory.ENV)
+    assert memory.keep_freed_memory() == "caching"
 
 
 @needs_compiler
@@ -96,7 +152,7 @@ def test_networks_compute_the_same_on_either_allocator():
     assert all(torch.equal(c, plain) for c in cached)
 
 
-@pytest.mark.parametrize("value", ["sometimes", "-5", "1.5"])
+@pytest.mark.parametrize("value", ["sometimes", "-5", "1.5", "²", str(memory.MAX_LIMIT_MB + 1)])
 def test_a_bad_setting_is_refused(monkeypatch, value):
     monkeypatch.setenv(memory.ENV, value)
     with pytest.raises(ValueError, match=f"GKP_CPU_CACHE='{value}' is not a setting"):
