@@ -1,0 +1,119 @@
+"""Where a tuned GKP network's time goes, layer by layer, against dense: in the network, not alone.
+
+Prepares the latency suite's ``autotune`` form of the dense network and of ``--method`` at the
+suite's MACs target (G = 8, untrained weights; ``GKP_BENCH_CACHE`` reuses the suite's structures
+and tuning choices, as the suite does), times each network's whole forward pass (median of
+``--rounds``) and, in the same passes, each bottleneck or basic block's convs through forward
+hooks (``torch.nn.Module`` hooks around each ``layerN.i.convK``: its conv with its fused epilogue
+and, for a grouped layer, the form autotune picked). Prints the totals, the grouped layers'
+sum and each grouped layer's dense and GKP milliseconds with its speed-up, so a layer that runs
+far below the ideal shows up. Hooks add a few microseconds per layer to both networks.
+
+    GKP_BENCH_CACHE=<a suite cache> taskset -c 0,1 .venv/bin/python scripts/network_layers.py \
+        --model resnet50 --batch 16 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.backends import prepare, structure_digest  # noqa: E402
+from benchmarks.bench import cached_untrained, load_tune_cache, tune_cache_path  # noqa: E402
+from benchmarks.runconfig import RunConfig  # noqa: E402
+from gkp.nn import DEPLOY_FORMS  # noqa: E402
+
+
+def _network(fn):
+    """The module a prepared callable runs (the channels-last wrapper closes over it)."""
+    cells = getattr(fn, "__closure__", None) or ()
+    for cell in cells:
+        if isinstance(cell.cell_contents, torch.nn.Module):
+            return cell.cell_contents
+    return fn
+
+
+def _timed(fn, x: torch.Tensor, rounds: int) -> tuple[float, dict[str, float]]:
+    """Median whole-pass ms and median ms of each ``layerN.i.convK`` over ``rounds`` passes."""
+    net = _network(fn)
+    per: dict[str, list[float]] = collections.defaultdict(list)
+    started: dict[str, float] = {}
+    hooks = []
+    for name, mod in net.named_modules():
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0].startswith("layer") and parts[2].startswith("conv"):
+
+            def pre(_m, _a, name=name):
+                started[name] = time.perf_counter()
+
+            def post(_m, _a, _o, name=name):
+                per[name].append(time.perf_counter() - started[name])
+
+            hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    total = []
+    with torch.inference_mode():
+        fn(x)
+        per.clear()
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn(x)
+            total.append(time.perf_counter() - t0)
+    for h in hooks:
+        h.remove()
+    return statistics.median(total) * 1e3, {k: statistics.median(v) * 1e3 for k, v in per.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50", choices=["resnet50", "resnet56"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--method", default="gkp-l2")
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dataset = "synthetic" if args.model == "resnet56" else "imagenet"
+    cfg = RunConfig(model=args.model, dataset=dataset, method=args.method, target=0.436,
+                    native={"groups": 8}, progress=False)  # fmt: skip
+    env = os.environ.get("GKP_BENCH_CACHE")
+    cache = Path(env) if env and env != "0" else None
+    dense, pruned, x = cached_untrained(cfg, cache)
+    x = torch.randn(args.batch, *x.shape[1:])
+    run_dense, info = prepare("autotune", dense, x, args.threads)
+    tuned = load_tune_cache(tune_cache_path(cfg, cache))
+    run_gkp, picked = prepare("autotune", pruned, x, args.threads, 5, tuned, info.get("layout"),
+                              structure_digest(dense))  # fmt: skip
+    grouped = {
+        n.rsplit(".", 1)[0] if n.endswith(".conv") else n: m.backend
+        for n, m in _network(run_gkp).named_modules()
+        if isinstance(m, DEPLOY_FORMS)
+    }
+    d_total, d = _timed(run_dense, x, args.rounds)
+    g_total, g = _timed(run_gkp, x, args.rounds)
+    d_g = sum(d[k] for k in grouped)
+    g_g = sum(g[k] for k in grouped)
+    print(f"{args.model} {args.method}, batch {args.batch}, {args.threads} thread(s), autotune "
+          f"form ({picked.get('form')}, {picked.get('layout')}; allocator "
+          f"{picked.get('allocator')}), medians of {args.rounds} passes")  # fmt: skip
+    print(f"whole network: dense {d_total:.1f} ms, GKP {g_total:.1f} ms, x{d_total / g_total:.3f}")
+    print(f"grouped layers ({len(grouped)}): dense {d_g:.1f} ms, GKP {g_g:.1f} ms, "
+          f"x{d_g / g_g:.3f}; everything else: dense {d_total - d_g:.1f} ms, GKP "
+          f"{g_total - g_g:.1f} ms")  # fmt: skip
+    print("| layer | form | dense ms | GKP ms | speed-up |")
+    print("|---|---|---:|---:|---:|")
+    for k, form in grouped.items():
+        print(f"| {k} | {form} | {d[k]:.2f} | {g[k]:.2f} | {d[k] / g[k]:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
