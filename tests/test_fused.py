@@ -625,6 +625,40 @@ def test_lanes_path_with_the_least_input_window_is_exact(op, seed, monkeypatch):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("split", [None, "groups", "rows"])
+@pytest.mark.parametrize("seed", range(8))
+def test_lanes_path_split_over_groups_is_exact(op, seed, split, monkeypatch):
+    """One block of images (batch 16) on more threads than blocks: rows that do not split
+    evenly over the bands (7, 13) split the block's groups instead, each task writing only its
+    filters' channels (``GKP_FUSED_LANE_SPLIT=groups`` forces that for every shape, ``rows``
+    the bands). Exact in both layouts, with and without the epilogue, on 2 and 3 threads (4
+    groups in 2 or 3 shares), whatever the output permutation and repeated kept channels."""
+    monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
+    if split:
+        monkeypatch.setenv("GKP_FUSED_LANE_SPLIT", split)
+    rng = random.Random(7000 + seed)
+    groups, d, n_keep, c_in = 4, rng.choice([2, 4, 8]), rng.choice([3, 5]), rng.choice([8, 12])
+    stride = rng.choice([1, 2])
+    size = rng.choice([7, 13, 14])
+    x = torch.randn(16, c_in, size, size)
+    if seed % 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(groups * d, n_keep, 3, 3)
+    bias = torch.randn(groups * d) if seed % 3 else None
+    gather = torch.tensor([rng.randrange(c_in) for _ in range(groups * n_keep)])
+    out_idx = torch.randperm(groups * d)
+    want = F.conv2d(x[:, gather], weight, bias, stride, 1, 1, groups)[:, out_idx]
+    residual = torch.randn_like(want) if seed // 2 % 2 else None
+    if residual is not None:
+        want = (want + residual).relu()
+    args = (x, weight, bias, gather, out_idx, (stride,) * 2, (1, 1), (1, 1), groups, residual,
+            residual is not None)  # fmt: skip
+    for threads in (2, 3):
+        got = with_threads(threads, lambda: op(*args))
+        assert got.is_contiguous(memory_format=fused.layout_of(x))
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (threads, size, stride)
+
+
 LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1"]
 
 
@@ -651,6 +685,7 @@ def test_every_lane_tile_shape_is_exact(op, tile, window, monkeypatch):
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_TILE": "4"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "0"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "4x"},
+     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_SPLIT": "bands"},
      {"GKP_FUSED_SERIAL_MACS": "-1"}, {"GKP_FUSED_SERIAL_MACS": "many"},
      {"GKP_FUSED_SERIAL_MACS": "4M"}],
 )  # fmt: skip

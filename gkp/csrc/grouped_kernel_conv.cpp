@@ -85,14 +85,15 @@ int64_t l2_bytes() {
 // Scratch memory of the calling thread, kept between calls: 64-byte aligned (every vector of the
 // lanes path is one cache line), grown on demand, freed when the thread ends. Buffers allocated
 // and first touched on every call cost page faults comparable to the work of a small layer.
-// Slots: 0 padded input, 1 staged output, 2 packed weights.
+// Slots: 0 padded input, 1 staged output, 2 packed weights, 3 a block's whole staged output
+// (the calling thread's, shared by the tasks of a split over groups).
 float* scratch(int slot, int64_t floats) {
   struct Buf {
     float* p = nullptr;
     int64_t n = 0;
     ~Buf() { std::free(p); }
   };
-  thread_local Buf bufs[3];
+  thread_local Buf bufs[4];
   Buf& b = bufs[slot];
   if (floats > b.n) {
     std::free(b.p);
@@ -534,6 +535,18 @@ constexpr int64_t SERIAL_MACS = int64_t(4) << 20;
 
 int64_t serial_macs() { return env_count("GKP_FUSED_SERIAL_MACS", 0, SERIAL_MACS); }
 
+// How the lanes path splits a block over threads when blocks are fewer than threads (see
+// lanes_path): 0, the default, by bands of rows, or by groups where the rows do not split evenly
+// over the bands; GKP_FUSED_LANE_SPLIT=rows (1) or groups (2: wherever the groups and the shared
+// output buffer allow) forces one, for tests and tuning.
+int lane_split() {
+  const char* v = std::getenv("GKP_FUSED_LANE_SPLIT");
+  if (!v) return 0;
+  TORCH_CHECK(!std::strcmp(v, "rows") || !std::strcmp(v, "groups"),
+              "gkp_fused: GKP_FUSED_LANE_SPLIT must be \"rows\" or \"groups\", got \"", v, "\"");
+  return std::strcmp(v, "rows") ? 2 : 1;
+}
+
 // Blocks [begin, end) of D filters of pack_weights (D known at compile time: a tap's D floats
 // are D unrolled loads and stores, written in order).
 template <int D>
@@ -656,23 +669,27 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   };
   // Staged pixels [p0, p1) of block b (stage: C_out planes of sst floats, [pixel][LANES] each,
   // its pixel 0 being output pixel base) into the output.
+  // NCHW output: channel o's staged pixels, LANES pixels of an image per vector.
+  auto unstage_plane = [&](const float* stage, int64_t sst, int64_t base, int64_t b, int64_t p0,
+                           int64_t p1, int64_t o) {
+    const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
+    const float* src = stage + o * sst;
+    const int64_t at = o * HWo + base;  // + image's offset
+    int64_t p = p0;
+    for (; p + LANES <= p1; p += LANES) {
+      vl r[LANES];
+      for (int j = 0; j < LANES; ++j) r[j] = loadl(src + (p + j) * LANES);
+      transpose(r);
+      for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, r[k], e);
+    }
+    for (; p < p1; ++p)
+      for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, src[p * LANES + k], e);
+  };
   auto unstage = [&](const float* stage, int64_t sst, int64_t base, int64_t b, int64_t p0,
                      int64_t p1) {
     const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
     if (!cl) {
-      for (int64_t o = 0; o < C_out; ++o) {
-        const float* src = stage + o * sst;
-        const int64_t at = o * HWo + base;  // + image's offset
-        int64_t p = p0;
-        for (; p + LANES <= p1; p += LANES) {
-          vl r[LANES];
-          for (int j = 0; j < LANES; ++j) r[j] = loadl(src + (p + j) * LANES);
-          transpose(r);
-          for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, r[k], e);
-        }
-        for (; p < p1; ++p)
-          for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, src[p * LANES + k], e);
-      }
+      for (int64_t o = 0; o < C_out; ++o) unstage_plane(stage, sst, base, b, p0, p1, o);
       return;
     }
     for (int64_t p = p0; p < p1; ++p) {
@@ -698,15 +715,19 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   // and a stride more), slid back over itself when the next output row reads past it; the staging
   // planes hold the rows not yet written out. Written to cold memory instead, every row cost
   // its cache misses (README, "Deploy speed": scripts/ab_fused.py against the whole planes).
-  auto band = [&](int64_t b, int64_t oy0, int64_t oy1, std::vector<const float*>& chan) {
+  // With `whole` (a task of groups [g0, g1) only, every row), the filters go to the block's
+  // whole staged output there, written out later by all threads together.
+  auto band = [&](int64_t b, int64_t oy0, int64_t oy1, std::vector<const float*>& chan,
+                  int64_t g0, int64_t g1, float* whole) {
     const int64_t py0 = oy0 * g.sh, rows = (oy1 - oy0 - 1) * g.sh + (g.kh - 1) * g.dh + 1;
     const int64_t span = (g.kh - 1) * g.dh + 1, rowf = g.Wp * LANES;  // rows one output row reads
     const int64_t wr = std::min(rows, std::max(span + g.sh, window_rows(C_in * rowf)));
     const int64_t plane = wr * rowf;
-    const int64_t sst = std::min<int64_t>(oy1 - oy0, (64 + g.Wo - 1) / g.Wo) * g.Wo * LANES;
+    const int64_t sst =
+        whole ? HWo * LANES : std::min<int64_t>(oy1 - oy0, (64 + g.Wo - 1) / g.Wo) * g.Wo * LANES;
     float* buf = scratch(0, C_in * plane + slack);
     std::memset(buf + C_in * plane, 0, sizeof(float) * slack);
-    float* stage = scratch(1, C_out * sst);
+    float* stage = whole ? whole : scratch(1, C_out * sst);
     for (int64_t i = 0; i < groups * n_keep; ++i) chan[i] = buf + gp[i] * plane;
     // band rows (padded rows from py0): the window's first, one past the last padded; output
     // pixels of the band written out
@@ -733,7 +754,7 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
           filled += iy1 - iy;
         }
       }
-      for (int64_t grp = 0; grp < groups; ++grp)
+      for (int64_t grp = g0; grp < g1; ++grp)
         for (int64_t q = grp * d; q < (grp + 1) * d; q += s.D) {
           for (int f = 0; f < s.D; ++f) out[f] = stage + pos[q + f] * sst;
           const float* bq = bp ? bp + q : nullptr;
@@ -742,25 +763,47 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
                 orow - base / g.sh, ox0, orow - written / g.Wo);
         }
       const int64_t done = (orow + 1) * g.Wo;
-      if (done - written >= 64 || oy + 1 == oy1)
+      if (!whole && (done - written >= 64 || oy + 1 == oy1))
         unstage(stage, sst, oy0 * g.Wo + written, b, 0, done - written), written = done;
     }
   };
   // Blocks split over the threads; when there are fewer blocks than threads (or an uneven few),
   // each block's rows too, in bands (bands recompute nothing: they only re-pad the input rows
-  // they share).
+  // they share). Rows that do not split evenly into the bands (ResNet-50's 7-row last stage at
+  // batch 16 on 2 threads: bands of 4 and 3 rows, one thread waiting) split the block's groups
+  // instead, when there are as many groups as bands and the block's whole output fits a small
+  // shared buffer: each task runs every row of its share of the groups (padding the block's
+  // input for itself, cheap beside the convolution there) into that buffer, and then all
+  // threads write it out together, by pixels.
   const int64_t threads = at::get_num_threads();
   const int64_t nband = nblk % threads == 0 || nblk >= 4 * threads
                             ? 1
                             : std::min(g.Ho, (threads + nblk - 1) / nblk);
+  const int split = lane_split();
+  const int64_t whole_floats = nblk * C_out * HWo * LANES;
+  const bool by_groups = nband > 1 && groups >= nband && whole_floats <= (int64_t(4) << 20) &&
+                         (split == 2 || (split == 0 && g.Ho % nband != 0));
+  float* whole = by_groups ? scratch(3, whole_floats) : nullptr;
   const int64_t per_band = (g.Ho + nband - 1) / nband;
   at::parallel_for(0, nblk * nband, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / nband, oy0 = t % nband * per_band;
-      if (oy0 < g.Ho) band(b, oy0, std::min(g.Ho, oy0 + per_band), chan);
+      const int64_t b = t / nband, k = t % nband;
+      if (by_groups)
+        band(b, 0, g.Ho, chan, k * groups / nband, (k + 1) * groups / nband,
+             whole + b * C_out * HWo * LANES);
+      else if (k * per_band < g.Ho)
+        band(b, k * per_band, std::min(g.Ho, (k + 1) * per_band), chan, 0, groups, nullptr);
     }
   });
+  if (by_groups)  // every block's pixels, split over the threads
+    at::parallel_for(0, nblk * HWo, LANES, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end;) {
+        const int64_t b = t / HWo, p0 = t % HWo, p1 = std::min(HWo, p0 + (end - t));
+        unstage(whole + b * C_out * HWo * LANES, HWo * LANES, 0, b, p0, p1);
+        t += p1 - p0;
+      }
+    });
   return y;
 }
 
