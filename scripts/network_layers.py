@@ -2,12 +2,12 @@
 
 Prepares the latency suite's ``autotune`` form of the dense network and of ``--method`` at the
 suite's MACs target (G = 8, untrained weights; ``GKP_BENCH_CACHE`` reuses the suite's structures
-and tuning choices, as the suite does), times each network's whole forward pass (median of
-``--rounds``) and, in the same passes, each bottleneck or basic block's convs through forward
-hooks (``torch.nn.Module`` hooks around each ``layerN.i.convK``: its conv with its fused epilogue
-and, for a grouped layer, the form autotune picked). Prints the totals, the grouped layers'
-sum and each grouped layer's dense and GKP milliseconds with its speed-up, so a layer that runs
-far below the ideal shows up. Hooks add a few microseconds per layer to both networks.
+and tuning choices, as the suite does) and times both networks' whole forward passes (median of
+``--rounds`` rounds, each running both networks, order alternating) and, in the same passes,
+each block's convs through forward hooks (around each ``layerN.i.convK``: its conv with its
+fused epilogue and, for a grouped layer, the form autotune picked). Prints the totals, the
+grouped layers' sum and each grouped layer's dense and GKP milliseconds with its speed-up, so a
+layer that runs far below the ideal shows up. Hooks add a few microseconds per layer to both.
 
     GKP_BENCH_CACHE=<a suite cache> taskset -c 0,1 .venv/bin/python scripts/network_layers.py \
         --model resnet50 --batch 16 --threads 2
@@ -43,13 +43,11 @@ def _network(fn):
     return fn
 
 
-def _timed(fn, x: torch.Tensor, rounds: int) -> tuple[float, dict[str, float]]:
-    """Median whole-pass ms and median ms of each ``layerN.i.convK`` over ``rounds`` passes."""
-    net = _network(fn)
-    per: dict[str, list[float]] = collections.defaultdict(list)
+def _hooked(fn, per: dict[str, list[float]]) -> list:
+    """Forward hooks that add each ``layerN.i.convK`` call's time to ``per``."""
     started: dict[str, float] = {}
     hooks = []
-    for name, mod in net.named_modules():
+    for name, mod in _network(fn).named_modules():
         parts = name.split(".")
         if len(parts) == 3 and parts[0].startswith("layer") and parts[2].startswith("conv"):
 
@@ -60,17 +58,34 @@ def _timed(fn, x: torch.Tensor, rounds: int) -> tuple[float, dict[str, float]]:
                 per[name].append(time.perf_counter() - started[name])
 
             hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
-    total = []
+    return hooks
+
+
+def _timed(fns: dict, x: torch.Tensor, rounds: int) -> dict[str, tuple[float, dict[str, float]]]:
+    """Per network: median whole-pass ms and median ms of each ``layerN.i.convK``, over
+    ``rounds`` rounds that run every network once (order alternating), so a change of the
+    machine's speed during the run hits them alike."""
+    per = {k: collections.defaultdict(list) for k in fns}
+    total: dict[str, list[float]] = {k: [] for k in fns}
+    hooks = [h for k, fn in fns.items() for h in _hooked(fn, per[k])]
+    names = list(fns)
     with torch.inference_mode():
-        fn(x)
-        per.clear()
-        for _ in range(rounds):
-            t0 = time.perf_counter()
+        for fn in fns.values():
             fn(x)
-            total.append(time.perf_counter() - t0)
+        for p in per.values():
+            p.clear()
+        for r in range(rounds):
+            for k in names[r % 2 :] + names[: r % 2]:
+                t0 = time.perf_counter()
+                fns[k](x)
+                total[k].append(time.perf_counter() - t0)
     for h in hooks:
         h.remove()
-    return statistics.median(total) * 1e3, {k: statistics.median(v) * 1e3 for k, v in per.items()}
+    return {
+        k: (statistics.median(total[k]) * 1e3,
+            {n: statistics.median(v) * 1e3 for n, v in per[k].items()})
+        for k in fns
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="gkp-l2")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dataset = "synthetic" if args.model == "resnet56" else "imagenet"
@@ -98,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         for n, m in _network(run_gkp).named_modules()
         if isinstance(m, DEPLOY_FORMS)
     }
-    d_total, d = _timed(run_dense, x, args.rounds)
-    g_total, g = _timed(run_gkp, x, args.rounds)
+    timed = _timed({"dense": run_dense, "gkp": run_gkp}, x, args.rounds)
+    (d_total, d), (g_total, g) = timed["dense"], timed["gkp"]
     d_g = sum(d[k] for k in grouped)
     g_g = sum(g[k] for k in grouped)
     print(f"{args.model} {args.method}, batch {args.batch}, {args.threads} thread(s), autotune "
