@@ -129,6 +129,40 @@ def save_tune_cache(path: Path | None, data: dict[str, Any]) -> None:
         atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
+# The latency suite's networks (benchmarks/test_latency.py): each model on its dataset's input,
+# every method at the GKP paper's ResNet-56 MACs target, GKP-family methods with G = 8
+SUITE_DATASETS = {"resnet56": "synthetic", "resnet50": "imagenet"}
+SUITE_TARGET = 0.436
+
+
+def suite_config(model: str, method: str) -> RunConfig:
+    """The latency suite's configuration of ``method`` on ``model`` (:data:`SUITE_DATASETS`)."""
+    native = {"groups": 8} if method.startswith(("gkp", "tmi-gkp", "sr-gkp")) else {}
+    return RunConfig(model=model, dataset=SUITE_DATASETS[model], method=method,
+                     target=SUITE_TARGET, native=native, progress=False)  # fmt: skip
+
+
+def suite_autotune_pair(
+    model: str, method: str, batch: int, threads: int, cache: Path | None
+) -> tuple[Tensor, Any, Any, dict[str, Any]]:
+    """``(x, dense, pruned, pruned_info)``: the suite's dense and ``method`` networks prepared on
+    the ``autotune`` backend for a random batch ``x`` of ``batch``, as the suite prepares them
+    (the structure and tuning choices from ``cache``, as ``GKP_BENCH_CACHE``; new choices saved
+    there), for the scripts that look into the suite's timings."""
+    from benchmarks.backends import prepare, structure_digest
+
+    cfg = suite_config(model, method)
+    dense, pruned, x = cached_untrained(cfg, cache)
+    x = torch.randn(batch, *x.shape[1:])
+    run_dense, info = prepare("autotune", dense, x, threads)
+    path = tune_cache_path(cfg, cache)
+    tuned = load_tune_cache(path)
+    run_pruned, picked = prepare("autotune", pruned, x, threads, 5, tuned, info.get("layout"),
+                                 structure_digest(dense))  # fmt: skip
+    save_tune_cache(path, tuned)
+    return x, run_dense, run_pruned, picked
+
+
 def bench_backends(cfg: RunConfig) -> list[dict[str, Any]]:
     """Long-format latency rows (``results/latency.csv``) of the untrained pruned network on
     ``cfg.backends`` at batch 1 and ``cfg.bench_batch``."""

@@ -41,10 +41,15 @@ import pytest
 import torch
 
 from benchmarks.backends import missing, prepare, structure_digest, version
-from benchmarks.bench import cached_untrained, load_tune_cache, save_tune_cache, tune_cache_path
+from benchmarks.bench import (
+    cached_untrained,
+    load_tune_cache,
+    save_tune_cache,
+    suite_config,
+    tune_cache_path,
+)
 from benchmarks.environment import cpu_name
 from benchmarks.latency import paired_columns, suite_rounds
-from benchmarks.runconfig import RunConfig
 from gkp import metrics
 from gkp.api import list_methods
 
@@ -53,11 +58,10 @@ BACKENDS = os.environ.get("GKP_BENCH_BACKENDS", "eager,autotune,onnxruntime,open
 SECONDS = float(os.environ.get("GKP_BENCH_SECONDS", "1"))
 CACHE = os.environ.get("GKP_BENCH_CACHE", str(Path.home() / ".cache" / "gkp-bench" / "structures"))
 TUNE_ROUNDS = 5  # per candidate when a backend chooses (autotune, network form): keeps it short
-TARGET = 0.436
-MODELS = {"resnet56": ("synthetic", (1, 64)), "resnet50": ("imagenet", (1, 16))}
+BATCHES = {"resnet56": (1, 64), "resnet50": (1, 16)}  # datasets and target: bench.suite_config
 CASES = [
     pytest.param(model, method, backend, batch, id=f"{model}-{method}-{backend}-b{batch}")
-    for model, (_, batches) in MODELS.items()
+    for model, batches in BATCHES.items()
     for method in list_methods()
     for backend in BACKENDS
     for batch in batches
@@ -66,11 +70,9 @@ CASES = [
 
 @functools.lru_cache(maxsize=2)
 def networks(model: str, method: str) -> tuple[torch.nn.Module, torch.nn.Module, dict, tuple]:
-    """(dense, pruned at TARGET, info, sample shape) for (model, method), untrained weights."""
-    dataset = MODELS[model][0]
-    native = {"groups": 8} if method.startswith(("gkp", "tmi-gkp", "sr-gkp")) else {}
-    cfg = RunConfig(model=model, dataset=dataset, method=method, target=TARGET, native=native,
-                    progress=False)  # fmt: skip
+    """(dense, pruned at the suite's target, info, sample shape) for (model, method), untrained
+    weights (:func:`benchmarks.bench.suite_config`)."""
+    cfg = suite_config(model, method)
     cache = None if CACHE == "0" else Path(CACHE)
     dense, pruned, x = cached_untrained(cfg, cache)
     info = {"config": cfg.bench_key(), "macs": metrics.macs(pruned, x),

@@ -36,7 +36,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build_id", "compile_source", "grouped_kernel_conv", "load"]
+__all__ = [
+    "available",
+    "build_id",
+    "compile_or_warn",
+    "compile_source",
+    "grouped_kernel_conv",
+    "load",
+]
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
 # -fopenmp: ATen's at::parallel_for is a header template that runs serially unless the op itself
@@ -84,19 +91,33 @@ def compile_source(name: str, source: Path, verbose: bool = False) -> None:
     )
 
 
-def _build(verbose: bool) -> bool:
+def compile_or_warn(
+    name: str, source: Path, what: str, fallback: str, verbose: bool = False
+) -> bool:
+    """:func:`compile_source`, True when it built (or loaded); otherwise a RuntimeWarning that
+    ``what`` could not be built, why, and ``fallback`` (what runs instead), and False. The one
+    place the project's C++ libraries (this op, :mod:`gkp.memory`'s allocator) fall back."""
     try:
-        compile_source("gkp_fused", SOURCE, verbose)
+        compile_source(name, source, verbose)
     except Exception as err:  # no compiler, no headers, a failed build: fall back, loudly
+        why = str(err).strip().splitlines()[-1] if str(err).strip() else err
         warnings.warn(
-            f"gkp: the fused grouped-kernel CPU op could not be built ({type(err).__name__}: "
-            f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}); grouped layers "
-            "use the pure-PyTorch form (gather -> grouped conv -> un-permute). It needs a C++20 "
-            "compiler (g++); `python -c 'import gkp.fused as f; f.load(verbose=True)'` shows the "
-            "build log.",
+            f"gkp: {what} could not be built ({type(err).__name__}: {why}); {fallback}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+        return False
+    return True
+
+
+def _build(verbose: bool) -> bool:
+    fallback = (
+        "grouped layers use the pure-PyTorch form (gather -> grouped conv -> un-permute). It "
+        "needs a C++20 compiler (g++); `python -c 'import gkp.fused as f; f.load(verbose=True)'` "
+        "shows the build log."
+    )
+    what = "the fused grouped-kernel CPU op"
+    if not compile_or_warn("gkp_fused", SOURCE, what, fallback, verbose):
         return False
     _register_fake()
     return True

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -76,20 +75,13 @@ def limit_mb() -> int | None:
 def _load() -> bool:
     with _lock:
         if "ok" not in _built:
-            from gkp.fused import compile_source
+            from gkp.fused import compile_or_warn
 
-            try:
-                compile_source("gkp_memory", SOURCE)
-                _built["ok"] = True
-            except Exception as err:  # no compiler, no headers: time with the default allocator
-                warnings.warn(
-                    f"gkp: the caching CPU allocator could not be built ({type(err).__name__}); "
-                    "timings run on PyTorch's default allocator and page-fault their activations "
-                    "in on every call",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                _built["ok"] = False
+            _built["ok"] = compile_or_warn(
+                "gkp_memory", SOURCE, "the caching CPU allocator",
+                "timings run on PyTorch's default allocator and page-fault their activations in "
+                "on every call",
+            )  # fmt: skip
         return _built["ok"]
 
 

@@ -29,11 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.backends import prepare  # noqa: E402
+from benchmarks.bench import SUITE_DATASETS as DATASETS  # noqa: E402
 from benchmarks.bench import cached_untrained  # noqa: E402
 from benchmarks.runconfig import RunConfig  # noqa: E402
 from gkp.metrics import paired_speedup, time_interleaved  # noqa: E402
-
-DATASETS = {"resnet56": "synthetic", "resnet50": "imagenet"}
 
 
 def aa_ratios(model: str, backend: str, batch: int, rounds: int, repeat: int, threads: int):

@@ -35,24 +35,12 @@ PAIRS = ("resnet56:64", "resnet50:16", "resnet56:1")
 
 def _measure(model: str, batch: int, method: str, threads: int, rounds: int) -> dict:
     """Time dense and ``method`` (this process's allocator) with faults per pass."""
-    from benchmarks.backends import prepare, structure_digest
-    from benchmarks.bench import cached_untrained, load_tune_cache, save_tune_cache, tune_cache_path
-    from benchmarks.runconfig import RunConfig
+    from benchmarks.bench import suite_autotune_pair
     from gkp import memory
 
-    dataset = "synthetic" if model == "resnet56" else "imagenet"
-    native = {"groups": 8} if method.startswith(("gkp", "tmi-gkp", "sr-gkp")) else {}
-    cfg = RunConfig(model=model, dataset=dataset, method=method, target=0.436, native=native,
-                    progress=False)  # fmt: skip
     env = os.environ.get("GKP_BENCH_CACHE")
     cache = Path(env) if env and env != "0" else None
-    dense, pruned, x = cached_untrained(cfg, cache)
-    x = torch.randn(batch, *x.shape[1:])
-    run_dense, info = prepare("autotune", dense, x, threads)
-    tuned = load_tune_cache(tune_cache_path(cfg, cache))
-    run_pruned, _ = prepare("autotune", pruned, x, threads, 5, tuned, info.get("layout"),
-                            structure_digest(dense))  # fmt: skip
-    save_tune_cache(tune_cache_path(cfg, cache), tuned)
+    x, run_dense, run_pruned, _ = suite_autotune_pair(model, method, batch, threads, cache)
     fns = {"dense": run_dense, method: run_pruned}
     ms: dict[str, list[float]] = {k: [] for k in fns}
     faults: dict[str, list[int]] = {k: [] for k in fns}

@@ -28,9 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.backends import prepare, structure_digest  # noqa: E402
-from benchmarks.bench import cached_untrained, load_tune_cache, tune_cache_path  # noqa: E402
-from benchmarks.runconfig import RunConfig  # noqa: E402
+from benchmarks.bench import suite_autotune_pair  # noqa: E402
 from gkp.nn import DEPLOY_FORMS  # noqa: E402
 
 
@@ -97,17 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dataset = "synthetic" if args.model == "resnet56" else "imagenet"
-    cfg = RunConfig(model=args.model, dataset=dataset, method=args.method, target=0.436,
-                    native={"groups": 8}, progress=False)  # fmt: skip
     env = os.environ.get("GKP_BENCH_CACHE")
     cache = Path(env) if env and env != "0" else None
-    dense, pruned, x = cached_untrained(cfg, cache)
-    x = torch.randn(args.batch, *x.shape[1:])
-    run_dense, info = prepare("autotune", dense, x, args.threads)
-    tuned = load_tune_cache(tune_cache_path(cfg, cache))
-    run_gkp, picked = prepare("autotune", pruned, x, args.threads, 5, tuned, info.get("layout"),
-                              structure_digest(dense))  # fmt: skip
+    x, run_dense, run_gkp, picked = suite_autotune_pair(
+        args.model, args.method, args.batch, args.threads, cache
+    )
     grouped = {
         n.rsplit(".", 1)[0] if n.endswith(".conv") else n: m.backend
         for n, m in _network(run_gkp).named_modules()

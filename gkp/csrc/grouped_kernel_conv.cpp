@@ -669,27 +669,23 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   };
   // Staged pixels [p0, p1) of block b (stage: C_out planes of sst floats, [pixel][LANES] each,
   // its pixel 0 being output pixel base) into the output.
-  // NCHW output: channel o's staged pixels, LANES pixels of an image per vector.
-  auto unstage_plane = [&](const float* stage, int64_t sst, int64_t base, int64_t b, int64_t p0,
-                           int64_t p1, int64_t o) {
-    const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
-    const float* src = stage + o * sst;
-    const int64_t at = o * HWo + base;  // + image's offset
-    int64_t p = p0;
-    for (; p + LANES <= p1; p += LANES) {
-      vl r[LANES];
-      for (int j = 0; j < LANES; ++j) r[j] = loadl(src + (p + j) * LANES);
-      transpose(r);
-      for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, r[k], e);
-    }
-    for (; p < p1; ++p)
-      for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, src[p * LANES + k], e);
-  };
   auto unstage = [&](const float* stage, int64_t sst, int64_t base, int64_t b, int64_t p0,
                      int64_t p1) {
     const int64_t n0 = b * LANES, nimg = std::min<int64_t>(LANES, N - n0);
     if (!cl) {
-      for (int64_t o = 0; o < C_out; ++o) unstage_plane(stage, sst, base, b, p0, p1, o);
+      for (int64_t o = 0; o < C_out; ++o) {
+        const float* src = stage + o * sst;
+        const int64_t at = o * HWo + base;  // + image's offset
+        int64_t p = p0;
+        for (; p + LANES <= p1; p += LANES) {
+          vl r[LANES];
+          for (int j = 0; j < LANES; ++j) r[j] = loadl(src + (p + j) * LANES);
+          transpose(r);
+          for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, r[k], e);
+        }
+        for (; p < p1; ++p)
+          for (int k = 0; k < nimg; ++k) put(yp, at + (n0 + k) * C_out * HWo + p, src[p * LANES + k], e);
+      }
       return;
     }
     for (int64_t p = p0; p < p1; ++p) {
