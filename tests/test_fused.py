@@ -502,10 +502,10 @@ def check_tile_geometries(op, gen, batches, layouts, label):
         x = torch.randn(batch, 12, *hw, generator=gen)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(16, 5, k, k, generator=gen)
-        bias = torch.randn(16, generator=gen)
+        weight = torch.randn(32, 5, k, k, generator=gen)  # 2 groups of 16: every tile's D divides
+        bias = torch.randn(32, generator=gen)
         gather = torch.randint(0, 12, (10,), generator=gen)
-        out_idx = torch.randperm(16, generator=gen)
+        out_idx = torch.randperm(32, generator=gen)
         args = ((stride, stride), (pad, pad), (dil, dil), 2)
         want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
         call = (x, weight, bias, gather, out_idx, *args)
@@ -659,7 +659,7 @@ def test_lanes_path_split_over_groups_is_exact(op, seed, split, monkeypatch):
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (threads, size, stride)
 
 
-LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1"]
+LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1", "16,1"]
 
 
 @pytest.mark.parametrize("window", [None, "1"])
@@ -676,6 +676,26 @@ def test_every_lane_tile_shape_is_exact(op, tile, window, monkeypatch):
         monkeypatch.setenv("GKP_FUSED_LANE_WINDOW", window)
     gen = torch.Generator().manual_seed(sum(map(int, tile.split(","))))
     check_tile_geometries(op, gen, batches=[16, 40], layouts=[False, True], label=tile)
+
+
+@pytest.mark.parametrize("d", [2, 4, 8, 16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_layer_whose_rows_outgrow_the_l1_cache_is_exact(op, d, stride):
+    """The lanes path's own choice for a layer whose kept rows per output row are large (here
+    64 kept channels x 3 rows x 32 padded columns x 16 images x 4 bytes = 393 KB, beyond an
+    eighth of any L2 cache up to 3 MB): the one-pixel tile with the most filters that divide
+    the groups (16, 8 or 4), or the cost model's shape for d = 2; both layouts, 2 threads."""
+    gen = torch.Generator().manual_seed(d * 10 + stride)
+    x = torch.randn(16, 96, 30, 30, generator=gen)
+    weight = torch.randn(2 * d, 64, 3, 3, generator=gen) / 24
+    bias = torch.randn(2 * d, generator=gen)
+    gather = torch.randint(0, 96, (128,), generator=gen)
+    out_idx = torch.randperm(2 * d, generator=gen)
+    args = ((stride, stride), (1, 1), (1, 1), 2)
+    want = F.conv2d(x[:, gather], weight, bias, *args)[:, out_idx]
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = with_threads(2, lambda inp=inp: op(inp, weight, bias, gather, out_idx, *args))
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (d, stride)
 
 
 @pytest.mark.parametrize(

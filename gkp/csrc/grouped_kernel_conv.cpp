@@ -446,15 +446,23 @@ struct LShape {
 #define GKP_LSHAPE(D, P) \
   { D, P, { &ltile<D, P, 3>, &ltile<D, P, 1>, &ltile<D, P, 0>, &ltile<D, P, 3, 2> } }
 // At most 16 accumulators: larger tiles (28 accumulators of AVX-512's 32 registers, like (2, 14)
-// or (4, 6)) measured slower. On equal modelled cost the earlier shape wins.
+// or (4, 6)) measured slower. On equal modelled cost the earlier shape wins. The one-pixel
+// shapes (8, 1) and (16, 1) serve the layers whose rows do not stay in the L1 cache (lchoose).
 const LShape LSHAPES[] = {
     GKP_LSHAPE(4, 4), GKP_LSHAPE(2, 8), GKP_LSHAPE(8, 2), GKP_LSHAPE(2, 7), GKP_LSHAPE(1, 16),
-    GKP_LSHAPE(2, 4), GKP_LSHAPE(1, 8), GKP_LSHAPE(1, 7), GKP_LSHAPE(8, 1),
+    GKP_LSHAPE(2, 4), GKP_LSHAPE(1, 8), GKP_LSHAPE(1, 7), GKP_LSHAPE(8, 1), GKP_LSHAPE(16, 1),
 };
 #undef GKP_LSHAPE
 
-// Registers a shape needs: its accumulators, the D weight broadcasts and one input vector.
-constexpr int lregs(int D, int P) { return D * P + D + 1; }
+// Registers a shape needs: its accumulators, one input vector and the D weight broadcasts,
+// except for a one-pixel tile with AVX-512, whose FMAs take each weight as a broadcast memory
+// operand (GCC emits vfmadd231ps m32{1to16}), so (16, 1) needs 17 of the 32.
+constexpr int lregs(int D, int P) { return D * P + (LANES == 16 && P == 1 ? 0 : D) + 1; }
+
+// The least bytes of kept input rows that one output row of a group reads (n_keep channels x
+// the kernel's rows x the padded row's LANES-image vectors) for which lchoose takes a one-pixel
+// tile: an eighth of the L2 cache (128 KB of the AMD EPYC's 1 MB).
+int64_t one_pixel_bytes() { return l2_bytes() / 8; }
 
 // Modelled cycles of one filter group's plane: per tap the larger of FMA issue (2 per cycle),
 // loads (an input vector, from the L2-resident buffer, a cycle; a weight broadcast half) and
@@ -466,6 +474,16 @@ double lcost(const LShape& s, int64_t d, int64_t n_keep, const LGeo& g) {
   return tiles * (n_keep * g.kh * g.kw * per_tap + 2 * acc + 20);
 }
 
+// The tile shape of a layer: GKP_FUSED_LANE_TILE if set (and its D divides the groups), else
+// for a layer whose kept rows per output row exceed one_pixel_bytes() (every 3x3 layer of
+// ResNet-50 at batch 16: 400-900 KB at p = 0.4375) the one-pixel shape with the most filters,
+// else the cheapest shape by lcost. Wide tiles of those layers read their inputs from the L2
+// cache, P vector loads per tap serving D filters each; a one-pixel tile loads one vector per
+// tap for D = 16 (or 8) filters and streams the filters' weights, 16 to a cache line. On the
+// 2-core AMD EPYC at batch 16 on 2 threads (scripts/bench_fused.py --lane-tiles) that took
+// ResNet-50's stride-2 C=512 layer from 1.09x to 1.59x of dense and the other 3x3 layers from
+// 1.23-1.52x to 1.45-1.58x; ResNet-56's layers (59-69 KB) keep the model's choice, which
+// measured within noise of their best shape.
 const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
   if (const char* force = std::getenv("GKP_FUSED_LANE_TILE")) {  // "D,P": for tuning and tests
     int D = 0, P = 0;
@@ -479,6 +497,14 @@ const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
     if (d % D == 0) return *forced;  // a layer whose filter groups it does not divide: the model
   }
   const LShape* best = nullptr;
+  const int64_t rows_bytes = n_keep * ((g.kh - 1) * g.dh + 1) * g.Wp * LANES * int64_t(sizeof(float));
+  if (rows_bytes > one_pixel_bytes()) {
+    for (const LShape& s : LSHAPES)  // the one-pixel shape with the most filters (at least 4)
+      if (s.P == 1 && s.D >= 4 && d % s.D == 0 && lregs(s.D, 1) <= VREGS &&
+          (!best || s.D > best->D))
+        best = &s;
+    if (best) return *best;
+  }
   double best_cost = 0;
   for (const LShape& s : LSHAPES) {
     if (d % s.D != 0 || lregs(s.D, s.P) > VREGS) continue;
@@ -582,8 +608,9 @@ const float* pack_weights(const at::Tensor& weight, int64_t D, bool serial) {
                 s3 = weight.stride(3);
   const float* wp = weight.data_ptr<float>();
   float* pk = scratch(2, C_out * per_filter);
-  TORCH_CHECK(D == 1 || D == 2 || D == 4 || D == 8, "gkp_fused: no packing for blocks of ", D);
-  const auto run = D == 8 ? &pack_blocks<8> : D == 4 ? &pack_blocks<4>
+  TORCH_CHECK(D == 1 || D == 2 || D == 4 || D == 8 || D == 16, "gkp_fused: no packing for blocks of ",
+              D);
+  const auto run = D == 16 ? &pack_blocks<16> : D == 8 ? &pack_blocks<8> : D == 4 ? &pack_blocks<4>
                    : D == 2 ? &pack_blocks<2> : &pack_blocks<1>;
   auto pack = [&](int64_t begin, int64_t end) {
     run(pk, wp, begin, end, n_keep, kh, kw, s0, s1, s2, s3);
@@ -728,7 +755,7 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
     // band rows (padded rows from py0): the window's first, one past the last padded; output
     // pixels of the band written out
     int64_t base = 0, filled = 0, written = 0;
-    float* out[8];
+    float* out[16];
     for (int64_t oy = oy0; oy < oy1; ++oy) {
       const int64_t orow = oy - oy0, first = orow * g.sh, need = first + span;
       if (need > base + wr) {  // slide: the rows from this output row's first to the top
