@@ -574,14 +574,31 @@ int lane_split() {
 }
 
 // Blocks [begin, end) of D filters of pack_weights (D known at compile time: a tap's D floats
-// are D unrolled loads and stores, written in order).
+// are D unrolled loads and stores, written in order). Weights whose kept channels are adjacent
+// in memory (channels-last: [filter][ky][kx][channel]) are read in that order instead, each
+// filter as one sequential stream: read tap by tap across the D filters, their taps are
+// kh * kw * D streams (144 for (16, 1)) that no prefetcher follows, and ResNet-50's 512-channel
+// layers, whose weights have left the cache by the time a pass comes back to them, took about
+// 1 ms longer a call (its 1.3 million floats) with channels-last weights than with contiguous
+// ones.
 template <int D>
 void pack_blocks(float* pk, const float* wp, int64_t begin, int64_t end, int64_t n_keep,
                  int64_t kh, int64_t kw, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
-  const int64_t per_filter = n_keep * kh * kw;
+  const int64_t taps = kh * kw, per_filter = n_keep * taps;
+  const bool by_filter = s1 == 1 && taps > 1 && s3 >= n_keep && s2 >= kw * s3;
   for (int64_t blk = begin; blk < end; ++blk) {
     float* dst = pk + blk * D * per_filter;
     const float* src = wp + blk * D * s0;
+    if (by_filter) {
+      for (int f = 0; f < D; ++f)
+        for (int64_t ky = 0; ky < kh; ++ky)
+          for (int64_t kx = 0; kx < kw; ++kx) {
+            const float* from = src + f * s0 + ky * s2 + kx * s3;
+            float* to = dst + (ky * kw + kx) * D + f;
+            for (int64_t j = 0; j < n_keep; ++j) to[j * taps * D] = from[j];
+          }
+      continue;
+    }
     for (int64_t j = 0; j < n_keep; ++j)
       for (int64_t ky = 0; ky < kh; ++ky)
         for (int64_t kx = 0; kx < kw; ++kx, dst += D) {
