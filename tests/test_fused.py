@@ -79,6 +79,36 @@ def test_weights_in_any_layout_give_the_same_output(op, seed):
         assert torch.equal(op(x, w, bias, gather, out_idx, stride, pad, dil, groups), want)
 
 
+@pytest.mark.parametrize("n_keep", [16, 21, 37])
+@pytest.mark.parametrize("k", [1, 3])
+def test_blocks_of_sixteen_filters_are_packed_exactly_in_any_layout(op, n_keep, k, monkeypatch):
+    """Blocks of 16 filters (the lanes path's (16, 1) tile) are packed 16 x 16 at a time through
+    a register transpose when a tap's kept channels are adjacent (channels-last weights) or a
+    filter's floats are in packing order (contiguous ones), with the floats left over (n_keep or
+    n_keep * taps not a multiple of 16) one by one, and through the general loops otherwise:
+    every layout gives the reference's output, 1 and 2 threads (groups of 16 filters)."""
+    monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
+    monkeypatch.setenv("GKP_FUSED_LANE_TILE", "16,1")
+    gen = torch.Generator().manual_seed(n_keep * 10 + k)
+    groups, c_in = 2, 40
+    x = torch.randn(16, c_in, 6, 7, generator=gen)
+    weight = torch.randn(32, n_keep, k, k, generator=gen)
+    gather = torch.randint(0, c_in, (groups * n_keep,), generator=gen)
+    out_idx = torch.randperm(32, generator=gen)
+    bias = torch.randn(32, generator=gen)
+    pad = k // 2
+    want = F.conv2d(x[:, gather], weight, bias, 1, pad, 1, groups)[:, out_idx]
+    strided = torch.zeros(32, 2 * n_keep, k, k)[:, ::2]
+    strided.copy_(weight)
+    layouts = (weight, weight.contiguous(memory_format=torch.channels_last), strided,
+               weight.transpose(2, 3).contiguous().transpose(2, 3))  # fmt: skip
+    for w in layouts:
+        for threads in (1, 2):
+            args = (x, w, bias, gather, out_idx, (1, 1), (pad, pad), (1, 1), groups)
+            got = with_threads(threads, lambda args=args: op(*args))
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (w.stride(), threads)
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_channels_last_input_gives_an_exact_channels_last_output(op, seed):
     """A channels-last input is read in place (no NCHW copy) and the output comes back
