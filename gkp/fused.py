@@ -49,6 +49,10 @@ SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
 # -fopenmp: ATen's at::parallel_for is a header template that runs serially unless the op itself
 # is compiled with OpenMP (it then shares torch's libgomp and honours torch.set_num_threads)
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# The lanes path's register tile shapes, "D,P" (D filters x P pixels; LSHAPES in the source):
+# what GKP_FUSED_LANE_TILE may force, for kernel tuning (scripts/bench_fused.py --lane-tiles)
+# and tests. A shape whose D does not divide a layer's filters per group is not forced there.
+LANE_TILES = ("4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1", "16,1")
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 

@@ -13,6 +13,13 @@ layout) and writes it as CSV.
 
 ``--downsampling`` times the networks' stride-2 3x3 layers instead (``DOWNSAMPLING``; the table
 prints them as ``C=in->out``).
+
+``--lane-tiles`` times, for every layer at batch 64 / 16 (stride 1 and 2: the batches that take
+the lanes path), the fused op on a channels-last input with its own tile choice and with each of
+the lanes path's tile shapes forced in turn (``GKP_FUSED_LANE_TILE``, ``gkp.fused.LANE_TILES``;
+shapes whose D does not divide the layer's filters per group are left out), all interleaved with
+the faster dense layout, and prints each one's speed-up over dense: how far the kernel's choice
+is from the best shape, layer by layer (nothing is written).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import os
 import random
 import sys
 from pathlib import Path
@@ -80,8 +88,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None, help="CSV file to write")
     ap.add_argument("--table", type=Path, default=None, help="print the table of this CSV")
-    ap.add_argument(
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument(
         "--downsampling", action="store_true", help="time the stride-2 3x3 layers instead"
+    )
+    which.add_argument(
+        "--lane-tiles", action="store_true", help="time every lanes-path tile shape per layer"
     )
     args = ap.parse_args()
     if args.table is not None:
@@ -90,6 +102,10 @@ def main() -> None:
     print(f"allocator: {memory.keep_freed_memory()}")  # no page faults in the timed calls
     if not fused.load():
         sys.exit("the fused op could not be built (see the warning above)")
+    if args.lane_tiles:
+        for threads in [int(t) for t in args.threads.split(",")]:
+            lane_tiles(threads, args.rounds)
+        return
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         if args.downsampling:
@@ -145,6 +161,51 @@ def measure(threads: int, rounds: int, layers: list[tuple]) -> list[dict]:
             }
         )  # fmt: skip
     return rows
+
+
+def lane_tiles(threads: int, rounds: int) -> None:
+    """Print, per lanes-path layer, the fused op's speed-up over the faster dense layout with its
+    own tile choice ("chosen") and with each tile shape forced (channels-last input)."""
+    cl = torch.channels_last
+    layers = [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS if b > 1]
+    layers += [(*ly, 2) for ly in DOWNSAMPLING]
+    print(f"lanes-path tile shapes (D filters x P pixels), {threads} thread(s): speed-up over "
+          "the faster dense layout, channels-last input")  # fmt: skip
+    for net, c, hw, batch, c_out, stride in layers:
+        conv, grouped, _ = layer_pair(c, seed=c + hw, c_out=c_out, stride=stride)
+        set_backend(grouped, "fused")
+        x = torch.randn(batch, c, hw, hw)
+        x_cl = x.contiguous(memory_format=cl)
+        conv_cl = copy.deepcopy(conv).to(memory_format=cl)
+        d = c_out // GROUPS
+        runs = {"dense": _on(conv.eval(), x), "dense_cl": _on(conv_cl.eval(), x_cl),
+                "chosen": _forced(grouped.eval(), x_cl, None)}  # fmt: skip
+        for tile in fused.LANE_TILES:
+            if d % int(tile.split(",")[0]) == 0:
+                runs[tile] = _forced(grouped, x_cl, tile)
+        stats = time_interleaved(runs, x, rounds=rounds, warmup=3, threads=threads)
+        ms = {k: v.median_ms for k, v in stats.items()}
+        best = min(ms["dense"], ms["dense_cl"])
+        shapes = sorted((k for k in ms if "," in k), key=lambda k: ms[k])
+        print(f"{net} C={c}{'' if c_out == c else f'->{c_out}'} {hw}x{hw} s{stride} b{batch}: "
+              f"chosen x{best / ms['chosen']:.2f} | "
+              + " ".join(f"{k}:x{best / ms[k]:.2f}" for k in shapes), flush=True)  # fmt: skip
+
+
+def _forced(module: nn.Module, inp: torch.Tensor, tile: str | None):
+    """A callable for time_interleaved running ``module`` with the lane tile ``tile`` forced
+    (None: the kernel's own choice)."""
+
+    def run(_x):
+        if tile is None:
+            return module(inp)
+        os.environ["GKP_FUSED_LANE_TILE"] = tile
+        try:
+            return module(inp)
+        finally:
+            del os.environ["GKP_FUSED_LANE_TILE"]
+
+    return run
 
 
 def _on(module: nn.Module, inp: torch.Tensor):

@@ -689,11 +689,8 @@ def test_lanes_path_split_over_groups_is_exact(op, seed, split, monkeypatch):
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (threads, size, stride)
 
 
-LANE_TILES = ["4,4", "2,8", "8,2", "2,7", "1,16", "2,4", "1,8", "1,7", "8,1", "16,1"]
-
-
 @pytest.mark.parametrize("window", [None, "1"])
-@pytest.mark.parametrize("tile", LANE_TILES)
+@pytest.mark.parametrize("tile", fused.LANE_TILES)
 def test_every_lane_tile_shape_is_exact(op, tile, window, monkeypatch):
     """Each tile shape of the lanes path (forced; normally a cost model picks one) on its four
     code paths (3x3 and 1x1 unit stride, 3x3 stride 2, a strided dilated 3x3), NCHW and

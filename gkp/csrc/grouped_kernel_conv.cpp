@@ -480,10 +480,10 @@ double lcost(const LShape& s, int64_t d, int64_t n_keep, const LGeo& g) {
 // else the cheapest shape by lcost. Wide tiles of those layers read their inputs from the L2
 // cache, P vector loads per tap serving D filters each; a one-pixel tile loads one vector per
 // tap for D = 16 (or 8) filters and streams the filters' weights, 16 to a cache line. On the
-// 2-core AMD EPYC at batch 16 on 2 threads (scripts/bench_fused.py --lane-tiles) that took
-// ResNet-50's stride-2 C=512 layer from 1.09x to 1.59x of dense and the other 3x3 layers from
-// 1.23-1.52x to 1.45-1.58x; ResNet-56's layers (59-69 KB) keep the model's choice, which
-// measured within noise of their best shape.
+// 2-core AMD EPYC at batch 16 on 2 threads, every shape forced in turn (scripts/bench_fused.py
+// --lane-tiles) put the one-pixel shapes at or near the top on every ResNet-50 3x3 layer, where
+// the model's wide tiles had run the stride-2 C=512 layer at about 1.1x of dense against 1.6x;
+// ResNet-56's layers (59-69 KB) keep the model's choice, within noise of their best shape.
 const LShape& lchoose(int64_t d, int64_t n_keep, const LGeo& g) {
   if (const char* force = std::getenv("GKP_FUSED_LANE_TILE")) {  // "D,P": for tuning and tests
     int D = 0, P = 0;
