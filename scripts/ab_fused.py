@@ -8,7 +8,9 @@ run per layer (``gkp.metrics.time_interleaved``: inference_mode, warm-up, fixed 
 rounds rotated, median). Layers: those of ``scripts/bench_fused.py`` at their larger batch
 (ResNet-56 at 64, ResNet-50 at 16), with ``--batch-one`` at batch 1, and with
 ``--downsampling`` its stride-2 ones; input
-NCHW or channels-last; with the epilogue a ResNet block's second conv runs (residual + ReLU).
+NCHW or channels-last; with the epilogue a ResNet block's second conv runs (residual + ReLU);
+with ``--network-weights`` the weights in the input's layout (a channels-last network's are
+channels-last, and the op packs them through their strides).
 
     taskset -c 0,1 .venv/bin/python scripts/ab_fused.py --base HEAD~1 --threads 1,2
 
@@ -77,6 +79,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--layouts", default="nchw,cl", help="input layouts: nchw, cl or both")
     ap.add_argument("--no-epilogue", action="store_true", help="time the conv alone")
+    ap.add_argument(
+        "--network-weights", action="store_true",
+        help="weights in the input's layout, as a network converted to that layout holds them "
+        "(channels-last with --layouts cl: the suite's autotune deploy); default contiguous",
+    )  # fmt: skip
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--downsampling", action="store_true", help="the stride-2 layers instead")
     which.add_argument("--batch-one", action="store_true", help="the batch-1 layers instead")
@@ -102,8 +109,11 @@ def main() -> None:
                 if not args.no_epilogue:
                     res = torch.randn(batch, c_out, out_hw, out_hw).contiguous(memory_format=fmt)
 
+                weight = conv.weight
+                if args.network_weights:
+                    weight = weight.contiguous(memory_format=fmt)
                 rest = (
-                    conv.weight, conv.bias, layer.gather_index, layer.output_index,
+                    weight, conv.bias, layer.gather_index, layer.output_index,
                     list(conv.stride), list(conv.padding), list(conv.dilation), layer.n_groups,
                     res, res is not None,
                 )  # fmt: skip
