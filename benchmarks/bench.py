@@ -12,6 +12,7 @@ import copy
 import hashlib
 import inspect
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,24 @@ def suite_autotune_pair(
                                  structure_digest(dense))  # fmt: skip
     save_tune_cache(path, tuned)
     return x, run_dense, run_pruned, picked
+
+
+def suite_pair_arguments(parser: Any, model: str, batch: int) -> None:
+    """``--model``, ``--batch``, ``--threads`` and ``--method`` on ``parser`` (an argparse
+    parser): what :func:`suite_pair_from` needs, for the scripts that time a suite pair."""
+    parser.add_argument("--model", default=model, choices=["resnet50", "resnet56"])
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--method", default="gkp-l2")
+
+
+def suite_pair_from(args: Any) -> tuple[Tensor, Any, Any, dict[str, Any]]:
+    """:func:`suite_autotune_pair` for parsed :func:`suite_pair_arguments`, on ``args.threads``
+    threads, with the suite's cache from ``GKP_BENCH_CACHE`` (unset or ``0``: none)."""
+    torch.set_num_threads(args.threads)
+    env = os.environ.get("GKP_BENCH_CACHE")
+    cache = Path(env) if env and env != "0" else None
+    return suite_autotune_pair(args.model, args.method, args.batch, args.threads, cache)
 
 
 def bench_backends(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import suite_autotune_pair  # noqa: E402
+from benchmarks.bench import suite_pair_arguments, suite_pair_from  # noqa: E402
 from gkp.nn import DEPLOY_FORMS  # noqa: E402
 
 
@@ -88,18 +87,10 @@ def _timed(fns: dict, x: torch.Tensor, rounds: int) -> dict[str, tuple[float, di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet50", choices=["resnet50", "resnet56"])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--method", default="gkp-l2")
+    suite_pair_arguments(parser, model="resnet50", batch=16)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    env = os.environ.get("GKP_BENCH_CACHE")
-    cache = Path(env) if env and env != "0" else None
-    x, run_dense, run_gkp, picked = suite_autotune_pair(
-        args.model, args.method, args.batch, args.threads, cache
-    )
+    x, run_dense, run_gkp, picked = suite_pair_from(args)
     grouped = {
         n.rsplit(".", 1)[0] if n.endswith(".conv") else n: m.backend
         for n, m in _network(run_gkp).named_modules()

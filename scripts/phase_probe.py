@@ -14,7 +14,6 @@ property of a process or of a prepared network.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -25,24 +24,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import suite_autotune_pair  # noqa: E402
+from benchmarks.bench import suite_pair_arguments, suite_pair_from  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet56", choices=["resnet50", "resnet56"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--method", default="gkp-l2")
+    suite_pair_arguments(parser, model="resnet56", batch=64)
     parser.add_argument("--seconds", type=float, default=80.0)
     parser.add_argument("--window", type=float, default=5.0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    env = os.environ.get("GKP_BENCH_CACHE")
-    cache = Path(env) if env and env != "0" else None
-    x, run_dense, run_gkp, picked = suite_autotune_pair(
-        args.model, args.method, args.batch, args.threads, cache
-    )
+    x, run_dense, run_gkp, picked = suite_pair_from(args)
     form = f"{picked.get('form')}, {picked.get('layout')}"
     print(f"{args.model} {args.method}, batch {args.batch}, {args.threads} thread(s), autotune "
           f"form ({form}), medians per {args.window:g} s")  # fmt: skip
