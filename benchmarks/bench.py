@@ -173,13 +173,18 @@ def suite_pair_arguments(parser: Any, model: str, batch: int) -> None:
     parser.add_argument("--method", default="gkp-l2")
 
 
+def suite_cache() -> Path | None:
+    """The suite's cache folder as the scripts take it, ``GKP_BENCH_CACHE`` (unset or ``0``:
+    none)."""
+    env = os.environ.get("GKP_BENCH_CACHE")
+    return Path(env) if env and env != "0" else None
+
+
 def suite_pair_from(args: Any) -> tuple[Tensor, Any, Any, dict[str, Any]]:
     """:func:`suite_autotune_pair` for parsed :func:`suite_pair_arguments`, on ``args.threads``
-    threads, with the suite's cache from ``GKP_BENCH_CACHE`` (unset or ``0``: none)."""
+    threads, with :func:`suite_cache`."""
     torch.set_num_threads(args.threads)
-    env = os.environ.get("GKP_BENCH_CACHE")
-    cache = Path(env) if env and env != "0" else None
-    return suite_autotune_pair(args.model, args.method, args.batch, args.threads, cache)
+    return suite_autotune_pair(args.model, args.method, args.batch, args.threads, suite_cache())
 
 
 def bench_backends(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.backends import prepare  # noqa: E402
 from benchmarks.bench import SUITE_DATASETS as DATASETS  # noqa: E402
-from benchmarks.bench import cached_untrained  # noqa: E402
+from benchmarks.bench import SUITE_TARGET, cached_untrained  # noqa: E402
 from benchmarks.runconfig import RunConfig  # noqa: E402
 from gkp.metrics import paired_speedup, time_interleaved  # noqa: E402
 
@@ -40,7 +40,7 @@ def aa_ratios(model: str, backend: str, batch: int, rounds: int, repeat: int, th
     ``backend``: the first copy's median / the second copy's, the median of the per-round ratios
     and its 95% interval (None under 6 rounds)."""
     cfg = RunConfig(model=model, dataset=DATASETS[model], method="weight-magnitude",
-                    target=0.436, progress=False)  # fmt: skip
+                    target=SUITE_TARGET, progress=False)  # fmt: skip
     dense, _, x = cached_untrained(cfg, None)
     x = torch.randn(batch, *x.shape[1:])
     first, _ = prepare(backend, dense, x, threads)

@@ -35,12 +35,10 @@ PAIRS = ("resnet56:64", "resnet50:16", "resnet56:1")
 
 def _measure(model: str, batch: int, method: str, threads: int, rounds: int) -> dict:
     """Time dense and ``method`` (this process's allocator) with faults per pass."""
-    from benchmarks.bench import suite_autotune_pair
+    from benchmarks.bench import suite_autotune_pair, suite_cache
     from gkp import memory
 
-    env = os.environ.get("GKP_BENCH_CACHE")
-    cache = Path(env) if env and env != "0" else None
-    x, run_dense, run_pruned, _ = suite_autotune_pair(model, method, batch, threads, cache)
+    x, run_dense, run_pruned, _ = suite_autotune_pair(model, method, batch, threads, suite_cache())
     fns = {"dense": run_dense, method: run_pruned}
     ms: dict[str, list[float]] = {k: [] for k in fns}
     faults: dict[str, list[int]] = {k: [] for k in fns}

@@ -17,9 +17,9 @@ prints them as ``C=in->out``).
 ``--lane-tiles`` times, for every layer at batch 64 / 16 (stride 1 and 2: the batches that take
 the lanes path), the fused op on a channels-last input with its own tile choice and with each of
 the lanes path's tile shapes forced in turn (``GKP_FUSED_LANE_TILE``, ``gkp.fused.LANE_TILES``;
-shapes whose D does not divide the layer's filters per group are left out), all interleaved with
-the faster dense layout, and prints each one's speed-up over dense: how far the kernel's choice
-is from the best shape, layer by layer (nothing is written).
+shapes whose D does not divide the layer's filters per group are left out), each timed in a
+pair with the faster dense layout, and prints each one's speed-up over dense: how far the
+kernel's choice is from the best shape, layer by layer (nothing is written).
 """
 
 from __future__ import annotations
