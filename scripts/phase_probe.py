@@ -5,15 +5,19 @@ suite's MACs target (G = 8, untrained weights; ``GKP_BENCH_CACHE`` reuses the su
 and tuning choices) once, then runs the two alternately for ``--seconds`` and prints, for every
 ``--window`` seconds, each one's median milliseconds and the speed-up. The same two prepared
 networks throughout, in one process: a change from window to window is the machine's, not a
-property of a process or of a prepared network.
+property of a process or of a prepared network. ``--env VAR=VALUE`` (repeatable) also runs the
+GKP network with that environment variable set (the fused op's tuning overrides, such as
+``GKP_FUSED_PATH=rows`` or ``GKP_FUSED_PACK=shared``, are read on every call) in the same rounds,
+so a variant's speed is compared with the default's in the same phase.
 
     GKP_BENCH_CACHE=<a suite cache> taskset -c 0,1 .venv/bin/python scripts/phase_probe.py \\
-        --model resnet56 --batch 64 --threads 2 --seconds 80
+        --model resnet56 --batch 64 --threads 2 --seconds 80 [--env GKP_FUSED_PATH=rows]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,26 +36,62 @@ def main(argv: list[str] | None = None) -> None:
     suite_pair_arguments(parser, model="resnet56", batch=64)
     parser.add_argument("--seconds", type=float, default=80.0)
     parser.add_argument("--window", type=float, default=5.0)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="also time the GKP network with this variable set (repeatable)",
+    )
     args = parser.parse_args(argv)
+    variants = [_setting(text, parser) for text in args.env]
     x, run_dense, run_gkp, picked = suite_pair_from(args)
+    runs = {"dense": run_dense, "gkp": run_gkp}
+    runs.update({f"{var}={value}": _with_env(var, value, run_gkp) for var, value in variants})
     form = f"{picked.get('form')}, {picked.get('layout')}"
     print(f"{args.model} {args.method}, batch {args.batch}, {args.threads} thread(s), autotune "
           f"form ({form}), medians per {args.window:g} s")  # fmt: skip
     end = time.monotonic() + args.seconds
     with torch.inference_mode():
-        run_dense(x)
-        run_gkp(x)
+        for fn in runs.values():
+            fn(x)
         while time.monotonic() < end:
-            times: dict[str, list[float]] = {"dense": [], "gkp": []}
+            times: dict[str, list[float]] = {name: [] for name in runs}
             stop = time.monotonic() + args.window
             while time.monotonic() < stop:
-                for name, fn in (("dense", run_dense), ("gkp", run_gkp)):
+                for name, fn in runs.items():
                     t0 = time.perf_counter()
                     fn(x)
                     times[name].append(time.perf_counter() - t0)
-            d, g = (statistics.median(times[k]) * 1e3 for k in ("dense", "gkp"))
+            ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            d, g = ms.pop("dense"), ms.pop("gkp")
+            extra = "".join(f"  [{name}] {v:.1f} ms x{d / v:.3f}" for name, v in ms.items())
             print(f"{time.strftime('%H:%M:%S', time.gmtime())} UTC  dense {d:.1f} ms  GKP {g:.1f} "
-                  f"ms  x{d / g:.3f}", flush=True)  # fmt: skip
+                  f"ms  x{d / g:.3f}{extra}", flush=True)  # fmt: skip
+
+
+def _setting(text: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    var, sep, value = text.partition("=")
+    if not sep or not var:
+        parser.error(f"--env takes VAR=VALUE, got {text!r}")
+    return var, value
+
+
+def _with_env(var: str, value: str, fn):
+    """``fn`` run with ``var`` set to ``value`` (its earlier value, or its absence, restored)."""
+
+    def run(x):
+        before = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            return fn(x)
+        finally:
+            if before is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = before
+
+    return run
 
 
 if __name__ == "__main__":

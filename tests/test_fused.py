@@ -109,6 +109,40 @@ def test_blocks_of_sixteen_filters_are_packed_exactly_in_any_layout(op, n_keep, 
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (w.stride(), threads)
 
 
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("mode", [None, "own", "shared"])
+def test_each_threads_own_or_one_shared_weight_copy_gives_the_same_exact_output(
+    op, mode, big, monkeypatch
+):
+    """The lanes path's threads each pack their own copy of small weights (under 32768 floats)
+    inside the parallel region and share one copy of larger ones packed by all
+    (``GKP_FUSED_PACK=own|shared`` forces either): every way, on 1, 2 and 3 threads, with a
+    block per thread and with one block split into bands, contiguous and channels-last
+    weights (each call's weights differ from the call's before), the output equals the
+    reference and is the same bit for bit on any number of threads."""
+    monkeypatch.setenv("GKP_FUSED_PATH", "lanes")
+    if mode:
+        monkeypatch.setenv("GKP_FUSED_PACK", mode)
+    gen = torch.Generator().manual_seed(11 + big)
+    # weights of 32 x 6 x 9 = 1728 floats, or (big) 128 x 36 x 9 = 41472
+    groups, d, n_keep, c_in = 4, (32 if big else 8), (36 if big else 6), 48
+    weight = torch.randn(groups * d, n_keep, 3, 3, generator=gen)
+    gather = torch.randint(0, c_in, (groups * n_keep,), generator=gen)
+    out_idx = torch.randperm(groups * d, generator=gen)
+    bias = torch.randn(groups * d, generator=gen)
+    other = (weight * -0.5).contiguous(memory_format=torch.channels_last)  # no stale copy fits
+    for batch in (16, 48):
+        x = torch.randn(batch, c_in, 9, 10, generator=gen)
+        for w in (weight, other, weight.contiguous(memory_format=torch.channels_last)):
+            want = F.conv2d(x[:, gather], w, bias, 1, 1, 1, groups)[:, out_idx]
+            outputs = []
+            for threads in (1, 2, 3):
+                args = (x, w, bias, gather, out_idx, (1, 1), (1, 1), (1, 1), groups)
+                outputs.append(with_threads(threads, lambda args=args: op(*args)))
+                assert torch.allclose(outputs[-1], want, atol=1e-4, rtol=1e-4), (batch, threads)
+            assert all(torch.equal(o, outputs[0]) for o in outputs), (batch, w.stride())
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_channels_last_input_gives_an_exact_channels_last_output(op, seed):
     """A channels-last input is read in place (no NCHW copy) and the output comes back
@@ -733,6 +767,7 @@ def test_a_layer_whose_rows_outgrow_the_l1_cache_is_exact(op, d, stride):
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "0"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_WINDOW": "4x"},
      {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_LANE_SPLIT": "bands"},
+     {"GKP_FUSED_PATH": "lanes", "GKP_FUSED_PACK": "mine"},
      {"GKP_FUSED_SERIAL_MACS": "-1"}, {"GKP_FUSED_SERIAL_MACS": "many"},
      {"GKP_FUSED_SERIAL_MACS": "4M"}],
 )  # fmt: skip

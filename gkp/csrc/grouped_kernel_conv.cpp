@@ -34,10 +34,11 @@
 // ResNet block's conv -> ReLU and conv -> add -> ReLU then need no passes of their own over
 // the activations (gkp/epilogue.py rewrites networks so).
 //
-// Both paths pack the weights once per call as [block of D filters][kept channel][tap][D] so a
-// tile's broadcasts are sequential, write each filter's results to its final channel (the
-// un-permute costs nothing), keep their buffers as per-thread scratch memory between calls, and
-// run on ATen's intra-op thread pool (torch.set_num_threads).
+// Both paths pack the weights once per call as [block of D filters][kept channel][tap][D] (the
+// lanes path small weights once per thread: own_packing) so a tile's broadcasts are sequential,
+// write each filter's results to its final channel (the un-permute costs nothing), keep their
+// buffers as per-thread scratch memory between calls, and run on ATen's intra-op thread pool
+// (torch.set_num_threads).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -686,6 +687,23 @@ const float* pack_weights(const at::Tensor& weight, int64_t D, bool serial) {
   return pk;
 }
 
+// Whether every thread of the lanes path packs its own copy of the weights (in its own scratch,
+// inside the parallel region) rather than reading one copy packed before it: by default where the
+// copy would be packed by the calling thread alone anyway (fewer than PACK_PARALLEL_FLOATS), so
+// the other threads, idle while it packed, pack their own at the same time, and no thread reads
+// weights that another core has just written (on the 2-core AMD EPYC the other core's copy cost
+// tuned ResNet-56 about 1 ms of 62 at batch 64 on 2 threads while the machine ran its slow mode,
+// and nothing measurable otherwise: scripts/phase_probe.py --env GKP_FUSED_PACK=shared). Larger
+// weights keep one copy packed by all threads together (each thread packing all of them would
+// double the work). GKP_FUSED_PACK=own|shared forces either, for tests and tuning.
+bool own_packing(int64_t floats) {
+  const char* v = std::getenv("GKP_FUSED_PACK");
+  if (!v) return floats < PACK_PARALLEL_FLOATS;
+  TORCH_CHECK(!std::strcmp(v, "own") || !std::strcmp(v, "shared"),
+              "gkp_fused: GKP_FUSED_PACK must be \"own\" or \"shared\", got \"", v, "\"");
+  return !std::strcmp(v, "own");
+}
+
 // The lanes path's tile instantiations add 3: a 3x3 kernel with stride 2 and unit dilation (the
 // downsampling 3x3 convs of ResNets, which the generic tile ran at 0.7-1.2x of dense; see
 // scripts/bench_fused.py --downsampling).
@@ -703,7 +721,8 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   const LShape& s = lchoose(d, n_keep, g);
   const TileFn_l run = s.fn[lane_variant(g)];
   const int64_t per_filter = n_keep * g.kh * g.kw;
-  const float* pk = pack_weights(weight, s.D, false);
+  const bool own = own_packing(C_out * per_filter);
+  const float* pk_shared = own ? nullptr : pack_weights(weight, s.D, false);
   // reads past the last plane: the last tile's pixels beyond the row, one row down at most
   const int64_t slack = (g.Wp + s.P * g.sw + g.kw * g.dw) * LANES;
   const int64_t nblk = (N + LANES - 1) / LANES;
@@ -805,7 +824,7 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   // With `whole` (a task of groups [g0, g1) only, every row), the filters go to the block's
   // whole staged output there, written out later by all threads together.
   auto band = [&](int64_t b, int64_t oy0, int64_t oy1, std::vector<const float*>& chan,
-                  int64_t g0, int64_t g1, float* whole) {
+                  int64_t g0, int64_t g1, float* whole, const float* pk) {
     const int64_t py0 = oy0 * g.sh, rows = (oy1 - oy0 - 1) * g.sh + (g.kh - 1) * g.dh + 1;
     const int64_t span = (g.kh - 1) * g.dh + 1, rowf = g.Wp * LANES;  // rows one output row reads
     const int64_t wr = std::min(rows, std::max(span + g.sh, window_rows(C_in * rowf)));
@@ -874,13 +893,14 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   const int64_t per_band = (g.Ho + nband - 1) / nband;
   at::parallel_for(0, nblk * nband, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> chan(groups * n_keep);
+    const float* pk = own ? pack_weights(weight, s.D, true) : pk_shared;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nband, k = t % nband;
       if (by_groups)
         band(b, 0, g.Ho, chan, k * groups / nband, (k + 1) * groups / nband,
-             whole + b * C_out * HWo * LANES);
+             whole + b * C_out * HWo * LANES, pk);
       else if (k * per_band < g.Ho)
-        band(b, k * per_band, std::min(g.Ho, (k + 1) * per_band), chan, 0, groups, nullptr);
+        band(b, k * per_band, std::min(g.Ho, (k + 1) * per_band), chan, 0, groups, nullptr, pk);
     }
   });
   if (by_groups)  // every block's pixels, split over the threads
