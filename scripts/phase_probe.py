@@ -8,7 +8,9 @@ networks throughout, in one process: a change from window to window is the machi
 property of a process or of a prepared network. ``--env VAR=VALUE`` (repeatable) also runs the
 GKP network with that environment variable set (the fused op's tuning overrides, such as
 ``GKP_FUSED_PATH=rows`` or ``GKP_FUSED_PACK=shared``, are read on every call) in the same rounds,
-so a variant's speed is compared with the default's in the same phase.
+so a variant's speed is compared with the default's in the same phase. The runs take turns at
+coming first in a round (one that always follows another on the same data would find it in
+cache).
 
     GKP_BENCH_CACHE=<a suite cache> taskset -c 0,1 .venv/bin/python scripts/phase_probe.py \\
         --model resnet56 --batch 64 --threads 2 --seconds 80 [--env GKP_FUSED_PATH=rows]
@@ -58,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         while time.monotonic() < end:
             times: dict[str, list[float]] = {name: [] for name in runs}
             stop = time.monotonic() + args.window
+            order = list(runs.items())
             while time.monotonic() < stop:
-                for name, fn in runs.items():
+                order = order[1:] + order[:1]  # each run first, last, in between in turn
+                for name, fn in order:
                     t0 = time.perf_counter()
                     fn(x)
                     times[name].append(time.perf_counter() - t0)
