@@ -8,8 +8,9 @@ networks throughout, in one process: a change from window to window is the machi
 property of a process or of a prepared network. ``--env VAR=VALUE`` (repeatable) also runs the
 GKP network with that environment variable set (the fused op's tuning overrides, such as
 ``GKP_FUSED_PATH=rows`` or ``GKP_FUSED_PACK=shared``, are read on every call) in the same rounds,
-so a variant's speed is compared with the default's in the same phase. The runs take turns at
-coming first in a round (one that always follows another on the same data would find it in
+so a variant's speed is compared with the default's in the same phase. Each window is
+``gkp.metrics.time_interleaved`` over about ``--window`` seconds of rounds, whose runs take turns
+at coming first in a round (one that always follows another on the same data would find it in
 cache).
 
     GKP_BENCH_CACHE=<a suite cache> taskset -c 0,1 .venv/bin/python scripts/phase_probe.py \\
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import suite_pair_arguments, suite_pair_from  # noqa: E402
+from gkp.metrics import time_interleaved  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,25 +54,19 @@ def main(argv: list[str] | None = None) -> None:
     form = f"{picked.get('form')}, {picked.get('layout')}"
     print(f"{args.model} {args.method}, batch {args.batch}, {args.threads} thread(s), autotune "
           f"form ({form}), medians per {args.window:g} s")  # fmt: skip
-    end = time.monotonic() + args.seconds
-    with torch.inference_mode():
+    with torch.inference_mode():  # warm-up, and one round's time: a window's rounds
+        t0 = time.perf_counter()
         for fn in runs.values():
             fn(x)
-        while time.monotonic() < end:
-            times: dict[str, list[float]] = {name: [] for name in runs}
-            stop = time.monotonic() + args.window
-            order = list(runs.items())
-            while time.monotonic() < stop:
-                order = order[1:] + order[:1]  # each run first, last, in between in turn
-                for name, fn in order:
-                    t0 = time.perf_counter()
-                    fn(x)
-                    times[name].append(time.perf_counter() - t0)
-            ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-            d, g = ms.pop("dense"), ms.pop("gkp")
-            extra = "".join(f"  [{name}] {v:.1f} ms x{d / v:.3f}" for name, v in ms.items())
-            print(f"{time.strftime('%H:%M:%S', time.gmtime())} UTC  dense {d:.1f} ms  GKP {g:.1f} "
-                  f"ms  x{d / g:.3f}{extra}", flush=True)  # fmt: skip
+        rounds = max(3, round(args.window / (time.perf_counter() - t0)))
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        stats = time_interleaved(runs, x, rounds=rounds, warmup=0, threads=args.threads)
+        ms = {name: st.median_ms for name, st in stats.items()}
+        d, g = ms.pop("dense"), ms.pop("gkp")
+        extra = "".join(f"  [{name}] {v:.1f} ms x{d / v:.3f}" for name, v in ms.items())
+        print(f"{time.strftime('%H:%M:%S', time.gmtime())} UTC  dense {d:.1f} ms  GKP {g:.1f} "
+              f"ms  x{d / g:.3f}{extra}", flush=True)  # fmt: skip
 
 
 def _setting(text: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
