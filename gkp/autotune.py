@@ -73,8 +73,8 @@ def beats_dense(ms: float, dense_ms: float) -> bool:
 def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
     """The backends worth timing for ``layer`` (a grouped layer when None) on input ``x``:
     always the PyTorch ops and masked dense; for a grouped layer also channels-last, one conv
-    per group, the fused op for float32 on a CPU and the Triton kernel for float32/bfloat16 on
-    a CUDA GPU."""
+    per group, the fused op for float32 on a CPU and the Triton kernels (tensor-core and direct) for
+    float32/bfloat16 on a CUDA GPU."""
     if isinstance(layer, PerGroupConv2d):
         return list(PerGroupConv2d.BACKENDS)
     out = ["torch", "channels_last", "per_group", "dense"]
@@ -84,7 +84,7 @@ def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
         from gkp import triton_conv
 
         if triton_conv.available():
-            out.insert(1, "triton")
+            out[1:1] = ["triton", "triton_direct"]
     return out
 
 

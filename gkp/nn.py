@@ -294,7 +294,8 @@ class GroupedKernelConv2d(_DeployForm):
     ``backend``: how inference runs (autograd off, e.g. under ``torch.inference_mode``; with
     autograd on it is always the PyTorch ops): ``"torch"`` (gather → grouped conv → un-permute),
     ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs), ``"triton"``
-    (the one-op GPU kernel of :mod:`gkp.triton_conv`, float32/bfloat16 CUDA inputs),
+    (the one-op GPU kernel of :mod:`gkp.triton_conv` on tensor cores, float32/bfloat16 CUDA
+    inputs), ``"triton_direct"`` (the same op's direct convolution on CUDA cores),
     ``"channels_last"`` (the PyTorch ops on a channels-last copy of the gathered input: oneDNN
     picks other kernels for that layout), ``"per_group"`` (one conv per group, as
     :class:`PerGroupConv2d`) or ``"dense"`` (the equivalent masked dense conv,
@@ -368,11 +369,12 @@ class GroupedKernelConv2d(_DeployForm):
                     x, c.weight, c.bias, self.gather_index, self.output_index,
                     c.stride, c.padding, c.dilation, self.n_groups,
                 )  # fmt: skip
-            if self.backend == "triton" and x.is_cuda and x.dtype in _TRITON_DTYPES:
+            if self.backend in _TRITON and x.is_cuda and x.dtype in _TRITON_DTYPES:
                 c = self.conv
                 return torch.ops.gkp_triton.grouped_kernel_conv(
                     x, c.weight, c.bias, self.gather_index, self.output_index,
                     list(c.stride), list(c.padding), list(c.dilation), self.n_groups,
+                    _TRITON[self.backend],
                 )  # fmt: skip
             if self.backend == "dense":
                 return self._dense_copy(x)(x)
@@ -514,9 +516,10 @@ class PerGroupConv2d(_DeployForm):
 DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
 
 
-BACKENDS = ("torch", "fused", "triton", "channels_last", "per_group", "dense")
+BACKENDS = ("torch", "fused", "triton", "triton_direct", "channels_last", "per_group", "dense")
 _CL = torch.channels_last
 _TRITON_DTYPES = (torch.float32, torch.bfloat16)
+_TRITON = {"triton": "dot", "triton_direct": "direct"}  # backend -> gkp.triton_conv variant
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
@@ -531,11 +534,13 @@ def set_backend(model: nn.Module, backend: str) -> int:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "fused" and not fused.load():
         return 0
-    if backend == "triton":
+    if backend in _TRITON:
         from gkp import triton_conv  # registers the op
 
         if not triton_conv.available():
-            raise ValueError("backend 'triton' needs Triton and a CUDA GPU; use 'fused' on CPUs")
+            raise ValueError(
+                f"backend {backend!r} needs Triton and a CUDA GPU; use 'fused' on CPUs"
+            )
     count = 0
     for layer in model.modules():
         if isinstance(layer, DEPLOY_FORMS):

@@ -9,11 +9,12 @@ Three parts, each written to its own file in ``--out`` as soon as it is done:
    interleaved, median) of the 3x3 layers of ``scripts/bench_fused.py`` (G = 8, p = 0.4375):
    dense conv (cuDNN, NCHW and channels-last), the PyTorch deploy form (gather -> grouped conv
    -> un-permute) and the Triton op, with GMAC/s and the speed-up against the faster dense
-   layout; the Triton op also with other tile sizes (``--sweep``).
+   layout; both Triton kernels (``triton``: tensor cores, ``triton_direct``: CUDA cores), also
+   with other tile sizes (``--sweep``, or ``--sweep direct`` for the direct kernel's alone).
 3. ``gpu_networks.csv``: whole networks (BN folded, untrained weights: latency only) of the
    latency suite's GKP configurations, dense (NCHW and channels-last) against the pruned
-   network in the PyTorch form (both layouts) and with the Triton op in every grouped layer,
-   in TF32 and bfloat16.
+   network in the PyTorch form (both layouts) and with each Triton kernel in every grouped
+   layer, in TF32 and bfloat16.
 4. ``latency.csv``: the same networks through the latency harness (``benchmarks.latency``:
    backends ``eager`` and ``autotune``, whose per-layer candidates include the Triton op on a
    GPU) at the suite's batches, TF32: rows for ``results/latency.csv`` with device ``cuda``.
@@ -60,6 +61,13 @@ GPU_LAYERS = [
     for b in batches
 ]
 SWEEP = [(32, 16, 32), (128, 16, 32), (64, 16, 64), (128, 32, 64)]
+DIRECT_SWEEP = [
+    (64, 8),
+    (256, 8),
+    (128, 16),
+    (64, 32),
+    (32, 64),
+]  # (BLOCK_M, BLOCK_D) of the direct kernel
 NETWORKS = [  # (model, method, native knobs, MACs target, batches)
     *[("resnet56", m, {"groups": 8}, 0.436, (1, 64, 256))
       for m in ("gkp-l2", "tmi-gkp", "sr-gkp", "gkp-random")],
@@ -95,10 +103,11 @@ def check(out: Path, n: int) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from test_fused import random_case
 
+    from gkp.triton_conv import VARIANTS
     from gkp.triton_conv import grouped_kernel_conv_triton as op
 
     rows = []
-    for prec in PRECISIONS:
+    for prec, variant in ((p, v) for p in PRECISIONS for v in VARIANTS):
         dtype = set_precision(prec)
         worst, bad = 0.0, []
         for seed in range(n):
@@ -110,19 +119,21 @@ def check(out: Path, n: int) -> None:
             want = F.conv2d(x.float()[:, gather], w.float(), None if b is None else b.float(),
                             stride, pad, dil, groups)[:, out_idx]  # fmt: skip
             torch.backends.cudnn.allow_tf32 = PRECISIONS[prec][1]
-            got = op(x, w, b, gather, out_idx, stride, pad, dil, groups).float()
+            got = op(x, w, b, gather, out_idx, stride, pad, dil, groups, variant=variant)
+            got = got.float()
             err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
             worst = max(worst, err)
             tol = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 2e-2}[prec]
             if got.shape != want.shape or not err <= tol:
                 bad.append(seed)
-        rows.append({"precision": prec, "cases": n, "worst_rel_err": f"{worst:.2e}",
+        rows.append({"precision": prec, "variant": variant, "cases": n,
+                     "worst_rel_err": f"{worst:.2e}",
                      "failed_seeds": " ".join(map(str, bad)) or "none"})  # fmt: skip
         print(rows[-1], flush=True)
     write(out / "gpu_check.csv", rows)
 
 
-def time_layers(out: Path, rounds: int, sweep: bool) -> None:
+def time_layers(out: Path, rounds: int, sweep: str, precisions: list[str]) -> None:
     from bench_fused import layer_pair
 
     from gkp.metrics import time_interleaved
@@ -131,7 +142,7 @@ def time_layers(out: Path, rounds: int, sweep: bool) -> None:
 
     rows = []
     gpu = gpu_name()
-    for prec in PRECISIONS:
+    for prec in precisions:
         dtype = set_precision(prec)
         for net, c, size, batch in GPU_LAYERS:
             conv, layer, n_keep = layer_pair(c, seed=c + size)
@@ -145,13 +156,19 @@ def time_layers(out: Path, rounds: int, sweep: bool) -> None:
             if TRITON:
                 set_backend(tri, "triton")
                 fns["triton"] = tri
+                direct = copy.deepcopy(layer)
+                set_backend(direct, "triton_direct")
+                fns["triton_direct"] = direct
             if TRITON and sweep and prec == "tf32" and batch > 1:
                 cv = tri.conv
-                for blocks in SWEEP:
-                    fns["triton_" + "x".join(map(str, blocks))] = (
-                        lambda _x, cv=cv, t=tri, bl=blocks: grouped_kernel_conv_triton(
+                sweeps = [("triton_", "dot", b) for b in SWEEP if sweep in ("all", "dot")]
+                sweeps += [("direct_", "direct", b) for b in DIRECT_SWEEP if sweep != "dot"]
+                for prefix, variant, blocks in sweeps:
+                    fns[prefix + "x".join(map(str, blocks))] = (
+                        lambda _x, cv=cv, t=tri, bl=blocks, v=variant: grouped_kernel_conv_triton(
                             _x, cv.weight, cv.bias, t.gather_index, t.output_index,
-                            cv.stride, cv.padding, cv.dilation, t.n_groups, blocks=bl))  # fmt: skip
+                            cv.stride, cv.padding, cv.dilation, t.n_groups, blocks=bl,
+                            variant=v))  # fmt: skip
             stats = time_interleaved(fns, x, rounds=rounds, warmup=3, threads=1)
             gmac_dense = batch * size * size * c * c * 9 / 1e9
             gmac_pruned = gmac_dense * n_keep / c
@@ -206,17 +223,18 @@ def time_networks(out: Path, rounds: int, cache: Path | None) -> None:
             d_cl = copy.deepcopy(d).to(memory_format=cl)
             p = pruned.to(DEV).to(dtype).eval()
             p_cl = copy.deepcopy(p).to(memory_format=cl)
-            p_tri = copy.deepcopy(p)
+            p_tri, p_direct = copy.deepcopy(p), copy.deepcopy(p)
             if TRITON:
                 set_backend(p_tri, "triton")
+                set_backend(p_direct, "triton_direct")
             for batch in batches:
                 x = torch.randn(batch, *x1.shape[1:], device=DEV, dtype=dtype)
                 x_cl = x.contiguous(memory_format=cl)
                 fns = {"dense": d, "dense_cl": lambda _x, m=d_cl, xc=x_cl: m(xc),
                        "torch": p, "torch_cl": lambda _x, m=p_cl, xc=x_cl: m(xc),
-                       "triton": p_tri}  # fmt: skip
+                       "triton": p_tri, "triton_direct": p_direct}  # fmt: skip
                 if not TRITON:
-                    del fns["triton"]
+                    del fns["triton"], fns["triton_direct"]
                 stats = metrics.time_interleaved(fns, x, rounds=rounds, warmup=3, threads=1)
                 best_dense = min(stats["dense"].median_ms, stats["dense_cl"].median_ms)
                 for form, st in stats.items():
@@ -274,11 +292,13 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 LAYER_HEAD = (
     "| precision | layer | batch | dense NCHW | dense channels-last | torch grouped (x) "
-    "| Triton (x) | best tile (x) | ideal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    "| Triton tensor cores (x) | best tile (x) | Triton direct (x) | best direct tile (x) "
+    "| ideal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 NET_HEAD = (
     "| precision | model | method | rate | batch | ideal | dense NCHW | torch NCHW "
-    "| torch channels-last | Triton op |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    "| torch channels-last | Triton tensor cores | Triton direct "
+    "|\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -292,9 +312,10 @@ def tables(folder: Path, brief: bool = False) -> str:
     out = [
         f"Triton op against gather -> conv2d -> un-permute on the GPU ({gpu}), random cases:",
         "",
-        "| precision | cases | worst error / max output | failed |\n|---|---:|---:|---|",
-        *(f"| {r['precision']} | {r['cases']} | {r['worst_rel_err']} | {r['failed_seeds']} |"
-          for r in checks),
+        "| precision | kernel | cases | worst error / max output | failed |",
+        "|---|---|---:|---:|---|",
+        *(f"| {r['precision']} | {r.get('variant', 'dot')} | {r['cases']} | {r['worst_rel_err']} "
+          f"| {r['failed_seeds']} |" for r in checks),
     ]  # fmt: skip
     by_layer: dict[tuple, dict[str, dict]] = {}
     for r in layers:
@@ -302,20 +323,26 @@ def tables(folder: Path, brief: bool = False) -> str:
             key = (r["precision"], r["network"], r["channels"], r["size"], r["batch"])
             by_layer.setdefault(key, {})[r["form"]] = r
     out += ["", "Layers (G = 8, n_keep = 9/16 of C, 3x3): GMAC/s of the MACs each form does, "
-            "(x speed-up over the faster dense layout); best tile: the fastest swept Triton tile "
-            "(BLOCK_M x BLOCK_N x BLOCK_K)", "", LAYER_HEAD]  # fmt: skip
+            "(x speed-up over the faster dense layout); best tile: the fastest swept tile of the "
+            "tensor-core kernel (BLOCK_M x BLOCK_N x BLOCK_K) and of the direct one "
+            "(BLOCK_M x BLOCK_D)", "", LAYER_HEAD]  # fmt: skip
     for (prec, net, c, size, batch), forms in by_layer.items():
 
         def cell(name: str, forms=forms) -> str:
             r = forms.get(name)
             return "" if r is None else f"{r['gmacs']} (x{float(r['speedup_vs_dense']):.2f})"
 
-        swept = [f for f in forms if f.startswith("triton_")]
-        best = max(swept, key=lambda f: float(forms[f]["speedup_vs_dense"])) if swept else ""
-        tile = f"{best.removeprefix('triton_')}: {cell(best)}" if best else ""
+        def best_tile(prefix: str, forms=forms, cell=cell) -> str:
+            swept = [f for f in forms if f.startswith(prefix) and f[len(prefix)].isdigit()]
+            if not swept:
+                return ""
+            best = max(swept, key=lambda f: float(forms[f]["speedup_vs_dense"]))
+            return f"{best.removeprefix(prefix)}: {cell(best)}"
+
         out.append(
             f"| {prec} | {net} C={c} {size}x{size} | {batch} | {forms['dense']['gmacs']} "
-            f"| {forms['dense_cl']['gmacs']} | {cell('torch')} | {cell('triton')} | {tile} "
+            f"| {forms['dense_cl']['gmacs']} | {cell('torch')} | {cell('triton')} "
+            f"| {best_tile('triton_')} | {cell('triton_direct')} | {best_tile('direct_')} "
             f"| x{float(forms['dense']['ideal']):.2f} |"
         )
     by_net: dict[tuple, dict[str, dict]] = {}
@@ -329,7 +356,7 @@ def tables(folder: Path, brief: bool = False) -> str:
     for (prec, model, method, rate, batch), f in by_net.items():
         cells = [
             f"{float(f[k]['speedup_vs_dense']):.2f}×" if k in f else ""
-            for k in ("dense", "torch", "torch_cl", "triton")
+            for k in ("dense", "torch", "torch_cl", "triton", "triton_direct")
         ]
         ideal = float(next(iter(f.values()))["ideal"])
         out.append(
@@ -346,7 +373,17 @@ def main() -> None:
     ap.add_argument("--parts", default="check,layers,networks,backends")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--cases", type=int, default=40, help="random cases of the check")
-    ap.add_argument("--sweep", action="store_true", help="also time other Triton tile sizes")
+    ap.add_argument(
+        "--precisions", default="fp32,tf32,bf16", help="precisions of the layers part (comma list)"
+    )
+    ap.add_argument(
+        "--sweep",
+        nargs="?",
+        const="all",
+        default="",
+        choices=("all", "dot", "direct"),
+        help="also time other tile sizes of both Triton kernels (all), or of one",
+    )
     ap.add_argument("--cache", type=Path, default=None, help="pruned-structure cache folder")
     ap.add_argument(
         "--latency",
@@ -372,7 +409,7 @@ def main() -> None:
     if "check" in parts:
         check(args.out, args.cases)
     if "layers" in parts:
-        time_layers(args.out, args.rounds, args.sweep)
+        time_layers(args.out, args.rounds, args.sweep, args.precisions.split(","))
     if "networks" in parts:
         time_networks(args.out, args.rounds, args.cache)
     if "backends" in parts:

@@ -35,12 +35,16 @@ for seed in range({n}):
     bias = None if bias is None else bias.to(dtype)
     f = lambda t: None if t is None else t.float()
     want = F.conv2d(f(x)[:, gather], f(weight), f(bias), stride, pad, dil, groups)[:, out_idx]
-    got = op(x, weight, bias, gather, out_idx, stride, pad, dil, groups)
     tol = 1e-4 if dtype == torch.float32 else 1e-2  # bfloat16 output: 8 significant bits
-    if got.dtype != dtype or got.shape != want.shape or not torch.allclose(
-        got.float(), want, atol=tol * want.abs().max().item(), rtol=tol
-    ):
-        bad.append(seed)
+    # the tensor-core kernel; the direct one with its default tiles and with small ones (pixel
+    # tiles cut mid-row, a group's filters split over programs)
+    for variant, blocks in (("dot", None), ("direct", None), ("direct", (8, 2))):
+        got = op(x, weight, bias, gather, out_idx, stride, pad, dil, groups, blocks=blocks,
+                 variant=variant)
+        if got.dtype != dtype or got.shape != want.shape or not torch.allclose(
+            got.float(), want, atol=tol * want.abs().max().item(), rtol=tol
+        ):
+            bad.append((seed, variant, blocks))
 print("BAD", bad)
 """
 
@@ -66,6 +70,8 @@ def test_bad_inputs_raise_clear_errors():
         triton_conv.grouped_kernel_conv_triton(x.double(), w.double(), None, gather, out, *args, 2)
     with pytest.raises(ValueError, match="wrong length"):
         triton_conv.grouped_kernel_conv_triton(x, w, None, gather[:3], out, *args, 2)
+    with pytest.raises(ValueError, match="unknown variant 'wmma'"):
+        triton_conv.grouped_kernel_conv_triton(x, w, None, gather, out, *args, 2, variant="wmma")
 
 
 def test_fake_impl_gives_the_output_shape():
@@ -73,22 +79,24 @@ def test_fake_impl_gives_the_output_shape():
 
     with FakeTensorMode():
         x, w = torch.empty(2, 6, 9, 11, device="cuda"), torch.empty(8, 3, 3, 3, device="cuda")
-        y = torch.ops.gkp_triton.grouped_kernel_conv(
-            x, w, None, torch.zeros(6, dtype=torch.long, device="cuda"),
-            torch.arange(8, device="cuda"), [2, 1], [1, 1], [1, 1], 2,
-        )  # fmt: skip
-    assert tuple(y.shape) == (2, 8, 5, 11)
+        args = (x, w, None, torch.zeros(6, dtype=torch.long, device="cuda"),
+                torch.arange(8, device="cuda"), [2, 1], [1, 1], [1, 1], 2)  # fmt: skip
+        y = torch.ops.gkp_triton.grouped_kernel_conv(*args)
+        y_direct = torch.ops.gkp_triton.grouped_kernel_conv(*args, "direct")
+    assert tuple(y.shape) == tuple(y_direct.shape) == (2, 8, 5, 11)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_triton_backend_needs_a_gpu():
-    with pytest.raises(ValueError, match="CUDA GPU"):
-        set_backend(torch.nn.Sequential(), "triton")
+@pytest.mark.parametrize("backend", ["triton", "triton_direct"])
+def test_triton_backend_needs_a_gpu(backend):
+    with pytest.raises(ValueError, match=f"'{backend}' needs Triton and a CUDA GPU"):
+        set_backend(torch.nn.Sequential(), backend)
 
 
 @pytest.mark.skipif(not triton_conv.available(), reason="needs Triton and a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "triton_direct"])
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
-def test_gpu_layer_equals_pytorch_form(precision, monkeypatch):
+def test_gpu_layer_equals_pytorch_form(precision, backend, monkeypatch):
     from gkp.nn import GroupedKernelConv2d, GroupPlan
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -102,7 +110,7 @@ def test_gpu_layer_equals_pytorch_form(precision, monkeypatch):
     x = torch.randn(4, 16, 17, 15, device="cuda", dtype=dtype)
     with torch.inference_mode():
         want = layer(x).float()
-        set_backend(layer, "triton")
+        set_backend(layer, backend)
         got = layer(x).float()
     tol = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 5e-2}[precision]
     assert torch.allclose(got, want, atol=tol * want.abs().max().item(), rtol=tol)
