@@ -136,7 +136,15 @@ def _check(row: Mapping[str, object]) -> tuple[dict, list[str]]:
 CPU_SINCE = "2026-11-27T17:00:00Z"
 UNRECORDED_CPU = "CPU not recorded"
 # A run timed again on the same backend, batch, threads and machine: its last row counts.
-LAST_ROW_KEYS = ["run_id", "backend", "batch", "threads", "device", "cpu_name"]
+LAST_ROW_KEYS = ["run_id", "backend", "batch", "threads", "device", "machine"]
+
+
+def last_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The last row of each run id, backend, batch, threads and machine (:func:`machine`: the
+    processor of CPU rows, the device of GPU rows, whose host processor, recorded in newer rows
+    only, does not make them another machine), in file order, with the column ``machine``."""
+    frame = frame.assign(machine=machine(frame))
+    return frame.drop_duplicates(subset=LAST_ROW_KEYS, keep="last")
 
 
 def current_cpu_rows(frame: pd.DataFrame, since: str | None = CPU_SINCE) -> pd.DataFrame:
@@ -190,6 +198,20 @@ def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]) -
             raise_problems(path, table.problems, outcome=", nothing appended")
         atomic_write_bytes(real, upgraded_bytes(existing, table, COLUMNS) + b"".join(lines))
     return len(lines)
+
+
+def import_rows(source: str | os.PathLike, path: str | os.PathLike) -> int:
+    """Append every row of ``source``, a latency CSV written elsewhere (e.g. by
+    ``scripts/bench_gpu.py --parts backends`` on a GPU machine), to ``path``, validated as
+    both files are; returns how many. A malformed ``source`` raises LeaderboardError naming
+    it, and ``path`` is left as it was."""
+    source = Path(source)
+    if not source.exists():
+        raise LeaderboardError(f"{source}: no such latency CSV; give the file the run wrote")
+    table = parse_table(read_text(source), LATENCY_SCHEMA, _check, LEGACY_HEADERS)
+    if table.problems:
+        raise_problems(source, table.problems, outcome=", nothing imported")
+    return append_rows(path, table.rows)
 
 
 def rows_from_suite(pairs: Iterable[Mapping[str, Any]], command: str) -> list[dict[str, Any]]:
@@ -357,13 +379,13 @@ def latency_markdown(frame: pd.DataFrame) -> str:
     """
     if frame.empty:
         return "(no latency rows)\n"
-    frame = frame.drop_duplicates(subset=LAST_ROW_KEYS, keep="last")
+    frame = last_rows(frame)
     backends = [b for b in BACKENDS if b in set(frame["backend"])]
     lines = [
         "| model | batch | threads | method | ideal | " + " | ".join(backends) + " |",
         "|---|---:|---:|---|---:|" + "---:|" * len(backends),
     ]
-    frame = frame.assign(label=_labels(frame), machine=machine(frame))
+    frame = frame.assign(label=_labels(frame))
     several = len(cpu_names(frame)) > 1  # then each CPU line names its processor
     group = ["model", "machine", "batch", "threads", "device", "label"]
     for (model, where, batch, threads, device, method), part in frame.groupby(group, sort=True):
@@ -395,7 +417,7 @@ def goals_markdown(frame: pd.DataFrame) -> str:
     and whether all meet it. Rows below a goal are counted, and how many of them are below it
     beyond noise (the upper end of their speed-up interval, ``speedup_high``, under the goal)
     and how many have no interval."""
-    frame = frame.drop_duplicates(LAST_ROW_KEYS, keep="last")
+    frame = last_rows(frame)
     frame = frame[frame["device"] == "cpu"]
     lines = [
         "| goal | target | cpu | threads | measured | met |",

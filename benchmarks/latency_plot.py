@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from benchmarks.backends import BACKENDS
-from benchmarks.latency import LAST_ROW_KEYS, cpu_names, current_cpu_rows, machine, read_latency
+from benchmarks.latency import cpu_names, current_cpu_rows, last_rows, read_latency
 from benchmarks.plots import DPI, method_colors
 
 NAME = "latency_backends.png"
@@ -42,8 +42,7 @@ def latency_figure(
     frame = current_cpu_rows(read_latency(latency_csv), cpu_since)
     if frame.empty:
         return None
-    frame = frame.drop_duplicates(subset=LAST_ROW_KEYS, keep="last")
-    frame = frame.assign(machine=machine(frame))
+    frame = last_rows(frame)
     cpus = cpu_names(frame)
     several = len(cpus) > 1  # then each CPU panel names its processor
     present = set(zip(frame["backend"], frame["machine"], strict=True))

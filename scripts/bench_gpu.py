@@ -286,85 +286,119 @@ def time_backends(latency: Path, rounds: int, cache: Path | None) -> None:
 
 
 def _read(path: Path) -> list[dict[str, str]]:
+    """The rows of a saved CSV ([] when the run did not write it)."""
+    if not path.exists():
+        return []
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
 
 
-LAYER_HEAD = (
-    "| precision | layer | batch | dense NCHW | dense channels-last | torch grouped (x) "
-    "| Triton tensor cores (x) | best tile (x) | Triton direct (x) | best direct tile (x) "
-    "| ideal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-)
-NET_HEAD = (
-    "| precision | model | method | rate | batch | ideal | dense NCHW | torch NCHW "
-    "| torch channels-last | Triton tensor cores | Triton direct "
-    "|\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-)
+def _swept(forms, prefix: str) -> list[str]:
+    """The forms among ``forms`` that are swept tiles named ``<prefix><M>x<N>...``."""
+    return [f for f in forms if f.startswith(prefix) and f[len(prefix) :][:1].isdigit()]
 
 
-def tables(folder: Path, brief: bool = False) -> str:
-    """Markdown of the saved CSVs in ``folder``: the check, the layer table, the network table
-    (``brief``: layers in TF32 only, networks of gkp-l2 only, for the README)."""
-    checks = _read(folder / "gpu_check.csv")
-    layers = _read(folder / "gpu_kernel.csv")
-    nets = _read(folder / "gpu_networks.csv")
-    gpu = layers[0]["gpu"] if layers else "?"
-    out = [
-        f"Triton op against gather -> conv2d -> un-permute on the GPU ({gpu}), random cases:",
-        "",
-        "| precision | kernel | cases | worst error / max output | failed |",
-        "|---|---|---:|---:|---|",
-        *(f"| {r['precision']} | {r.get('variant', 'dot')} | {r['cases']} | {r['worst_rel_err']} "
-          f"| {r['failed_seeds']} |" for r in checks),
-    ]  # fmt: skip
+def _layer_table(layers: list[dict], brief: bool) -> list[str]:
     by_layer: dict[tuple, dict[str, dict]] = {}
     for r in layers:
         if not brief or r["precision"] == "tf32":
             key = (r["precision"], r["network"], r["channels"], r["size"], r["batch"])
             by_layer.setdefault(key, {})[r["form"]] = r
-    out += ["", "Layers (G = 8, n_keep = 9/16 of C, 3x3): GMAC/s of the MACs each form does, "
-            "(x speed-up over the faster dense layout); best tile: the fastest swept tile of the "
-            "tensor-core kernel (BLOCK_M x BLOCK_N x BLOCK_K) and of the direct one "
-            "(BLOCK_M x BLOCK_D)", "", LAYER_HEAD]  # fmt: skip
+    seen = {f for forms in by_layer.values() for f in forms}
+    # (header, form or swept-tile prefix): a column only where the run timed that form
+    columns = [("torch grouped (x)", "torch"), ("Triton tensor cores (x)", "triton")]
+    if _swept(seen, "triton_"):
+        columns.append(("best tile (x)", "triton_"))
+    if "triton_direct" in seen:
+        columns.append(("Triton direct (x)", "triton_direct"))
+    if _swept(seen, "direct_"):
+        columns.append(("best direct tile (x)", "direct_"))
+    out = [
+        "Layers (G = 8, n_keep = 9/16 of C, 3x3): GMAC/s of the MACs each form does "
+        "(x speed-up over the faster dense layout); best tile: the fastest swept tile of the "
+        "tensor-core kernel (BLOCK_M x BLOCK_N x BLOCK_K) or of the direct one "
+        "(BLOCK_M x BLOCK_D)",
+        "",
+        "| precision | layer | batch | dense NCHW | dense channels-last | "
+        + " | ".join(h for h, _ in columns) + " | ideal |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(columns) + "---:|",
+    ]  # fmt: skip
     for (prec, net, c, size, batch), forms in by_layer.items():
 
         def cell(name: str, forms=forms) -> str:
             r = forms.get(name)
             return "" if r is None else f"{r['gmacs']} (x{float(r['speedup_vs_dense']):.2f})"
 
-        def best_tile(prefix: str, forms=forms, cell=cell) -> str:
-            swept = [f for f in forms if f.startswith(prefix) and f[len(prefix)].isdigit()]
+        def column(name: str, forms=forms, cell=cell) -> str:
+            if not name.endswith("_"):
+                return cell(name)
+            swept = _swept(forms, name)
             if not swept:
                 return ""
             best = max(swept, key=lambda f: float(forms[f]["speedup_vs_dense"]))
-            return f"{best.removeprefix(prefix)}: {cell(best)}"
+            return f"{best.removeprefix(name)}: {cell(best)}"
 
         out.append(
             f"| {prec} | {net} C={c} {size}x{size} | {batch} | {forms['dense']['gmacs']} "
-            f"| {forms['dense_cl']['gmacs']} | {cell('torch')} | {cell('triton')} "
-            f"| {best_tile('triton_')} | {cell('triton_direct')} | {best_tile('direct_')} "
-            f"| x{float(forms['dense']['ideal']):.2f} |"
+            f"| {forms['dense_cl']['gmacs']} | "
+            + " | ".join(column(name) for _, name in columns)
+            + f" | x{float(forms['dense']['ideal']):.2f} |"
         )
+    return out
+
+
+def _network_table(nets: list[dict], brief: bool) -> list[str]:
     by_net: dict[tuple, dict[str, dict]] = {}
     for r in nets:
         if not brief or r["method"] == "gkp-l2":
             rate = (json.loads(r["config"]).get("native") or {}).get("rate", 0.4375)
             key = (r["precision"], r["model"], r["method"], rate, r["batch"])
             by_net.setdefault(key, {})[r["form"]] = r
-    out += ["", "Networks (BN folded, eager PyTorch): speed-up over the faster dense layout", "",
-            NET_HEAD]  # fmt: skip
+    forms = ["dense", "torch", "torch_cl", "triton", "triton_direct"]
+    heads = ["dense NCHW", "torch NCHW", "torch channels-last", "Triton tensor cores",
+             "Triton direct"]  # fmt: skip
+    if not any("triton_direct" in f for f in by_net.values()):
+        forms, heads = forms[:-1], heads[:-1]
+    out = [
+        "Networks (BN folded, eager PyTorch): speed-up over the faster dense layout",
+        "",
+        "| precision | model | method | rate | batch | ideal | " + " | ".join(heads) + " |",
+        "|---|---|---|---:|---:|---:|" + "---:|" * len(heads),
+    ]
     for (prec, model, method, rate, batch), f in by_net.items():
-        cells = [
-            f"{float(f[k]['speedup_vs_dense']):.2f}×" if k in f else ""
-            for k in ("dense", "torch", "torch_cl", "triton", "triton_direct")
-        ]
+        cells = [f"{float(f[k]['speedup_vs_dense']):.2f}×" if k in f else "" for k in forms]
         ideal = float(next(iter(f.values()))["ideal"])
         out.append(
             f"| {prec} | {model} | {method} | {rate} | {batch} | {ideal:.2f}× | "
             + " | ".join(cells)
             + " |"
         )
-    return "\n".join(out) + "\n"
+    return out
+
+
+def tables(folder: Path, brief: bool = False) -> str:
+    """Markdown of the saved CSVs in ``folder`` (each table where its file exists): the check,
+    the layer table, the network table (``brief``: layers in TF32 only, networks of gkp-l2
+    only, for the README)."""
+    checks = _read(folder / "gpu_check.csv")
+    layers = _read(folder / "gpu_kernel.csv")
+    nets = _read(folder / "gpu_networks.csv")
+    gpu = next((r["gpu"] for r in layers + nets if r.get("gpu")), "the GPU")
+    parts: list[list[str]] = []
+    if checks:
+        parts.append([
+            f"Triton op against gather -> conv2d -> un-permute on the GPU ({gpu}), random cases:",
+            "",
+            "| precision | kernel | cases | worst error / max output | failed |",
+            "|---|---|---:|---:|---|",
+            *(f"| {r['precision']} | {r.get('variant', 'dot')} | {r['cases']} "
+              f"| {r['worst_rel_err']} | {r['failed_seeds']} |" for r in checks),
+        ])  # fmt: skip
+    if layers:
+        parts.append(_layer_table(layers, brief))
+    if nets:
+        parts.append(_network_table(nets, brief))
+    return "\n\n".join("\n".join(p) for p in parts) + "\n" if parts else ""
 
 
 def main() -> None:
@@ -391,12 +425,25 @@ def main() -> None:
         default=None,
         help="latency CSV the backends part appends to (default: OUT/latency.csv)",
     )
+    ap.add_argument(
+        "--import-latency",
+        type=Path,
+        default=None,
+        help="append the rows of this latency CSV (a GPU run's) to --latency, validated; "
+        "no GPU needed",
+    )
     ap.add_argument("--device", default="cuda", help="cuda (cpu: smoke test of the script)")
     ap.add_argument("--table", type=Path, default=None, help="print the tables of this folder")
     ap.add_argument("--brief", action="store_true", help="with --table: the README's subset")
     args = ap.parse_args()
     if args.table is not None:
         print(tables(args.table, args.brief), end="")
+        return
+    if args.import_latency is not None:
+        from benchmarks.latency import import_rows
+
+        dest = args.latency or Path("results/latency.csv")
+        print(f"{import_rows(args.import_latency, dest)} rows appended to {dest}")
         return
     global DEV, TRITON
     DEV = args.device

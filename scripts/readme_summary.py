@@ -14,8 +14,9 @@ layer table between ``<!-- fused:start -->`` and ``<!-- fused:end -->`` is
 ``scripts/bench_fused.py --table results/fused_kernel.csv``, the Amdahl-bound table between
 ``<!-- amdahl:start -->`` and ``<!-- amdahl:end -->`` is ``scripts/amdahl_bound.py --table
 results/amdahl.csv``, and the GPU tables between
-``<!-- gpu:start -->`` and ``<!-- gpu:end -->`` are ``scripts/bench_gpu.py --table results/gpu
---brief``:
+``<!-- gpu:start -->`` and ``<!-- gpu:end -->`` are ``scripts/bench_gpu.py --table
+results/gpu-direct --brief`` followed by the same of ``results/gpu-direct/sweep`` (the tile
+sweep):
 
     .venv/bin/python scripts/readme_summary.py
 """
@@ -41,7 +42,7 @@ FUSED = ROOT / "results" / "fused_kernel.csv"
 FUSED_BLOCK = re.compile(r"<!-- fused:start -->\n(.*?)<!-- fused:end -->", re.S)
 AMDAHL = ROOT / "results" / "amdahl.csv"
 AMDAHL_BLOCK = re.compile(r"<!-- amdahl:start -->\n(.*?)<!-- amdahl:end -->", re.S)
-GPU = ROOT / "results" / "gpu"
+GPU = ROOT / "results" / "gpu-direct"
 GPU_BLOCK = re.compile(r"<!-- gpu:start -->\n(.*?)<!-- gpu:end -->", re.S)
 
 
@@ -60,10 +61,15 @@ def amdahl_generated() -> str:
 
 
 def gpu_generated() -> str:
-    """The GPU tables of results/gpu/ (the README's subset)."""
+    """The GPU tables of results/gpu-direct/ and of its tile sweep (the README's subset)."""
     import bench_gpu
 
-    return bench_gpu.tables(GPU, brief=True)
+    sweep = (
+        "Tile sweep (`results/gpu-direct/sweep`, the session's first GPU run, whose direct "
+        "kernel still had the tile 128 x min(d, 32), d = filters per group):"
+    )
+    main, swept = bench_gpu.tables(GPU, brief=True), bench_gpu.tables(GPU / "sweep", brief=True)
+    return f"{main}\n{sweep}\n\n{swept}"
 
 
 def current_rows(rows: int):

@@ -22,6 +22,8 @@ from benchmarks.latency import (
     cpu_names,
     current_cpu_rows,
     goals_markdown,
+    import_rows,
+    last_rows,
     latency_markdown,
     latency_rows,
     read_latency,
@@ -380,6 +382,39 @@ def test_a_malformed_file_is_named_and_left_alone(tmp_path):
     with pytest.raises(LeaderboardError, match="nothing appended"):
         append_rows(path, [good_row()])
     assert path.read_bytes() == broken
+
+
+def test_a_gpu_runs_rows_are_imported_whole_or_not_at_all(tmp_path):
+    gpu_run, dest = tmp_path / "gpu_latency.csv", tmp_path / "latency.csv"
+    cuda = {"device": "cuda", "backend_info": {"gpu": "NVIDIA H200", "tf32": True}}
+    append_rows(gpu_run, [good_row(**cuda), good_row(batch=64, **cuda)])
+    append_rows(dest, [good_row()])
+    assert import_rows(gpu_run, dest) == 2
+    frame = read_latency(dest)
+    assert frame["device"].tolist() == ["cpu", "cuda", "cuda"]
+    assert frame["batch"].tolist() == [1, 1, 64]
+    assert frame["backend_info"].iloc[2] == read_latency(gpu_run)["backend_info"].iloc[1]
+    before = dest.read_bytes()
+    gpu_run.write_bytes(gpu_run.read_bytes().replace(b",cuda,", b",tpu,", 1))
+    named = r"gpu_latency.csv: .*nothing imported: row 1.*device: 'tpu'"
+    with pytest.raises(LeaderboardError, match=named):
+        import_rows(gpu_run, dest)
+    with pytest.raises(LeaderboardError, match="no such latency CSV"):
+        import_rows(tmp_path / "missing.csv", dest)
+    assert dest.read_bytes() == before
+
+
+def test_a_gpu_row_with_its_host_processor_replaces_one_without(tmp_path):
+    path = tmp_path / "latency.csv"
+    old = good_row(device="cuda", speedup=0.5, pruned_ms=4.0)
+    new = good_row(device="cuda", speedup=1.0, pruned_ms=2.0, cpu_name="Intel(R) Xeon(R)")
+    cpu = [good_row(cpu_name="AMD EPYC"), good_row(cpu_name="Intel(R) Xeon(R)", speedup=1.5)]
+    append_rows(path, [old, *cpu, new])
+    last = last_rows(read_latency(path))
+    assert sorted(last["machine"]) == ["AMD EPYC", "Intel(R) Xeon(R)", "cuda"]
+    assert last.loc[last["machine"] == "cuda", "speedup"].tolist() == [1.0]
+    table = latency_markdown(read_latency(path))
+    assert "0.50×" not in table and table.count("(cuda)") == 1
 
 
 def test_latency_rows_time_dense_and_pruned_on_the_same_backend():
