@@ -1,17 +1,20 @@
-"""The grouped-kernel layer as one Triton GPU kernel, custom op ``gkp_triton::grouped_kernel_conv``.
+"""The grouped-kernel layer as one Triton GPU op, ``gkp_triton::grouped_kernel_conv``, two kernels.
 
 Same contract as the fused CPU op (:mod:`gkp.fused`)::
 
     y = conv2d(x[:, gather_index], weight, bias, stride, padding, dilation, groups)[:, output_index]
 
-computed as an implicit GEMM per group: rows are output pixels (image, oy, ox), columns the
-group's filters, and the reduction runs over (kept channel, ky, kx), reading each input value
-through the index table (the gather costs an index load, never a copy). Results are stored
+Variant ``"dot"``: an implicit GEMM per group on tensor cores: rows are output pixels (image,
+oy, ox), columns the group's filters, and the reduction runs over (kept channel, ky, kx).
+Variant ``"direct"``: a direct convolution on CUDA cores, output pixels by a group's filters,
+adding each tap's input times the group's weights (no tensor-core tile left mostly empty by
+groups of 2-8 filters). Both read each input value through the index table (the gather costs
+an index load, never a copy). Results are stored
 straight into each filter's final channel (the un-permute is free). float32 and bfloat16 inputs,
 float32 accumulation, output in the input's dtype. Registered with ``torch.library`` (CUDA
 implementation and a fake one), so ``torch.compile`` and ``torch.export`` see one op.
 
-Without a GPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set before
+Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before
 Triton is imported): :func:`grouped_kernel_conv_triton` then takes CPU tensors, which is how the
 tests check it on machines without a GPU.
 """
@@ -118,7 +121,8 @@ def _build_direct():
         img = n * (C_in * H * W)
         iy0, ix0 = oy * sh - ph, ox * sw - pw
         # taps outside, kept channels inside: a tap's offsets and padding mask serve every
-        # channel, so the inner loop is one scalar index load, one input load and the products
+        # channel, so the inner loop is one scalar index load, one input load, the group's
+        # weights of that channel and tap, and the products
         for ky in tl.static_range(KH):
             iy = iy0 + ky * dh
             y_ok = row_ok & (iy >= 0) & (iy < H)

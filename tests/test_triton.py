@@ -1,8 +1,8 @@
-"""The Triton GPU kernel of the grouped-kernel layer, checked on CPU by Triton's interpreter
-(``TRITON_INTERPRET=1``, in a subprocess: it must be set before Triton is imported) against
-gather → grouped conv → un-permute over random shapes, strides, paddings and dilations, in
-float32 and bfloat16; on a GPU also against the PyTorch form in float32, TF32 and bfloat16
-(``scripts/bench_gpu.py`` runs the same random cases on a GPU)."""
+"""The Triton GPU kernels of the grouped-kernel layer (tensor-core and direct), checked on CPU
+by Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess: it must be set before Triton
+is imported) against gather → grouped conv → un-permute over random shapes, strides, paddings
+and dilations, in float32 and bfloat16; on a GPU also against the PyTorch form in float32, TF32
+and bfloat16 (``scripts/bench_gpu.py`` runs the same random cases on a GPU)."""
 
 import importlib.util
 import os
