@@ -8,7 +8,10 @@ networks throughout, in one process: a change from window to window is the machi
 property of a process or of a prepared network. ``--env VAR=VALUE`` (repeatable) also runs the
 GKP network with that environment variable set (the fused op's tuning overrides, such as
 ``GKP_FUSED_PATH=rows`` or ``GKP_FUSED_PACK=shared``, are read on every call) in the same rounds,
-so a variant's speed is compared with the default's in the same phase. Each window is
+so a variant's speed is compared with the default's in the same phase. ``--core-latency``
+prints, before and after each window, the time a cache line takes to go from the first CPU to
+the second and back (``scripts/core_latency.py``): where the host put the two virtual CPUs.
+Each window is
 ``gkp.metrics.time_interleaved`` over about ``--window`` seconds of rounds, whose runs take turns
 at coming first in a round (one that always follows another on the same data would find it in
 cache).
@@ -33,12 +36,21 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench import suite_pair_arguments, suite_pair_from  # noqa: E402
 from gkp.metrics import time_interleaved  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from core_latency import round_trip_ns  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     suite_pair_arguments(parser, model="resnet56", batch=64)
     parser.add_argument("--seconds", type=float, default=80.0)
     parser.add_argument("--window", type=float, default=5.0)
+    parser.add_argument(
+        "--core-latency",
+        action="store_true",
+        help="also print the cache-line round trip between the first two CPUs "
+        "(scripts/core_latency.py) before and after each window",
+    )
     parser.add_argument(
         "--env",
         action="append",
@@ -61,10 +73,13 @@ def main(argv: list[str] | None = None) -> None:
         rounds = max(3, round(args.window / (time.perf_counter() - t0)))
     end = time.monotonic() + args.seconds
     while time.monotonic() < end:
+        before = round_trip_ns() if args.core_latency else None
         stats = time_interleaved(runs, x, rounds=rounds, warmup=0, threads=args.threads)
         ms = {name: st.median_ms for name, st in stats.items()}
         d, g = ms.pop("dense"), ms.pop("gkp")
         extra = "".join(f"  [{name}] {v:.1f} ms x{d / v:.3f}" for name, v in ms.items())
+        if before is not None:
+            extra += f"  core round trip {before:.0f}/{round_trip_ns():.0f} ns"
         print(f"{time.strftime('%H:%M:%S', time.gmtime())} UTC  dense {d:.1f} ms  GKP {g:.1f} "
               f"ms  x{d / g:.3f}{extra}", flush=True)  # fmt: skip
 
