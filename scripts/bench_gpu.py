@@ -78,6 +78,7 @@ NETWORKS = [  # (model, method, native knobs, MACs target, batches)
 
 
 DEV, TRITON = "cuda", True  # set by main()
+TRITON_BACKENDS = ("triton", "triton_direct")  # gkp.nn backends: tensor-core, direct kernel
 
 
 def gpu_name() -> str:
@@ -150,22 +151,18 @@ def time_layers(out: Path, rounds: int, sweep: str, precisions: list[str]) -> No
             conv_cl = conv.to(memory_format=torch.channels_last)
             x = torch.randn(batch, c, size, size, device=DEV, dtype=dtype)
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            tri = copy.deepcopy(layer)
             fns = {"dense": conv, "dense_cl": lambda _x, c=conv_cl, xc=x_cl: c(xc),
                    "torch": layer}  # fmt: skip
-            if TRITON:
-                set_backend(tri, "triton")
-                fns["triton"] = tri
-                direct = copy.deepcopy(layer)
-                set_backend(direct, "triton_direct")
-                fns["triton_direct"] = direct
+            for backend in TRITON_BACKENDS if TRITON else ():
+                fns[backend] = copy.deepcopy(layer)
+                set_backend(fns[backend], backend)
             if TRITON and sweep and prec == "tf32" and batch > 1:
-                cv = tri.conv
+                cv = layer.conv
                 sweeps = [("triton_", "dot", b) for b in SWEEP if sweep in ("all", "dot")]
                 sweeps += [("direct_", "direct", b) for b in DIRECT_SWEEP if sweep != "dot"]
                 for prefix, variant, blocks in sweeps:
                     fns[prefix + "x".join(map(str, blocks))] = (
-                        lambda _x, cv=cv, t=tri, bl=blocks, v=variant: grouped_kernel_conv_triton(
+                        lambda _x, cv=cv, t=layer, bl=blocks, v=variant: grouped_kernel_conv_triton(
                             _x, cv.weight, cv.bias, t.gather_index, t.output_index,
                             cv.stride, cv.padding, cv.dilation, t.n_groups, blocks=bl,
                             variant=v))  # fmt: skip
@@ -223,18 +220,15 @@ def time_networks(out: Path, rounds: int, cache: Path | None) -> None:
             d_cl = copy.deepcopy(d).to(memory_format=cl)
             p = pruned.to(DEV).to(dtype).eval()
             p_cl = copy.deepcopy(p).to(memory_format=cl)
-            p_tri, p_direct = copy.deepcopy(p), copy.deepcopy(p)
-            if TRITON:
-                set_backend(p_tri, "triton")
-                set_backend(p_direct, "triton_direct")
+            p_triton = {b: copy.deepcopy(p) for b in TRITON_BACKENDS} if TRITON else {}
+            for backend, net in p_triton.items():
+                set_backend(net, backend)
             for batch in batches:
                 x = torch.randn(batch, *x1.shape[1:], device=DEV, dtype=dtype)
                 x_cl = x.contiguous(memory_format=cl)
                 fns = {"dense": d, "dense_cl": lambda _x, m=d_cl, xc=x_cl: m(xc),
                        "torch": p, "torch_cl": lambda _x, m=p_cl, xc=x_cl: m(xc),
-                       "triton": p_tri, "triton_direct": p_direct}  # fmt: skip
-                if not TRITON:
-                    del fns["triton"], fns["triton_direct"]
+                       **p_triton}  # fmt: skip
                 stats = metrics.time_interleaved(fns, x, rounds=rounds, warmup=3, threads=1)
                 best_dense = min(stats["dense"].median_ms, stats["dense_cl"].median_ms)
                 for form, st in stats.items():

@@ -11,13 +11,13 @@ GKP network with that environment variable set (the fused op's tuning overrides,
 so a variant's speed is compared with the default's in the same phase. ``--core-latency``
 prints, before and after each window, the time a cache line takes to go from the first CPU to
 the second and back (``scripts/core_latency.py``): where the host put the two virtual CPUs.
-Each window is
-``gkp.metrics.time_interleaved`` over about ``--window`` seconds of rounds, whose runs take turns
-at coming first in a round (one that always follows another on the same data would find it in
-cache).
+Each window is ``gkp.metrics.time_interleaved`` over about ``--window`` seconds of rounds, whose
+runs take turns at coming first in a round (one that always follows another on the same data
+would find it in cache).
 
     GKP_BENCH_CACHE=<a suite cache> taskset -c 0,1 .venv/bin/python scripts/phase_probe.py \\
-        --model resnet56 --batch 64 --threads 2 --seconds 80 [--env GKP_FUSED_PATH=rows]
+        --model resnet56 --batch 64 --threads 2 --seconds 80 [--env GKP_FUSED_PATH=rows] \\
+        [--core-latency]
 """
 
 from __future__ import annotations
