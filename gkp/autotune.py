@@ -73,13 +73,16 @@ def beats_dense(ms: float, dense_ms: float) -> bool:
 def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
     """The backends worth timing for ``layer`` (a grouped layer when None) on input ``x``:
     always the PyTorch ops and masked dense; for a grouped layer also channels-last, one conv
-    per group, the fused op for float32 on a CPU and the Triton kernels (tensor-core and direct) for
-    float32/bfloat16 on a CUDA GPU."""
+    per group, the fused ops for float32 on a CPU (the filters path where each group's filters
+    are a multiple of 8) and the Triton kernels (tensor-core and direct) for float32/bfloat16 on
+    a CUDA GPU."""
     if isinstance(layer, PerGroupConv2d):
         return list(PerGroupConv2d.BACKENDS)
     out = ["torch", "channels_last", "per_group", "dense"]
     if x.device.type == "cpu" and x.dtype == torch.float32 and fused.load():
         out.insert(1, "fused")
+        if layer is None or layer.out_channels // layer.n_groups % 8 == 0:
+            out.insert(2, "fused_filters")  # groups of a multiple of 8 filters
     if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16):
         from gkp import triton_conv
 

@@ -13,8 +13,9 @@ the convolution (ONNX Runtime and OpenVINO do, as does ``torch.compile`` with fr
   weights reordered once per input shape into oneDNN's blocked layout, as those runtimes keep
   them (its output is channels-last whatever the input's layout, so an NCHW network keeps
   PyTorch's conv and separate add and ReLU, and stays NCHW);
-- a :class:`gkp.nn.GroupedKernelConv2d` on the ``"fused"`` backend passes the residual and the
-  ReLU to the fused kernel, which applies them as results reach the output (:mod:`gkp.fused`);
+- a :class:`gkp.nn.GroupedKernelConv2d` on the ``"fused"`` or ``"fused_filters"`` backend passes
+  the residual and the ReLU to the fused kernel, which applies them as results reach the output
+  (:mod:`gkp.fused`);
 - any other layer (PyTorch's grouped conv, per-group convs, GPU inputs, autograd on) runs its
   conv and then the add and ReLU as before.
 
@@ -79,12 +80,8 @@ class ConvEpilogue(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         c = self.conv
         if not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
-            if isinstance(c, GroupedKernelConv2d) and c.backend == "fused" and fused.available():
-                w = c.conv
-                return fused.grouped_kernel_conv(
-                    x, w.weight, w.bias, c.gather_index, c.output_index, w.stride, w.padding,
-                    w.dilation, c.n_groups, residual, self.relu,
-                )  # fmt: skip
+            if isinstance(c, GroupedKernelConv2d) and c.runs_fused(x):
+                return c.fused_call(x, residual, self.relu)
             dense = c._dense_copy(x) if isinstance(c, DEPLOY_FORMS) and c.backend == "dense" else c
             if isinstance(dense, nn.Conv2d) and _onednn_takes(dense, x, residual):
                 return self._onednn(dense, x, residual)

@@ -14,6 +14,13 @@ channels-last network runs the op without layout conversions around it), inferen
 autograd: training uses the masked dense form, ``gkp.masked``). Buffers are per-thread scratch
 memory kept between calls (a few MB; for ResNet-50 at batch 16 up to ~30 MB per thread).
 
+A second op, ``gkp_fused::grouped_conv_filters`` (:func:`grouped_conv_filters`), computes the
+same layer from channels-last input with each group's filters in the vector lanes (as oneDNN's
+direct conv does for a dense layer) and the input read where it lies, no padded copy and no
+transposes; it takes the weights packed once by :func:`pack_filters`. It wins where groups hold
+many filters (32 and more: ResNet-50's later stages at G = 8) and loses where they hold few; the
+autotuned deploy (:mod:`gkp.autotune`, backend ``"fused_filters"``) times it beside the rest.
+
 :func:`load` builds it with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``: the
 work runs on ATen's OpenMP thread pool, sized by ``torch.set_num_threads``) on first use and
 caches the build (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); a later
@@ -41,8 +48,10 @@ __all__ = [
     "build_id",
     "compile_or_warn",
     "compile_source",
+    "grouped_conv_filters",
     "grouped_kernel_conv",
     "load",
+    "pack_filters",
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_kernel_conv.cpp"
@@ -136,6 +145,28 @@ def _register_fake() -> None:
         shape = output_shape(x, weight, stride, padding, dilation)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
 
+    @torch.library.register_fake("gkp_fused::grouped_conv_filters")
+    def _fake_filters(
+        x, packed_weight, bias, gather_index, output_index, stride, padding, dilation,
+        residual=None, relu=False,
+    ):  # fmt: skip
+        g, kh, kw, _, d = packed_weight.shape
+        weight = packed_weight.new_empty(g * d, 1, kh, kw)  # the shape output_shape reads
+        shape = output_shape(x, weight, stride, padding, dilation)
+        cl = torch.channels_last
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=cl)
+
+
+def pack_filters(weight: Tensor, groups: int) -> Tensor:
+    """A grouped conv's weight ``[C_out, n_keep, kh, kw]`` (filters in group order) packed for
+    :func:`grouped_conv_filters`: ``[groups, kh, kw, n_keep, C_out // groups]``, each (tap, kept
+    channel)'s filters of a group consecutive."""
+    c_out, n_keep, kh, kw = weight.shape
+    if c_out % groups:
+        raise ValueError(f"groups ({groups}) must divide the {c_out} filters")
+    w = weight.detach().reshape(groups, c_out // groups, n_keep, kh, kw)
+    return w.permute(0, 3, 4, 2, 1).contiguous()
+
 
 def layout_of(x: Tensor) -> torch.memory_format:
     """The op's output layout: channels-last for a 4-d channels-last input (one that is not also
@@ -180,4 +211,25 @@ def grouped_kernel_conv(
     return torch.ops.gkp_fused.grouped_kernel_conv(
         x, weight, bias, gather_index, output_index, list(stride), list(padding),
         list(dilation), groups, residual, relu,
+    )  # fmt: skip
+
+
+def grouped_conv_filters(
+    x: Tensor,
+    packed_weight: Tensor,
+    bias: Tensor | None,
+    gather_index: Tensor,
+    output_index: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    residual: Tensor | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """:func:`grouped_kernel_conv` with ``packed_weight = pack_filters(weight, groups)`` (the
+    groups are its first dimension), by the filters path: the output is channels-last whatever
+    ``x``'s layout (an NCHW input is converted first). Filters per group must be a multiple of 8."""
+    return torch.ops.gkp_fused.grouped_conv_filters(
+        x, packed_weight, bias, gather_index, output_index, list(stride), list(padding),
+        list(dilation), residual, relu,
     )  # fmt: skip

@@ -266,9 +266,9 @@ class _DeployForm(nn.Module):
         return self._copy("_dense", self.to_dense, x)
 
     def drop_built(self) -> None:
-        """Forget the modules built for the ``"dense"``/``"per_group"`` backends (after a
-        backend change or an edit of the weights: they are rebuilt on next use)."""
-        for slot in ("_dense", "_per_group"):
+        """Forget what was built for the ``"dense"``, ``"per_group"`` and ``"fused_filters"``
+        backends (after a backend change or an edit of the weights: rebuilt on next use)."""
+        for slot in ("_dense", "_per_group", "_filters"):
             self.__dict__.pop(slot, None)
 
     def _copy(self, slot: str, build, x: Tensor) -> nn.Module:
@@ -293,7 +293,9 @@ class GroupedKernelConv2d(_DeployForm):
 
     ``backend``: how inference runs (autograd off, e.g. under ``torch.inference_mode``; with
     autograd on it is always the PyTorch ops): ``"torch"`` (gather → grouped conv → un-permute),
-    ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs), ``"triton"``
+    ``"fused"`` (the one-op CPU kernel of :mod:`gkp.fused`, float32 CPU inputs),
+    ``"fused_filters"`` (its second op, each group's filters in the vector lanes: channels-last
+    output, for groups of a multiple of 8 filters; others run the PyTorch ops), ``"triton"``
     (the one-op GPU kernel of :mod:`gkp.triton_conv` on tensor cores, float32/bfloat16 CUDA
     inputs), ``"triton_direct"`` (the same op's direct convolution on CUDA cores),
     ``"channels_last"`` (the PyTorch ops on a channels-last copy of the gathered input: oneDNN
@@ -363,12 +365,8 @@ class GroupedKernelConv2d(_DeployForm):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.backend != "torch" and not torch.is_grad_enabled():
-            if self.backend == "fused" and x.device.type == "cpu" and x.dtype == torch.float32:
-                c = self.conv
-                return fused.grouped_kernel_conv(
-                    x, c.weight, c.bias, self.gather_index, self.output_index,
-                    c.stride, c.padding, c.dilation, self.n_groups,
-                )  # fmt: skip
+            if self.runs_fused(x):
+                return self.fused_call(x)
             if self.backend in _TRITON and x.is_cuda and x.dtype in _TRITON_DTYPES:
                 c = self.conv
                 return torch.ops.gkp_triton.grouped_kernel_conv(
@@ -385,6 +383,48 @@ class GroupedKernelConv2d(_DeployForm):
                 return self.conv(g).index_select(1, self.output_index).contiguous()
         y = self.conv(x.index_select(1, self.gather_index))
         return y.index_select(1, self.output_index)
+
+    def runs_fused(self, x: Tensor) -> bool:
+        """Whether this layer's backend is one of the fused CPU ops (``"fused"``,
+        ``"fused_filters"``) and ``x`` (float32, CPU) is an input it takes, with autograd off."""
+        return (
+            self.backend in _FUSED
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and (self.backend == "fused" or self.out_channels // self.n_groups % 8 == 0)
+            and fused.available()
+        )
+
+    def fused_call(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+        """``relu?(self(x) + residual?)`` by this layer's fused op (see :meth:`runs_fused`); the
+        filters path's output is channels-last, converted back for an NCHW input (the layout
+        rule of every backend: :func:`gkp.fused.layout_of`)."""
+        c = self.conv
+        if self.backend == "fused":
+            return fused.grouped_kernel_conv(
+                x, c.weight, c.bias, self.gather_index, self.output_index, c.stride, c.padding,
+                c.dilation, self.n_groups, residual, relu,
+            )  # fmt: skip
+        y = fused.grouped_conv_filters(
+            x, self._filters_weight(), c.bias, self.gather_index, self.output_index, c.stride,
+            c.padding, c.dilation, residual, relu,
+        )  # fmt: skip
+        return y.contiguous(memory_format=fused.layout_of(x))
+
+    def _filters_weight(self) -> Tensor:
+        """The weight packed for the filters path (:func:`gkp.fused.pack_filters`), packed on
+        first use and again after an edit of the weights, kept outside the module's state
+        (packed anew on every call while torch.compile or torch.export traces)."""
+        w = self.conv.weight
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return fused.pack_filters(w, self.n_groups)
+        version = (w.data_ptr(), None if w.is_inference() else w._version)
+        hit = self.__dict__.get("_filters")
+        if hit is None or hit[0] != version:
+            hit = (version, fused.pack_filters(w, self.n_groups))
+            self.__dict__["_filters"] = hit
+        return hit[1]
 
     def _per_group_form(self) -> PerGroupConv2d:
         return PerGroupConv2d.from_conv(self.to_dense(), self.plan())
@@ -516,7 +556,11 @@ class PerGroupConv2d(_DeployForm):
 DEPLOY_FORMS = (GroupedKernelConv2d, PerGroupConv2d)
 
 
-BACKENDS = ("torch", "fused", "triton", "triton_direct", "channels_last", "per_group", "dense")
+BACKENDS = (
+    "torch", "fused", "fused_filters", "triton", "triton_direct", "channels_last", "per_group",
+    "dense",
+)  # fmt: skip
+_FUSED = ("fused", "fused_filters")  # the fused CPU ops' backends (gkp.fused)
 _CL = torch.channels_last
 _TRITON_DTYPES = (torch.float32, torch.bfloat16)
 _TRITON = {"triton": "dot", "triton_direct": "direct"}  # backend -> gkp.triton_conv variant
@@ -532,7 +576,7 @@ def set_backend(model: nn.Module, backend: str) -> int:
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "fused" and not fused.load():
+    if backend in _FUSED and not fused.load():
         return 0
     if backend in _TRITON:
         from gkp import triton_conv  # registers the op

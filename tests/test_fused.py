@@ -466,7 +466,10 @@ def test_autotune_times_every_candidate_and_keeps_the_output():
     for name, c in choices.items():
         fastest = min(c["ms"], key=c["ms"].get)
         whole = c["network_ms"]  # the tuned network raced against the masked dense one
-        assert set(c["ms"]) == set(candidates(x)) and set(whole) == {"tuned", "dense"}
+        layer = pruned.get_submodule(name)
+        assert set(c["ms"]) == set(candidates(x, layer)) and set(whole) == {"tuned", "dense"}
+        # the filters path where a group's filters are a multiple of 8 (layer 5: 8 a group)
+        assert ("fused_filters" in c["ms"]) == (name == "5")
         assert c["backend"] == (fastest if whole["tuned"] <= whole["dense"] else "dense")
         assert pruned.get_submodule(name).backend == c["backend"]
     with torch.inference_mode():
@@ -478,7 +481,9 @@ def test_autotune_times_every_candidate_and_keeps_the_output():
 def test_autotune_keeps_the_fastest(monkeypatch):
     from gkp import autotune as tune
 
-    fake = {"torch": 3.0, "fused": 2.0, "channels_last": 4.0, "per_group": 5.0, "dense": 1.0}
+    fake = {"torch": 3.0, "fused": 2.0, "fused_filters": 2.5, "channels_last": 4.0,
+            "per_group": 5.0,
+            "dense": 1.0}  # fmt: skip
     monkeypatch.setattr(
         tune,
         "_median_ms",
@@ -498,7 +503,9 @@ def test_autotune_keeps_dense_when_the_whole_network_runs_faster_so(monkeypatch,
     the margin (3%: timing noise), give way to dense."""
     from gkp import autotune as tune
 
-    fake = {"torch": 1.0, "fused": 2.0, "channels_last": 4.0, "per_group": 5.0, "dense": 3.0}
+    fake = {"torch": 1.0, "fused": 2.0, "fused_filters": 2.5, "channels_last": 4.0,
+            "per_group": 5.0,
+            "dense": 3.0}  # fmt: skip
     monkeypatch.setattr(
         tune,
         "_median_ms",
