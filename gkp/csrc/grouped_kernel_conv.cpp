@@ -45,6 +45,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -1161,6 +1162,10 @@ inline typename FVec<VW>::t fload(const float* p) {
   return v;
 }
 
+template <int VW, int P, int DV>
+inline void filters_store(typename FVec<VW>::t (&acc)[P][DV], const int64_t* pos, bool contig,
+                          float* const* out, const float* const* res, bool relu);
+
 // One tile. px[t * FP + p]: pixel p's input pixel (channel 0) under tap t, or nullptr where the
 // tap falls outside the input (or p is past the row's end); w: the group's packed weights at the
 // tile's first filter (row of d floats per (tap, kept channel)); bias, pos: the tile's filters'
@@ -1209,7 +1214,20 @@ void filters_tile(const float* const* px, int64_t T, const int64_t* gi, int64_t 
       }
     }
   }
-  for (int p = 0; p < FP; ++p) {
+  filters_store<VW, FP, DV>(acc, pos, contig, out, res, relu);
+}
+
+using FTileFn = void (*)(const float* const*, int64_t, const int64_t*, int64_t, const float*,
+                         int64_t, const float*, const int64_t*, bool, float* const*,
+                         const float* const*, bool);
+
+// A tile's results: P pixels' DV vectors through the epilogue to their final channels (out[p],
+// res[p]: pixel p's output and residual pixels; null: past the row's end / no residual).
+template <int VW, int P, int DV>
+inline void filters_store(typename FVec<VW>::t (&acc)[P][DV], const int64_t* pos, bool contig,
+                          float* const* out, const float* const* res, bool relu) {
+  typedef typename FVec<VW>::t vf;
+  for (int p = 0; p < P; ++p) {
     if (!out[p]) continue;
     for (int j = 0; j < DV; ++j) {
       vf v = acc[p][j];
@@ -1220,7 +1238,7 @@ void filters_tile(const float* const* px, int64_t T, const int64_t* gi, int64_t 
       } else {
         for (int k = 0; k < VW; ++k) {
           const int64_t o = pos[j * VW + k];
-          float s = v[k] + (res[p] ? res[p][o] : 0.f);
+          const float s = v[k] + (res[p] ? res[p][o] : 0.f);
           out[p][o] = relu ? std::max(s, 0.f) : s;
         }
       }
@@ -1228,9 +1246,53 @@ void filters_tile(const float* const* px, int64_t T, const int64_t* gi, int64_t 
   }
 }
 
-using FTileFn = void (*)(const float* const*, int64_t, const int64_t*, int64_t, const float*,
-                         int64_t, const float*, const int64_t*, bool, float* const*,
-                         const float* const*, bool);
+// The row tile, for kernels 3 wide with unit stride and dilation along x: P consecutive output
+// pixels of one row by DV vectors of VW filters, looping over the P + 2 input pixels they read
+// rather than over output pixels, so each broadcast input value feeds the (up to) three output
+// pixels that read it, with the three taps' weight vectors held in registers: a third of the
+// broadcasts of filters_tile per multiply-add, which is what limits that tile for groups of 8 or
+// 16 filters. rows[ky]: input row oy + ky * dh - ph (pixel 0, channel 0), null outside the
+// input; ix0: the input column of the tile's first pixel's first tap; EDGE: some of the P + 2
+// columns fall outside [0, W) (read as zeros).
+template <int VW, int P, int DV, bool EDGE>
+void filters_row_tile(const float* const* rows, int64_t kh, int64_t C_in, int64_t ix0, int64_t W,
+                      const int64_t* gi, int64_t nk, const float* w, int64_t d,
+                      const float* bias, const int64_t* pos, bool contig, float* const* out,
+                      const float* const* res, bool relu) {
+  typedef typename FVec<VW>::t vf;
+  vf acc[P][DV];
+  for (int j = 0; j < DV; ++j) {
+    const vf b0 = bias ? fload<VW>(bias + j * VW) : vf{};
+    for (int p = 0; p < P; ++p) acc[p][j] = b0;
+  }
+  for (int64_t ky = 0; ky < kh; ++ky) {
+    if (!rows[ky]) continue;
+    const float* wk = w + ky * 3 * nk * d;
+    const float* row = rows[ky] + ix0 * C_in;
+    for (int64_t c = 0; c < nk; ++c) {
+      const float* xc = row + gi[c];
+      vf wv[3][DV];
+      for (int kx = 0; kx < 3; ++kx)
+        for (int j = 0; j < DV; ++j) wv[kx][j] = fload<VW>(wk + (kx * nk + c) * d + j * VW);
+#pragma GCC unroll 32
+      for (int i = 0; i < P + 2; ++i) {
+        if (EDGE && (ix0 + i < 0 || ix0 + i >= W)) continue;
+        const vf b = vf{} + xc[i * C_in];
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) {
+          const int p = i - kx;
+          if (p < 0 || p >= P) continue;
+          for (int j = 0; j < DV; ++j) acc[p][j] += b * wv[kx][j];
+        }
+      }
+    }
+  }
+  filters_store<VW, P, DV>(acc, pos, contig, out, res, relu);
+}
+
+using FRowFn = void (*)(const float* const*, int64_t, int64_t, int64_t, int64_t, const int64_t*,
+                        int64_t, const float*, int64_t, const float*, const int64_t*, bool,
+                        float* const*, const float* const*, bool);
 
 at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& packed_,
                                     const std::optional<at::Tensor>& bias_,
@@ -1290,20 +1352,50 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
   }
   // the tiles of a group's filters, widest first, and whether each vector's filters are
   // consecutive final channels (one vector store)
+  // The tiles of a group's filters, widest first; kernels 3 wide with unit stride and dilation
+  // along x take row tiles (filters_row_tile; GKP_FUSED_ROW_TILES=0 turns them off, for tuning
+  // and tests) where a chunk's vectors are at most 2, else filters_tile.
+  const bool row_ok = kw == 3 && sw == 1 && dw == 1 && env_count("GKP_FUSED_ROW_TILES", 0, 1);
   struct Chunk {
-    int64_t f;  // first filter in the group
-    FTileFn fn;
-    int width;
+    int64_t f;      // first filter in the group
+    int width;      // filters
+    FTileFn fn;     // the pixel tile (FP pixels)
+    FRowFn row[2];  // the row tile (rp pixels; [EDGE]), or null
+    int rp;
+  };
+  auto rowfns = [](auto a, auto b) {
+    return std::array<FRowFn, 2>{a, b};
   };
   std::vector<Chunk> chunks;
   for (int64_t f = 0; f < d;) {
     const int64_t left = d - f;
-    if (FVW == 16 && FDV >= 4 && left >= 64) chunks.push_back({f, &filters_tile<FVW, 4>, 64});
-    else if (FVW == 16 && left >= 32) chunks.push_back({f, &filters_tile<FVW, 2>, 32});
-    else if (FVW == 8 && left >= 16) chunks.push_back({f, &filters_tile<8, 2>, 16});
-    else if (left >= 16 && FVW == 16) chunks.push_back({f, &filters_tile<16, 1>, 16});
-    else chunks.push_back({f, &filters_tile<8, 1>, 8});
-    f += chunks.back().width;
+    Chunk c{f, 8, &filters_tile<8, 1>, {nullptr, nullptr}, 0};
+    std::array<FRowFn, 2> r{nullptr, nullptr};
+#if defined(__AVX512F__)
+    if (left >= 64) {
+      c = {f, 64, &filters_tile<16, 4>, {nullptr, nullptr}, 0};
+    } else if (left >= 32) {
+      c = {f, 32, &filters_tile<16, 2>, {nullptr, nullptr}, 7};  // 14 sums + 6 weights
+      r = rowfns(&filters_row_tile<16, 7, 2, false>, &filters_row_tile<16, 7, 2, true>);
+    } else if (left >= 16) {
+      c = {f, 16, &filters_tile<16, 1>, {nullptr, nullptr}, 14};  // 14 sums + 3 weights
+      r = rowfns(&filters_row_tile<16, 14, 1, false>, &filters_row_tile<16, 14, 1, true>);
+    } else {
+      c.rp = 14;
+      r = rowfns(&filters_row_tile<8, 14, 1, false>, &filters_row_tile<8, 14, 1, true>);
+    }
+#else
+    if (left >= 16) {
+      c = {f, 16, &filters_tile<8, 2>, {nullptr, nullptr}, 4};  // 8 sums + 6 weights
+      r = rowfns(&filters_row_tile<8, 4, 2, false>, &filters_row_tile<8, 4, 2, true>);
+    } else {
+      c.rp = 8;
+      r = rowfns(&filters_row_tile<8, 8, 1, false>, &filters_row_tile<8, 8, 1, true>);
+    }
+#endif
+    if (row_ok && c.rp) c.row[0] = r[0], c.row[1] = r[1];
+    chunks.push_back(c);
+    f += c.width;
   }
   std::vector<char> contig(C_out / 8);  // per 8 filters (a vector's filters are 8 or 16)
   for (int64_t q = 0; q < C_out; q += 8) {
@@ -1327,31 +1419,55 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
   const int64_t per_chunk = std::max<int64_t>(1, std::min(rows, l2_bytes() / 2 / row_bytes));
   int64_t nchunk = (rows + per_chunk - 1) / per_chunk;
   nchunk = rows < 4 * threads ? rows : (nchunk + threads - 1) / threads * threads;
+  constexpr int MAXP = 16;  // pixels of the widest tile
   auto run = [&](int64_t begin, int64_t end) {
-    std::vector<const float*> px(T * FP);
-    float* out[FP];
-    const float* res[FP];
+    std::vector<const float*> px(T * FP), inrows(kh);
+    float* out[MAXP];
+    const float* res[MAXP];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ck = task / groups, g = task % groups;
       for (int64_t r = ck * rows / nchunk; r < (ck + 1) * rows / nchunk; ++r) {
         const int64_t n = r / Ho, oy = r % Ho;
-        for (int64_t ox0 = 0; ox0 < Wo; ox0 += FP) {
-          for (int p = 0; p < FP; ++p) {
+        for (int64_t ky = 0; ky < kh; ++ky) {
+          const int64_t iy = oy * sh + ky * dh - ph;
+          inrows[ky] = iy >= 0 && iy < H ? xp + (n * H + iy) * W * C_in : nullptr;
+        }
+        // output and residual pixels [ox0, ox0 + np) (null past the row's end)
+        auto pixels = [&](int64_t ox0, int np) {
+          for (int p = 0; p < np; ++p) {
             const int64_t ox = ox0 + p, at = ((n * Ho + oy) * Wo + ox) * C_out;
             out[p] = ox < Wo ? yp + at : nullptr;
             res[p] = ox < Wo && rp ? rp + at : nullptr;
-            for (int64_t t = 0; t < T; ++t) {
-              const int64_t iy = oy * sh + (t / kw) * dh - ph, ix = ox * sw + (t % kw) * dw - pw;
-              const bool in = ox < Wo && iy >= 0 && iy < H && ix >= 0 && ix < W;
-              px[t * FP + p] = in ? xp + ((n * H + iy) * W + ix) * C_in : nullptr;
-            }
           }
-          for (const Chunk& c : chunks) {
-            const int64_t q = g * d + c.f;
-            bool cg = true;
-            for (int64_t k = q; k < q + c.width; k += 8) cg &= contig[k / 8] && pos[k] == pos[q] + (k - q);
-            c.fn(px.data(), T, gp + g * nk, nk, wp + g * T * nk * d + c.f, d, bp ? bp + q : nullptr,
-                 pos.data() + q, cg, out, res, relu);
+        };
+        for (const Chunk& c : chunks) {
+          const int64_t q = g * d + c.f;
+          bool cg = true;
+          for (int64_t k = q; k < q + c.width; k += 8)
+            cg &= contig[k / 8] && pos[k] == pos[q] + (k - q);
+          const int64_t* gq = gp + g * nk;
+          const float* wq = wp + g * T * nk * d + c.f;
+          const float* bq = bp ? bp + q : nullptr;
+          if (c.row[0]) {
+            for (int64_t ox0 = 0; ox0 < Wo; ox0 += c.rp) {
+              pixels(ox0, c.rp);
+              const int64_t ix0 = ox0 - pw;
+              const bool edge = ix0 < 0 || ix0 + c.rp + 2 > W;
+              c.row[edge](inrows.data(), kh, C_in, ix0, W, gq, nk, wq, d, bq, pos.data() + q, cg,
+                          out, res, relu);
+            }
+            continue;
+          }
+          for (int64_t ox0 = 0; ox0 < Wo; ox0 += FP) {
+            pixels(ox0, FP);
+            for (int p = 0; p < FP; ++p)
+              for (int64_t t = 0; t < T; ++t) {
+                const int64_t ox = ox0 + p, iy = oy * sh + (t / kw) * dh - ph,
+                              ix = ox * sw + (t % kw) * dw - pw;
+                const bool in = ox < Wo && iy >= 0 && iy < H && ix >= 0 && ix < W;
+                px[t * FP + p] = in ? xp + ((n * H + iy) * W + ix) * C_in : nullptr;
+              }
+            c.fn(px.data(), T, gq, nk, wq, d, bq, pos.data() + q, cg, out, res, relu);
           }
         }
       }
