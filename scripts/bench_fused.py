@@ -4,7 +4,8 @@ For the 3x3 layers of ResNet-56 (32x32 input) and of ResNet-50's stages (224x224
 groups keeping n_keep = 9/16 of the input channels (p = 0.4375), times in one interleaved run
 (``gkp.metrics.time_interleaved``: eval, inference_mode, warm-up, fixed threads, median): the
 dense conv in NCHW and channels-last, the PyTorch deploy form (gather -> grouped conv ->
-un-permute) and the fused op (``gkp.fused``) on an NCHW and a channels-last input. Prints a
+un-permute), the fused op (``gkp.fused``) on an NCHW and a channels-last input, and its filters
+path (``"fused_filters"``, channels-last input) where groups hold a multiple of 8 filters. Prints a
 Markdown table (GMAC/s of the MACs each form must do, and speed-up against the faster dense
 layout) and writes it as CSV.
 
@@ -138,6 +139,10 @@ def measure(threads: int, rounds: int, layers: list[tuple]) -> list[dict]:
             "dense": (conv, x), "dense_cl": (conv_cl, x_cl), "torch": (grouped, x),
             "fused": (fast, x), "fused_cl": (fast, x_cl),
         }  # fmt: skip
+        if (c_out // GROUPS) % 8 == 0:  # the filters path (channels-last input)
+            filters = GroupedKernelConv2d.from_conv(conv, grouped.plan())
+            set_backend(filters, "fused_filters")
+            runs["filters"] = (filters, x_cl)
         stats = time_interleaved(
             {name: _on(module.eval(), inp) for name, (module, inp) in runs.items()},
             x, rounds=rounds, warmup=5, threads=threads,
@@ -156,10 +161,13 @@ def measure(threads: int, rounds: int, layers: list[tuple]) -> list[dict]:
                 **{f"{k}_gmacs": (dense_macs if k.startswith("dense") else kept) / v / 1e6
                    for k, v in ms.items()},
                 "ideal": c / n_keep,
-                **{f"{k}_speedup": best / ms[k] for k in ("torch", "fused", "fused_cl")},
+                **{f"{k}_speedup": best / ms[k] for k in ("torch", "fused", "fused_cl", "filters")
+                   if k in ms},
                 "cpu_name": cpu_name(),
             }
         )  # fmt: skip
+        for k in ("filters_ms", "filters_gmacs", "filters_speedup"):  # every row has the columns
+            rows[-1].setdefault(k, "")
     return rows
 
 
@@ -242,8 +250,8 @@ def table(rows: list[dict]) -> str:
         "",
         "| layer | batch | threads | dense NCHW GMAC/s | dense channels-last GMAC/s "
         "| torch grouped GMAC/s (x) | fused NCHW GMAC/s (x) | fused channels-last GMAC/s (x) "
-        "| ideal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fused filters path GMAC/s (x) | ideal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     several = len(cpus) > 1  # then each line names its processor
     for r in rows:
@@ -254,9 +262,18 @@ def table(rows: list[dict]) -> str:
             f"{r['threads']} | {r['dense_gmacs']:.1f} | {r['dense_cl_gmacs']:.1f} | "
             f"{r['torch_gmacs']:.1f} (x{r['torch_speedup']:.2f}) | "
             f"{r['fused_gmacs']:.1f} (x{r['fused_speedup']:.2f}) | "
-            f"{r['fused_cl_gmacs']:.1f} (x{r['fused_cl_speedup']:.2f}) | x{r['ideal']:.2f} |"
+            f"{r['fused_cl_gmacs']:.1f} (x{r['fused_cl_speedup']:.2f}) | {_filters(r)} | "
+            f"x{r['ideal']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _filters(row: dict) -> str:
+    """The filters path's cell: empty where it was not timed (groups of other than a multiple
+    of 8 filters; rows from before it)."""
+    if row.get("filters_gmacs") in (None, ""):
+        return "–"
+    return f"{row['filters_gmacs']:.1f} (x{row['filters_speedup']:.2f})"
 
 
 def _to(row: dict) -> str:
