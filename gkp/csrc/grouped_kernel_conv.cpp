@@ -1155,6 +1155,16 @@ struct FVec {
   typedef float t __attribute__((vector_size(4 * VW)));
 };
 
+// v in every lane, as one broadcast load (`vf{} + v` costs an add and a shuffle: -0.0 + 0.0)
+template <int VW, std::size_t... I>
+inline typename FVec<VW>::t fsplat(float v, std::index_sequence<I...>) {
+  return typename FVec<VW>::t{(static_cast<void>(I), v)...};
+}
+template <int VW>
+inline typename FVec<VW>::t fsplat(float v) {
+  return fsplat<VW>(v, std::make_index_sequence<VW>());
+}
+
 template <int VW>
 inline typename FVec<VW>::t fload(const float* p) {
   typename FVec<VW>::t v;
@@ -1197,7 +1207,7 @@ void filters_tile(const float* const* px, int64_t T, const int64_t* gi, int64_t 
         vf wv[DV];
         for (int j = 0; j < DV; ++j) wv[j] = fload<VW>(wt + c * d + j * VW);
         for (int p = 0; p < FP; ++p) {
-          const vf b = vf{} + pp[p][ch];
+          const vf b = fsplat<VW>(pp[p][ch]);
           for (int j = 0; j < DV; ++j) acc[p][j] += b * wv[j];
         }
       }
@@ -1208,7 +1218,7 @@ void filters_tile(const float* const* px, int64_t T, const int64_t* gi, int64_t 
         for (int j = 0; j < DV; ++j) wv[j] = fload<VW>(wt + c * d + j * VW);
         for (int p = 0; p < FP; ++p) {
           if (!pp[p]) continue;
-          const vf b = vf{} + pp[p][ch];
+          const vf b = fsplat<VW>(pp[p][ch]);
           for (int j = 0; j < DV; ++j) acc[p][j] += b * wv[j];
         }
       }
@@ -1252,9 +1262,10 @@ inline void filters_store(typename FVec<VW>::t (&acc)[P][DV], const int64_t* pos
 // pixels that read it, with the three taps' weight vectors held in registers: a third of the
 // broadcasts of filters_tile per multiply-add, which is what limits that tile for groups of 8 or
 // 16 filters. rows[ky]: input row oy + ky * dh - ph (pixel 0, channel 0), null outside the
-// input; ix0: the input column of the tile's first pixel's first tap; EDGE: some of the P + 2
-// columns fall outside [0, W) (read as zeros).
-template <int VW, int P, int DV, bool EDGE>
+// input; ix0: the input column of the tile's first pixel's first tap. Columns outside [0, W)
+// count as zeros: SL >= 0 says which at compile time (the first SL and the last SR of the
+// P + 2 columns: a row's first and last tiles), SL < 0 checks each column.
+template <int VW, int P, int DV, int SL, int SR>
 void filters_row_tile(const float* const* rows, int64_t kh, int64_t C_in, int64_t ix0, int64_t W,
                       const int64_t* gi, int64_t nk, const float* w, int64_t d,
                       const float* bias, const int64_t* pos, bool contig, float* const* out,
@@ -1276,8 +1287,8 @@ void filters_row_tile(const float* const* rows, int64_t kh, int64_t C_in, int64_
         for (int j = 0; j < DV; ++j) wv[kx][j] = fload<VW>(wk + (kx * nk + c) * d + j * VW);
 #pragma GCC unroll 32
       for (int i = 0; i < P + 2; ++i) {
-        if (EDGE && (ix0 + i < 0 || ix0 + i >= W)) continue;
-        const vf b = vf{} + xc[i * C_in];
+        if (SL >= 0 ? i < SL || i >= P + 2 - SR : ix0 + i < 0 || ix0 + i >= W) continue;
+        const vf b = fsplat<VW>(xc[i * C_in]);
 #pragma GCC unroll 3
         for (int kx = 0; kx < 3; ++kx) {
           const int p = i - kx;
@@ -1293,6 +1304,15 @@ void filters_row_tile(const float* const* rows, int64_t kh, int64_t C_in, int64_
 using FRowFn = void (*)(const float* const*, int64_t, int64_t, int64_t, int64_t, const int64_t*,
                         int64_t, const float*, int64_t, const float*, const int64_t*, bool,
                         float* const*, const float* const*, bool);
+
+// A chunk's row tiles of P pixels: columns checked one by one, then with the first SL and the
+// last SR of the P + 2 columns outside the input for (SL, SR) = (0, 0), (1, 0), (0, 1), (1, 1).
+#define ROW_TILES(VW, P, DV)                                                       \
+  {                                                                                \
+    &filters_row_tile<VW, P, DV, -1, 0>, &filters_row_tile<VW, P, DV, 0, 0>,       \
+        &filters_row_tile<VW, P, DV, 1, 0>, &filters_row_tile<VW, P, DV, 0, 1>,    \
+        &filters_row_tile<VW, P, DV, 1, 1>                                         \
+  }
 
 at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& packed_,
                                     const std::optional<at::Tensor>& bias_,
@@ -1360,40 +1380,29 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
     int64_t f;      // first filter in the group
     int width;      // filters
     FTileFn fn;     // the pixel tile (FP pixels)
-    FRowFn row[2];  // the row tile (rp pixels; [EDGE]), or null
+    FRowFn row[5];  // the row tiles of rp pixels (ROW_TILES; null: none)
     int rp;
-  };
-  auto rowfns = [](auto a, auto b) {
-    return std::array<FRowFn, 2>{a, b};
   };
   std::vector<Chunk> chunks;
   for (int64_t f = 0; f < d;) {
     const int64_t left = d - f;
-    Chunk c{f, 8, &filters_tile<8, 1>, {nullptr, nullptr}, 0};
-    std::array<FRowFn, 2> r{nullptr, nullptr};
+    Chunk c{f, 8, &filters_tile<8, 1>, {}, 0};
 #if defined(__AVX512F__)
-    if (left >= 64) {
-      c = {f, 64, &filters_tile<16, 4>, {nullptr, nullptr}, 0};
-    } else if (left >= 32) {
-      c = {f, 32, &filters_tile<16, 2>, {nullptr, nullptr}, 7};  // 14 sums + 6 weights
-      r = rowfns(&filters_row_tile<16, 7, 2, false>, &filters_row_tile<16, 7, 2, true>);
-    } else if (left >= 16) {
-      c = {f, 16, &filters_tile<16, 1>, {nullptr, nullptr}, 14};  // 14 sums + 3 weights
-      r = rowfns(&filters_row_tile<16, 14, 1, false>, &filters_row_tile<16, 14, 1, true>);
-    } else {
-      c.rp = 14;
-      r = rowfns(&filters_row_tile<8, 14, 1, false>, &filters_row_tile<8, 14, 1, true>);
-    }
+    if (left >= 64)
+      c = {f, 64, &filters_tile<16, 4>, {}, 0};
+    else if (left >= 32)
+      c = {f, 32, &filters_tile<16, 2>, ROW_TILES(16, 7, 2), 7};  // 14 sums + 6 weights
+    else if (left >= 16)
+      c = {f, 16, &filters_tile<16, 1>, ROW_TILES(16, 14, 1), 14};  // 14 sums + 3 weights
+    else
+      c = {f, 8, &filters_tile<8, 1>, ROW_TILES(8, 14, 1), 14};
 #else
-    if (left >= 16) {
-      c = {f, 16, &filters_tile<8, 2>, {nullptr, nullptr}, 4};  // 8 sums + 6 weights
-      r = rowfns(&filters_row_tile<8, 4, 2, false>, &filters_row_tile<8, 4, 2, true>);
-    } else {
-      c.rp = 8;
-      r = rowfns(&filters_row_tile<8, 8, 1, false>, &filters_row_tile<8, 8, 1, true>);
-    }
+    if (left >= 16)
+      c = {f, 16, &filters_tile<8, 2>, ROW_TILES(8, 4, 2), 4};  // 8 sums + 6 weights
+    else
+      c = {f, 8, &filters_tile<8, 1>, ROW_TILES(8, 8, 1), 8};
 #endif
-    if (row_ok && c.rp) c.row[0] = r[0], c.row[1] = r[1];
+    if (!row_ok) std::fill(c.row, c.row + 5, nullptr);
     chunks.push_back(c);
     f += c.width;
   }
@@ -1449,12 +1458,18 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
           const float* wq = wp + g * T * nk * d + c.f;
           const float* bq = bp ? bp + q : nullptr;
           if (c.row[0]) {
+            // tiles of rp pixels from the row's start, the last one moved back to end at the
+            // row's end (recomputing a few pixels of the one before it: the same values written
+            // twice), each with the columns it reads outside the input known at compile time
+            // where ROW_TILES has that case
             for (int64_t ox0 = 0; ox0 < Wo; ox0 += c.rp) {
-              pixels(ox0, c.rp);
-              const int64_t ix0 = ox0 - pw;
-              const bool edge = ix0 < 0 || ix0 + c.rp + 2 > W;
-              c.row[edge](inrows.data(), kh, C_in, ix0, W, gq, nk, wq, d, bq, pos.data() + q, cg,
-                          out, res, relu);
+              const int64_t at = std::max<int64_t>(0, std::min(ox0, Wo - c.rp)), ix0 = at - pw;
+              const int64_t sl = std::max<int64_t>(0, -ix0),
+                            sr = std::max<int64_t>(0, ix0 + c.rp + 2 - W);
+              const int k = Wo < c.rp || sl > 1 || sr > 1 ? 0 : 1 + sl + 2 * sr;
+              pixels(at, c.rp);
+              c.row[k](inrows.data(), kh, C_in, ix0, W, gq, nk, wq, d, bq, pos.data() + q, cg,
+                       out, res, relu);
             }
             continue;
           }
@@ -1479,6 +1494,7 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
     at::parallel_for(0, nchunk * groups, 1, run);
   return y;
 }
+#undef ROW_TILES
 
 // How many distinct threads ran the tasks of one at::parallel_for over `tasks` items: the check
 // that this op was built with OpenMP (without it at::parallel_for silently runs serially).
