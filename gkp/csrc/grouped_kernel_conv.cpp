@@ -28,6 +28,10 @@
 // vector, so every tap of every output pixel is one aligned vector load for any stride and
 // width, and row ends need no partial vectors. Described with its code below.
 //
+// A second op, grouped_conv_filters (the filters path; channels-last input and output; weights
+// packed once by the caller): each group's filters in the vector lanes, the input read in place
+// through the index table and broadcast. Described with its code at the end of this file.
+//
 // An optional epilogue, y = relu(y + residual) or y + residual or relu(y) (residual: a tensor of
 // y's shape, read in y's layout), is applied where results reach the output: as the lanes path
 // transposes them out, and on each image's output while it is in cache on the rows path. A
@@ -1131,14 +1135,15 @@ at::Tensor grouped_kernel_conv_cpu(
 // input is read where it lies. A tile is P pixels of one output row by DV vectors of VW filters
 // of one group, accumulated in registers over every (tap, kept channel): each weight vector feeds
 // P pixels, each input value (one float of a channels-last pixel, found through the index table,
-// broadcast) feeds DV vectors. Taps outside the input are skipped pixel by pixel (no padded
-// copy), and results go to their final channels (one vector store where a vector's filters are
-// consecutive channels there, else one store per filter) through the epilogue. Weights come
-// packed by the caller as [group][ky][kx][kept channel][filter] (gkp.fused.pack_filters, kept
-// with the layer), so a call packs nothing. On the AMD EPYC at batch 16 and 2 threads, against
-// the lanes path on a channels-last input (ad hoc, /tmp prototype): 7.7 against 10.0 ms on the
-// C = 512 7x7 layer, 9.5 against 9.9 on C = 256 14x14, and slower on C = 128 and 64 (16 and 8
-// filters a group: one broadcast per multiply-add), where the autotuned deploy keeps the lanes.
+// broadcast) feeds DV vectors; for kernels 3 wide with unit stride along x, row tiles loop over
+// the input pixels instead, each broadcast feeding the three output pixels that read it. Taps
+// outside the input are skipped (no padded copy), and results go to their final channels (one
+// vector store where a vector's filters are consecutive channels there, else one store per
+// filter) through the epilogue. Weights come packed by the caller as [group][ky][kx][kept
+// channel][filter] (gkp.fused.pack_filters, kept with the layer), so a call packs nothing. The
+// layer table of the README ("Deploy speed", scripts/bench_fused.py) times it beside the lanes
+// path: faster with 32 and 64 filters a group, slower with 8, about even with 16, so it is an
+// autotune candidate (backend "fused_filters") rather than a replacement.
 
 #if defined(__AVX512F__)
 constexpr int FVW = 16;  // floats per vector of the filters path
