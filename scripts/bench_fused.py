@@ -1,7 +1,8 @@
 """Layer-level speed of the grouped-kernel layer's deploy forms against the dense conv.
 
 For the 3x3 layers of ResNet-56 (32x32 input) and of ResNet-50's stages (224x224 input), G = 8
-groups keeping n_keep = 9/16 of the input channels (p = 0.4375), times in one interleaved run
+groups keeping n_keep = 9/16 of the input channels (p = 0.4375; ``--keep`` another fraction, its
+table printed, not written), times in one interleaved run
 (``gkp.metrics.time_interleaved``: eval, inference_mode, warm-up, fixed threads, median): the
 dense conv in NCHW and channels-last, the PyTorch deploy form (gather -> grouped conv ->
 un-permute), the fused op (``gkp.fused``) on an NCHW and a channels-last input, and its filters
@@ -31,6 +32,7 @@ import csv
 import os
 import random
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -54,6 +56,7 @@ LAYERS = [
     ("resnet50", 256, 14, 16), ("resnet50", 512, 7, 16),
 ]  # fmt: skip
 GROUPS = 8
+KEEP = Fraction(9, 16)  # of each group's input channels kept (p = 0.4375)
 
 
 # The downsampling 3x3 convs (stride 2): ResNet-56's first convs of stages 2 and 3 (C -> 2C),
@@ -66,13 +69,13 @@ DOWNSAMPLING = [
 
 
 def layer_pair(
-    c: int, seed: int, c_out: int | None = None, stride: int = 1
+    c: int, seed: int, c_out: int | None = None, stride: int = 1, keep: Fraction = KEEP
 ) -> tuple[nn.Conv2d, GroupedKernelConv2d, int]:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     c_out = c if c_out is None else c_out
     conv = nn.Conv2d(c, c_out, 3, stride=stride, padding=1, bias=False)
-    n_keep = c * 9 // 16
+    n_keep = max(1, int(c * keep))
     order = list(range(c_out))
     rng.shuffle(order)
     d = c_out // GROUPS
@@ -96,7 +99,18 @@ def main() -> None:
     which.add_argument(
         "--lane-tiles", action="store_true", help="time every lanes-path tile shape per layer"
     )
+    ap.add_argument(
+        "--keep",
+        type=Fraction,
+        default=KEEP,
+        help="fraction of each group's input channels kept (default 9/16, p = 0.4375; another "
+        "value prints its table without --out: the CSV holds the 9/16 rows)",
+    )
     args = ap.parse_args()
+    if args.keep != KEEP and args.out is not None:
+        ap.error(f"--keep {args.keep} prints its table only; {args.out} holds the 9/16 rows")
+    if not 0 < args.keep <= 1:
+        ap.error(f"--keep must be in (0, 1], got {args.keep}")
     if args.table is not None:
         print_table(read_rows(args.table))
         return
@@ -110,9 +124,10 @@ def main() -> None:
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         if args.downsampling:
-            rows += measure(threads, args.rounds, [(*ly, 2) for ly in DOWNSAMPLING])
+            layers = [(*ly, 2) for ly in DOWNSAMPLING]
         else:
-            rows += measure(threads, args.rounds, [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS])
+            layers = [(n, c, hw, b, c, 1) for n, c, hw, b in LAYERS]
+        rows += measure(threads, args.rounds, layers, args.keep)
     if args.out is not None:
         write_rows(args.out, rows)
     print_table(rows)
@@ -124,12 +139,13 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     replace_rows(path, rows, ("cpu_name",))
 
 
-def measure(threads: int, rounds: int, layers: list[tuple]) -> list[dict]:
-    """Rows for ``layers``: (network, in channels, input size, batch, out channels, stride)."""
+def measure(threads: int, rounds: int, layers: list[tuple], keep: Fraction = KEEP) -> list[dict]:
+    """Rows for ``layers``: (network, in channels, input size, batch, out channels, stride),
+    ``keep`` of each group's input channels kept."""
     rows = []
     cl = torch.channels_last
     for net, c, hw, batch, c_out, stride in layers:
-        conv, grouped, n_keep = layer_pair(c, seed=c + hw, c_out=c_out, stride=stride)
+        conv, grouped, n_keep = layer_pair(c, seed=c + hw, c_out=c_out, stride=stride, keep=keep)
         fast = GroupedKernelConv2d.from_conv(conv, grouped.plan())
         set_backend(fast, "fused")
         conv_cl = copy.deepcopy(conv).to(memory_format=cl)
@@ -245,7 +261,8 @@ def table(rows: list[dict]) -> str:
     strides = sorted({r.get("stride") or 1 for r in rows})  # rows from before: stride 1 only
     cpus = list(dict.fromkeys(str(r.get("cpu_name") or "CPU not recorded") for r in rows))
     lines = [
-        f"G = {GROUPS}, n_keep = 9/16 of C, 3x3, stride {'/'.join(map(str, strides))}; (x ...): "
+        f"G = {GROUPS}, n_keep = {_kept(rows)} of C, 3x3, stride {'/'.join(map(str, strides))}; "
+        "(x ...): "
         f"speed-up over the faster dense layout; measured on: {', '.join(cpus)}",
         "",
         "| layer | batch | threads | dense NCHW GMAC/s | dense channels-last GMAC/s "
@@ -266,6 +283,12 @@ def table(rows: list[dict]) -> str:
             f"x{r['ideal']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _kept(rows: list[dict]) -> str:
+    """The fractions of the input channels the rows keep (``9/16`` for the CSV's rows)."""
+    kept = (Fraction(r["n_keep"], r["channels"]) if r.get("n_keep") else KEEP for r in rows)
+    return ", ".join(dict.fromkeys(str(k) for k in kept))
 
 
 def _filters(row: dict) -> str:
