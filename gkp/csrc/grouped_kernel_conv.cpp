@@ -1146,13 +1146,9 @@ at::Tensor grouped_kernel_conv_cpu(
 // autotune candidate (backend "fused_filters") rather than a replacement.
 
 #if defined(__AVX512F__)
-constexpr int FVW = 16;  // floats per vector of the filters path
-constexpr int FP = 7;    // pixels per tile: 7 x 4 vectors = 28 of the 32 registers hold sums
-constexpr int FDV = 4;   // most vectors per tile
+constexpr int FP = 7;  // pixels per tile: 7 x 4 vectors = 28 of the 32 registers hold sums
 #else
-constexpr int FVW = 8;
-constexpr int FP = 6;  // 6 x 2 = 12 of the 16 registers
-constexpr int FDV = 2;
+constexpr int FP = 6;  // 6 x 2 vectors = 12 of the 16 registers
 #endif
 
 template <int VW>
