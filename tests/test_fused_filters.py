@@ -11,6 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# test_fused's autouse fixture (GKP_FUSED_SERIAL_MACS=0: small 2-thread calls still split) and
+# its thread-count helper
+from test_fused import _split_every_call, with_threads  # noqa: F401
+
 from gkp import fused
 from gkp.nn import GroupedKernelConv2d, GroupPlan, set_backend
 
@@ -21,22 +25,6 @@ def op():
         pytest.skip("no C++ compiler: the fused op falls back to PyTorch (tests/test_fused.py)")
     assert fused.load(), "a compiler is installed, so the fused op must build"
     return fused.grouped_conv_filters
-
-
-@pytest.fixture(autouse=True)
-def _split_every_call(monkeypatch):
-    """Small layers run on the calling thread alone under the default bound
-    (GKP_FUSED_SERIAL_MACS); 0 makes the 2-thread cases run the parallel split."""
-    monkeypatch.setenv("GKP_FUSED_SERIAL_MACS", "0")
-
-
-def with_threads(n, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
 
 
 def filters_case(rng):

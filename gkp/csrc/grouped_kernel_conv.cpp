@@ -919,6 +919,48 @@ at::Tensor lanes_path(const at::Tensor& x, bool cl, const at::Tensor& weight, co
   return y;
 }
 
+// The checks and conversions both ops make of their index tables, bias and residual.
+struct LayerArgs {
+  at::Tensor gather;         // int64, each in [0, C_in)
+  std::vector<int64_t> pos;  // grouped filter q -> final channel (output_index's inverse)
+  at::Tensor bias;           // float32, C_out values, or undefined
+};
+
+LayerArgs layer_args(const at::Tensor& gather_, const at::Tensor& output_index_,
+                     const std::optional<at::Tensor>& bias_, int64_t C_in, int64_t C_out,
+                     int64_t kept) {
+  LayerArgs a;
+  a.gather = gather_.to(at::kLong).contiguous();
+  const at::Tensor outidx = output_index_.to(at::kLong).contiguous();
+  TORCH_CHECK(a.gather.numel() == kept, "gkp_fused: gather_index has the wrong length");
+  TORCH_CHECK(outidx.numel() == C_out, "gkp_fused: output_index has the wrong length");
+  const int64_t* gp = a.gather.data_ptr<int64_t>();
+  for (int64_t i = 0; i < kept; ++i)
+    TORCH_CHECK(gp[i] >= 0 && gp[i] < C_in, "gkp_fused: gather_index out of range");
+  a.pos.assign(C_out, -1);
+  const int64_t* oi = outidx.data_ptr<int64_t>();
+  for (int64_t o = 0; o < C_out; ++o) {
+    TORCH_CHECK(oi[o] >= 0 && oi[o] < C_out && a.pos[oi[o]] < 0,
+                "gkp_fused: output_index must be a permutation");
+    a.pos[oi[o]] = o;
+  }
+  if (bias_.has_value() && bias_->defined()) {
+    TORCH_CHECK(bias_->numel() == C_out, "gkp_fused: bias has the wrong length");
+    a.bias = bias_->to(at::kFloat).contiguous();
+  }
+  return a;
+}
+
+// The residual, checked against y and in y's layout (undefined: none).
+at::Tensor residual_like(const std::optional<at::Tensor>& residual, const at::Tensor& y,
+                         at::MemoryFormat layout) {
+  if (!residual.has_value() || !residual->defined()) return {};
+  TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
+              "gkp_fused: residual must be float32 of the output's shape ", y.sizes(), ", got ",
+              residual->scalar_type(), " ", residual->sizes());
+  return residual->contiguous(layout);
+}
+
 at::Tensor grouped_kernel_conv_cpu(
     const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
     const at::Tensor& gather_, const at::Tensor& output_index_, at::IntArrayRef stride,
@@ -934,15 +976,12 @@ at::Tensor grouped_kernel_conv_cpu(
   const bool cl = x_.dim() == 4 && x_.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                   !x_.is_contiguous();
   const at::Tensor x = cl ? x_ : x_.contiguous(), weight = weight_;  // packed through strides
-  const at::Tensor gather = gather_.to(at::kLong).contiguous();
-  const at::Tensor outidx = output_index_.to(at::kLong).contiguous();
   const int64_t N = x.size(0), C_in = x.size(1), C_out = weight.size(0), n_keep = weight.size(1);
   TORCH_CHECK(groups >= 1 && C_out % groups == 0, "gkp_fused: groups must divide the filters");
-  TORCH_CHECK(gather.numel() == groups * n_keep, "gkp_fused: gather_index has the wrong length");
-  TORCH_CHECK(outidx.numel() == C_out, "gkp_fused: output_index has the wrong length");
-  const int64_t* gp = gather.data_ptr<int64_t>();
-  for (int64_t i = 0; i < gather.numel(); ++i)
-    TORCH_CHECK(gp[i] >= 0 && gp[i] < C_in, "gkp_fused: gather_index out of range");
+  const LayerArgs args = layer_args(gather_, output_index_, bias_, C_in, C_out, groups * n_keep);
+  const int64_t* gp = args.gather.data_ptr<int64_t>();
+  const std::vector<int64_t>& pos = args.pos;  // grouped filter q -> final channel o
+  const at::Tensor& bias = args.bias;
   Geo g{};
   g.H = x.size(2); g.W = x.size(3); g.kh = weight.size(2); g.kw = weight.size(3);
   g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1];
@@ -961,29 +1000,12 @@ at::Tensor grouped_kernel_conv_cpu(
   }
 
   const int64_t d = C_out / groups;
-  std::vector<int64_t> pos(C_out, -1);  // grouped filter q -> final channel o
-  const int64_t* oi = outidx.data_ptr<int64_t>();
-  for (int64_t o = 0; o < C_out; ++o) {
-    TORCH_CHECK(oi[o] >= 0 && oi[o] < C_out && pos[oi[o]] < 0,
-                "gkp_fused: output_index must be a permutation");
-    pos[oi[o]] = o;
-  }
-  at::Tensor bias;
-  if (bias_.has_value() && bias_->defined()) {
-    TORCH_CHECK(bias_->numel() == C_out, "gkp_fused: bias has the wrong length");
-    bias = bias_->to(at::kFloat).contiguous();
-  }
-  at::Tensor y = at::empty({N, C_out, g.Ho, g.Wo},
-                           x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                        : at::MemoryFormat::Contiguous));
+  const at::MemoryFormat layout =
+      cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor y = at::empty({N, C_out, g.Ho, g.Wo}, x.options().memory_format(layout));
   if (y.numel() == 0) return y;
-  at::Tensor residual;  // read at y's offsets: y's shape, in y's layout
-  if (residual_.has_value() && residual_->defined()) {
-    TORCH_CHECK(residual_->sizes() == y.sizes() && residual_->scalar_type() == at::kFloat,
-                "gkp_fused: residual must be float32 of the output's shape ", y.sizes(),
-                ", got ", residual_->scalar_type(), " ", residual_->sizes());
-    residual = residual_->contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  }
+  // read at y's offsets: y's shape, in y's layout
+  const at::Tensor residual = residual_like(residual_, y, layout);
   const Epi e{residual.defined() ? residual.data_ptr<float>() : nullptr, relu};
 
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
@@ -1336,13 +1358,10 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
                 d = wpk.size(4), C_out = groups * d, T = kh * kw;
   TORCH_CHECK(d % 8 == 0, "gkp_fused: grouped_conv_filters needs a multiple of 8 filters per ",
               "group, got ", d, " (use the op grouped_kernel_conv)");
-  const at::Tensor gather = gather_.to(at::kLong).contiguous();
-  const at::Tensor outidx = output_index_.to(at::kLong).contiguous();
-  TORCH_CHECK(gather.numel() == groups * nk, "gkp_fused: gather_index has the wrong length");
-  TORCH_CHECK(outidx.numel() == C_out, "gkp_fused: output_index has the wrong length");
-  const int64_t* gp = gather.data_ptr<int64_t>();
-  for (int64_t i = 0; i < gather.numel(); ++i)
-    TORCH_CHECK(gp[i] >= 0 && gp[i] < C_in, "gkp_fused: gather_index out of range");
+  const LayerArgs args = layer_args(gather_, output_index_, bias_, C_in, C_out, groups * nk);
+  const int64_t* gp = args.gather.data_ptr<int64_t>();
+  const std::vector<int64_t>& pos = args.pos;
+  const at::Tensor& bias = args.bias;
   const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1],
                 dh = dilation[0], dw = dilation[1];
   TORCH_CHECK(sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1 && ph >= 0 && pw >= 0,
@@ -1350,27 +1369,10 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
   const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(Ho >= 1 && Wo >= 1, "gkp_fused: the output would be empty");
-  std::vector<int64_t> pos(C_out, -1);  // grouped filter q -> final channel
-  const int64_t* oi = outidx.data_ptr<int64_t>();
-  for (int64_t o = 0; o < C_out; ++o) {
-    TORCH_CHECK(oi[o] >= 0 && oi[o] < C_out && pos[oi[o]] < 0,
-                "gkp_fused: output_index must be a permutation");
-    pos[oi[o]] = o;
-  }
-  at::Tensor bias;
-  if (bias_.has_value() && bias_->defined()) {
-    TORCH_CHECK(bias_->numel() == C_out, "gkp_fused: bias has the wrong length");
-    bias = bias_->to(at::kFloat).contiguous();
-  }
-  at::Tensor y = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y =
+      at::empty({N, C_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
-  at::Tensor residual;
-  if (residual_.has_value() && residual_->defined()) {
-    TORCH_CHECK(residual_->sizes() == y.sizes() && residual_->scalar_type() == at::kFloat,
-                "gkp_fused: residual must be float32 of the output's shape ", y.sizes(),
-                ", got ", residual_->scalar_type(), " ", residual_->sizes());
-    residual = residual_->contiguous(at::MemoryFormat::ChannelsLast);
-  }
+  const at::Tensor residual = residual_like(residual_, y, at::MemoryFormat::ChannelsLast);
   // the tiles of a group's filters, widest first, and whether each vector's filters are
   // consecutive final channels (one vector store)
   // The tiles of a group's filters, widest first; kernels 3 wide with unit stride and dilation
