@@ -124,7 +124,7 @@ def test_pack_filters_lays_each_taps_filters_side_by_side():
 
 def test_bad_inputs_raise_clear_errors(op):
     x = torch.randn(1, 6, 5, 5)
-    weight, gather, out_idx = torch.randn(16, 3, 3, 3), torch.tensor([0, 1, 2, 3, 4, 5]), None
+    weight, gather = torch.randn(16, 3, 3, 3), torch.tensor([0, 1, 2, 3, 4, 5])
     out_idx = torch.randperm(16)
     packed = fused.pack_filters(weight, 2)
     geo = ((1, 1), (1, 1), (1, 1))

@@ -1373,8 +1373,6 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
       at::empty({N, C_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const at::Tensor residual = residual_like(residual_, y, at::MemoryFormat::ChannelsLast);
-  // the tiles of a group's filters, widest first, and whether each vector's filters are
-  // consecutive final channels (one vector store)
   // The tiles of a group's filters, widest first; kernels 3 wide with unit stride and dilation
   // along x take row tiles (filters_row_tile; GKP_FUSED_ROW_TILES=0 turns them off, for tuning
   // and tests) where a chunk's vectors are at most 2, else filters_tile.
@@ -1409,7 +1407,9 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
     chunks.push_back(c);
     f += c.width;
   }
-  std::vector<char> contig(C_out / 8);  // per 8 filters (a vector's filters are 8 or 16)
+  // whether each 8 filters go to consecutive final channels (a chunk's vectors are then stored
+  // whole; GKP's grouping permutes them, so most are stored filter by filter)
+  std::vector<char> contig(C_out / 8);
   for (int64_t q = 0; q < C_out; q += 8) {
     bool ok = true;
     for (int k = 1; k < 8; ++k) ok &= pos[q + k] == pos[q] + k;
@@ -1424,7 +1424,8 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
   // cache, each chunk run group by group (a group's weights, up to 660 KB on ResNet-50's last
   // stage, read once per chunk); tasks (chunk, group) split over the threads in order, the
   // chunks a multiple of the threads (so each thread gets as many rows), or one row each where
-  // rows are few (ResNet-50's 7 rows at batch 1: (row, group) tasks).
+  // rows are few (ResNet-50's 7 rows at batch 1: (row, group) tasks). A call of fewer
+  // multiply-adds than serial_macs() (any batch) runs on the calling thread alone.
   const int64_t rows = N * Ho, macs = N * Ho * Wo * C_out * nk * T;
   const int64_t threads = macs < serial_macs() ? 1 : at::get_num_threads();
   const int64_t row_bytes = std::max<int64_t>(1, sh * W * C_in * int64_t(sizeof(float)));
