@@ -113,6 +113,15 @@ def test_row_tiles_at_every_width_and_padding(op, d, pad, row_tiles, monkeypatch
         assert torch.allclose(got, (want + residual).relu(), atol=1e-4, rtol=1e-4), w
 
 
+@pytest.mark.parametrize("value", ["-1", "yes", "1x"])
+def test_a_bad_row_tiles_override_is_refused(op, value, monkeypatch):
+    monkeypatch.setenv("GKP_FUSED_ROW_TILES", value)
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="GKP_FUSED_ROW_TILES"):
+        op(x, fused.pack_filters(weight, 1), None, torch.arange(2), torch.arange(8), (1, 1),
+           (1, 1), (1, 1))  # fmt: skip
+
+
 def test_pack_filters_lays_each_taps_filters_side_by_side():
     weight = torch.randn(2 * 8, 5, 3, 1)
     packed = fused.pack_filters(weight, 2)
