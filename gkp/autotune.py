@@ -81,8 +81,8 @@ def candidates(x: Tensor, layer: nn.Module | None = None) -> list[str]:
     out = ["torch", "channels_last", "per_group", "dense"]
     if x.device.type == "cpu" and x.dtype == torch.float32 and fused.load():
         out.insert(1, "fused")
-        if layer is None or layer.out_channels // layer.n_groups % 8 == 0:
-            out.insert(2, "fused_filters")  # groups of a multiple of 8 filters
+        if layer is None or fused.filters_path_takes(layer.filters_per_group):
+            out.insert(2, "fused_filters")
     if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16):
         from gkp import triton_conv
 

@@ -48,6 +48,7 @@ __all__ = [
     "build_id",
     "compile_or_warn",
     "compile_source",
+    "filters_path_takes",
     "grouped_conv_filters",
     "grouped_kernel_conv",
     "load",
@@ -155,6 +156,12 @@ def _register_fake() -> None:
         shape = output_shape(x, weight, stride, padding, dilation)
         cl = torch.channels_last
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=cl)
+
+
+def filters_path_takes(filters_per_group: int) -> bool:
+    """Whether :func:`grouped_conv_filters` takes groups of this many filters (its vectors hold
+    8 or 16 of a group's filters: a multiple of 8)."""
+    return filters_per_group % 8 == 0
 
 
 def pack_filters(weight: Tensor, groups: int) -> Tensor:

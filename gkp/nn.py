@@ -384,6 +384,11 @@ class GroupedKernelConv2d(_DeployForm):
         y = self.conv(x.index_select(1, self.gather_index))
         return y.index_select(1, self.output_index)
 
+    @property
+    def filters_per_group(self) -> int:
+        """Filters in each group (every group holds as many)."""
+        return self.out_channels // self.n_groups
+
     def runs_fused(self, x: Tensor) -> bool:
         """Whether this layer's backend is one of the fused CPU ops (``"fused"``,
         ``"fused_filters"``) and ``x`` (float32, CPU) is an input it takes, with autograd off."""
@@ -392,7 +397,7 @@ class GroupedKernelConv2d(_DeployForm):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_grad_enabled()
-            and (self.backend == "fused" or self.out_channels // self.n_groups % 8 == 0)
+            and (self.backend == "fused" or fused.filters_path_takes(self.filters_per_group))
             and fused.available()
         )
 
@@ -432,7 +437,7 @@ class GroupedKernelConv2d(_DeployForm):
     def plan(self) -> GroupPlan:
         """Recover the GroupPlan this module implements."""
         order = torch.argsort(self.output_index).tolist()
-        d = self.out_channels // self.n_groups
+        d = self.filters_per_group
         gather = self.gather_index.tolist()
         groups = [order[g * d : (g + 1) * d] for g in range(self.n_groups)]
         kept = [gather[g * self.n_keep : (g + 1) * self.n_keep] for g in range(self.n_groups)]
@@ -440,7 +445,7 @@ class GroupedKernelConv2d(_DeployForm):
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent masked dense ``Conv2d`` (zeros where a group dropped a channel)."""
-        c, d = self.conv, self.out_channels // self.n_groups
+        c, d = self.conv, self.filters_per_group
         blocks = [slice(g * d, (g + 1) * d) for g in range(self.n_groups)]
         return _dense_from(c, self.in_channels, self.plan(), [c.weight[b] for b in blocks],
                            [None if c.bias is None else c.bias[b] for b in blocks])  # fmt: skip

@@ -155,7 +155,7 @@ def measure(threads: int, rounds: int, layers: list[tuple], keep: Fraction = KEE
             "dense": (conv, x), "dense_cl": (conv_cl, x_cl), "torch": (grouped, x),
             "fused": (fast, x), "fused_cl": (fast, x_cl),
         }  # fmt: skip
-        if (c_out // GROUPS) % 8 == 0:  # the filters path (channels-last input)
+        if fused.filters_path_takes(c_out // GROUPS):  # the filters path (channels-last input)
             filters = GroupedKernelConv2d.from_conv(conv, grouped.plan())
             set_backend(filters, "fused_filters")
             runs["filters"] = (filters, x_cl)

@@ -1195,6 +1195,15 @@ inline typename FVec<VW>::t fload(const float* p) {
   return v;
 }
 
+// A tile's sums start at its filters' biases (null: zero).
+template <int VW, int P, int DV>
+inline void filters_start(typename FVec<VW>::t (&acc)[P][DV], const float* bias) {
+  for (int j = 0; j < DV; ++j) {
+    const typename FVec<VW>::t b0 = bias ? fload<VW>(bias + j * VW) : typename FVec<VW>::t{};
+    for (int p = 0; p < P; ++p) acc[p][j] = b0;
+  }
+}
+
 template <int VW, int P, int DV>
 inline void filters_store(typename FVec<VW>::t (&acc)[P][DV], const int64_t* pos, bool contig,
                           float* const* out, const float* const* res, bool relu);
@@ -1210,10 +1219,7 @@ void filters_tile(const float* const* px, int64_t T, const int64_t* gi, int64_t 
                   float* const* out, const float* const* res, bool relu) {
   typedef typename FVec<VW>::t vf;
   vf acc[FP][DV];
-  for (int j = 0; j < DV; ++j) {
-    const vf b0 = bias ? fload<VW>(bias + j * VW) : vf{};
-    for (int p = 0; p < FP; ++p) acc[p][j] = b0;
-  }
+  filters_start<VW, FP, DV>(acc, bias);
   for (int64_t t = 0; t < T; ++t) {
     const float* pp[FP];
     bool any = false, all = true;
@@ -1295,10 +1301,7 @@ void filters_row_tile(const float* const* rows, int64_t kh, int64_t C_in, int64_
                       const float* const* res, bool relu) {
   typedef typename FVec<VW>::t vf;
   vf acc[P][DV];
-  for (int j = 0; j < DV; ++j) {
-    const vf b0 = bias ? fload<VW>(bias + j * VW) : vf{};
-    for (int p = 0; p < P; ++p) acc[p][j] = b0;
-  }
+  filters_start<VW, P, DV>(acc, bias);
   for (int64_t ky = 0; ky < kh; ++ky) {
     if (!rows[ky]) continue;
     const float* wk = w + ky * 3 * nk * d;
@@ -1407,14 +1410,17 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
     chunks.push_back(c);
     f += c.width;
   }
-  // whether each 8 filters go to consecutive final channels (a chunk's vectors are then stored
-  // whole; GKP's grouping permutes them, so most are stored filter by filter)
-  std::vector<char> contig(C_out / 8);
-  for (int64_t q = 0; q < C_out; q += 8) {
-    bool ok = true;
-    for (int k = 1; k < 8; ++k) ok &= pos[q + k] == pos[q] + k;
-    contig[q / 8] = ok;
-  }
+  // whether each (group, chunk)'s filters go to consecutive final channels (its vectors are then
+  // stored whole; GKP's grouping permutes them, so most are stored filter by filter)
+  const int64_t nch = chunks.size();
+  std::vector<char> whole(groups * nch);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < nch; ++i) {
+      const int64_t q = g * d + chunks[i].f;
+      bool ok = true;
+      for (int k = 1; k < chunks[i].width; ++k) ok &= pos[q + k] == pos[q] + k;
+      whole[g * nch + i] = ok;
+    }
   const float* xp = x.data_ptr<float>();
   const float* wp = wpk.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
@@ -1453,11 +1459,10 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
             res[p] = ox < Wo && rp ? rp + at : nullptr;
           }
         };
-        for (const Chunk& c : chunks) {
+        for (int64_t i = 0; i < nch; ++i) {
+          const Chunk& c = chunks[i];
           const int64_t q = g * d + c.f;
-          bool cg = true;
-          for (int64_t k = q; k < q + c.width; k += 8)
-            cg &= contig[k / 8] && pos[k] == pos[q] + (k - q);
+          const bool cg = whole[g * nch + i];
           const int64_t* gq = gp + g * nk;
           const float* wq = wp + g * T * nk * d + c.f;
           const float* bq = bp ? bp + q : nullptr;
