@@ -72,9 +72,14 @@ def test_filters_path_equals_gather_grouped_conv_unpermute(op, seed):
 
 
 @pytest.mark.parametrize("batch,size", [(1, 7), (3, 5), (16, 7)])
-def test_every_split_over_threads_is_exact(op, batch, size, monkeypatch):
+@pytest.mark.parametrize("inner", [None, "0", "1"])
+def test_every_split_over_threads_is_exact(op, batch, size, inner, monkeypatch):
     """Rows few (one row a task, split by groups too) or many (equal chunks per thread), on 1-3
-    threads, and with the default serial bound (small calls on the calling thread alone)."""
+    threads, and with the default serial bound (small calls on the calling thread alone); each
+    task running every group at each tile position or one group (GKP_FUSED_GROUPS_INNER forces
+    either; None: the default rule)."""
+    if inner is not None:
+        monkeypatch.setenv("GKP_FUSED_GROUPS_INNER", inner)
     torch.manual_seed(batch)
     x = torch.randn(batch, 24, size, size).contiguous(memory_format=torch.channels_last)
     weight, gather = torch.randn(4 * 32, 10, 3, 3), torch.randint(0, 24, (40,))
@@ -113,11 +118,12 @@ def test_row_tiles_at_every_width_and_padding(op, d, pad, row_tiles, monkeypatch
         assert torch.allclose(got, (want + residual).relu(), atol=1e-4, rtol=1e-4), w
 
 
+@pytest.mark.parametrize("name", ["GKP_FUSED_ROW_TILES", "GKP_FUSED_GROUPS_INNER"])
 @pytest.mark.parametrize("value", ["-1", "yes", "1x"])
-def test_a_bad_row_tiles_override_is_refused(op, value, monkeypatch):
-    monkeypatch.setenv("GKP_FUSED_ROW_TILES", value)
+def test_a_bad_override_is_refused(op, name, value, monkeypatch):
+    monkeypatch.setenv(name, value)
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 2, 3, 3)
-    with pytest.raises(RuntimeError, match="GKP_FUSED_ROW_TILES"):
+    with pytest.raises(RuntimeError, match=name):
         op(x, fused.pack_filters(weight, 1), None, torch.arange(2), torch.arange(8), (1, 1),
            (1, 1), (1, 1))  # fmt: skip
 

@@ -1427,11 +1427,16 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
   const float* rp = residual.defined() ? residual.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   // Rows of the output (image, output row) in equal chunks whose input rows fit half the L2
-  // cache, each chunk run group by group (a group's weights, up to 660 KB on ResNet-50's last
-  // stage, read once per chunk); tasks (chunk, group) split over the threads in order, the
-  // chunks a multiple of the threads (so each thread gets as many rows), or one row each where
-  // rows are few (ResNet-50's 7 rows at batch 1: (row, group) tasks). A call of fewer
-  // multiply-adds than serial_macs() (any batch) runs on the calling thread alone.
+  // cache, as many chunks as a multiple of the threads (each thread gets as many rows). A task
+  // runs one chunk's rows tile position by tile position, each position for every group in turn:
+  // the input pixels a tile reads stay in L1 across the groups, and each output pixel is
+  // completed while it is in cache (run group by group, a group of 8 filters writes a quarter of
+  // a pixel's cache lines on each of 8 passes over the chunk's outputs: 10-20% slower on
+  // ResNet-50's first stages at batch 16, and no faster on its last, whose weights stream well).
+  // Where rows are few (rows < 4 x threads: ResNet-50's 7 rows at batch 1), tasks are (row,
+  // group), so the threads get even shares. GKP_FUSED_GROUPS_INNER=0/1 forces either (tests,
+  // tuning). A call of fewer multiply-adds than serial_macs() (any batch) runs on the calling
+  // thread alone.
   const int64_t rows = N * Ho, macs = N * Ho * Wo * C_out * nk * T;
   const int64_t threads = macs < serial_macs() ? 1 : at::get_num_threads();
   const int64_t row_bytes = std::max<int64_t>(1, sh * W * C_in * int64_t(sizeof(float)));
@@ -1439,12 +1444,15 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
   int64_t nchunk = (rows + per_chunk - 1) / per_chunk;
   nchunk = rows < 4 * threads ? rows : (nchunk + threads - 1) / threads * threads;
   constexpr int MAXP = 16;  // pixels of the widest tile
+  const bool inner = env_count("GKP_FUSED_GROUPS_INNER", 0, rows >= 4 * threads ? 1 : 0) > 0;
+  const int64_t per_task = inner ? groups : 1;  // groups per task
+  const int64_t ntask = nchunk * groups / per_task;
   auto run = [&](int64_t begin, int64_t end) {
     std::vector<const float*> px(T * FP), inrows(kh);
     float* out[MAXP];
     const float* res[MAXP];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t ck = task / groups, g = task % groups;
+      const int64_t ck = task * per_task / groups, g0 = task * per_task % groups;
       for (int64_t r = ck * rows / nchunk; r < (ck + 1) * rows / nchunk; ++r) {
         const int64_t n = r / Ho, oy = r % Ho;
         for (int64_t ky = 0; ky < kh; ++ky) {
@@ -1461,11 +1469,6 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
         };
         for (int64_t i = 0; i < nch; ++i) {
           const Chunk& c = chunks[i];
-          const int64_t q = g * d + c.f;
-          const bool cg = whole[g * nch + i];
-          const int64_t* gq = gp + g * nk;
-          const float* wq = wp + g * T * nk * d + c.f;
-          const float* bq = bp ? bp + q : nullptr;
           if (c.row[0]) {
             // tiles of rp pixels from the row's start, the last one moved back to end at the
             // row's end (recomputing a few pixels of the one before it: the same values written
@@ -1475,10 +1478,13 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
               const int64_t at = std::max<int64_t>(0, std::min(ox0, Wo - c.rp)), ix0 = at - pw;
               const int64_t sl = std::max<int64_t>(0, -ix0),
                             sr = std::max<int64_t>(0, ix0 + c.rp + 2 - W);
-              const int k = Wo < c.rp || sl > 1 || sr > 1 ? 0 : 1 + sl + 2 * sr;
+              const FRowFn fn = c.row[Wo < c.rp || sl > 1 || sr > 1 ? 0 : 1 + sl + 2 * sr];
               pixels(at, c.rp);
-              c.row[k](inrows.data(), kh, C_in, ix0, W, gq, nk, wq, d, bq, pos.data() + q, cg,
-                       out, res, relu);
+              for (int64_t g = g0; g < g0 + per_task; ++g) {
+                const int64_t q = g * d + c.f;
+                fn(inrows.data(), kh, C_in, ix0, W, gp + g * nk, nk, wp + g * T * nk * d + c.f,
+                   d, bp ? bp + q : nullptr, pos.data() + q, whole[g * nch + i], out, res, relu);
+              }
             }
             continue;
           }
@@ -1491,16 +1497,20 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
                 const bool in = ox < Wo && iy >= 0 && iy < H && ix >= 0 && ix < W;
                 px[t * FP + p] = in ? xp + ((n * H + iy) * W + ix) * C_in : nullptr;
               }
-            c.fn(px.data(), T, gq, nk, wq, d, bq, pos.data() + q, cg, out, res, relu);
+            for (int64_t g = g0; g < g0 + per_task; ++g) {
+              const int64_t q = g * d + c.f;
+              c.fn(px.data(), T, gp + g * nk, nk, wp + g * T * nk * d + c.f, d,
+                   bp ? bp + q : nullptr, pos.data() + q, whole[g * nch + i], out, res, relu);
+            }
           }
         }
       }
     }
   };
   if (threads == 1)
-    run(0, nchunk * groups);
+    run(0, ntask);
   else
-    at::parallel_for(0, nchunk * groups, 1, run);
+    at::parallel_for(0, ntask, 1, run);
   return y;
 }
 #undef ROW_TILES
