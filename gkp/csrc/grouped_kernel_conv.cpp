@@ -1266,40 +1266,47 @@ template <int VW, int P, int DV>
 inline void filters_store(typename FVec<VW>::t (&acc)[P][DV], const int64_t* pos, bool contig,
                           float* const* out, const float* const* res, bool relu) {
   typedef typename FVec<VW>::t vf;
-  for (int p = 0; p < P; ++p) {
-    if (!out[p]) continue;
-    for (int j = 0; j < DV; ++j) {
+  for (int j = 0; j < DV; ++j) {
+    const int64_t* pj = pos + j * VW;
+    int64_t o[VW];  // the vector's final channels, read once for all P pixels
+    for (int k = 0; k < VW; ++k) o[k] = pj[k];
+    for (int p = 0; p < P; ++p) {
+      if (!out[p]) continue;
       vf v = acc[p][j];
       if (contig) {
-        if (res[p]) v += fload<VW>(res[p] + pos[j * VW]);
+        if (res[p]) v += fload<VW>(res[p] + o[0]);
         if (relu) v = v > vf{} ? v : vf{};
-        std::memcpy(out[p] + pos[j * VW], &v, sizeof(v));
-      } else {
-        for (int k = 0; k < VW; ++k) {
-          const int64_t o = pos[j * VW + k];
-          const float s = v[k] + (res[p] ? res[p][o] : 0.f);
-          out[p][o] = relu ? std::max(s, 0.f) : s;
-        }
+        std::memcpy(out[p] + o[0], &v, sizeof(v));
+        continue;
       }
+      if (res[p]) {
+        vf r;
+        for (int k = 0; k < VW; ++k) r[k] = res[p][o[k]];
+        v += r;
+      }
+      if (relu) v = v > vf{} ? v : vf{};
+      for (int k = 0; k < VW; ++k) out[p][o[k]] = v[k];
     }
   }
 }
 
-// The row tile, for kernels 3 wide with unit stride and dilation along x: P consecutive output
-// pixels of one row by DV vectors of VW filters, looping over the P + 2 input pixels they read
-// rather than over output pixels, so each broadcast input value feeds the (up to) three output
-// pixels that read it, with the three taps' weight vectors held in registers: a third of the
-// broadcasts of filters_tile per multiply-add, which is what limits that tile for groups of 8 or
-// 16 filters. rows[ky]: input row oy + ky * dh - ph (pixel 0, channel 0), null outside the
-// input; ix0: the input column of the tile's first pixel's first tap. Columns outside [0, W)
-// count as zeros: SL >= 0 says which at compile time (the first SL and the last SR of the
-// P + 2 columns: a row's first and last tiles), SL < 0 checks each column.
-template <int VW, int P, int DV, int SL, int SR>
+// The row tile, for kernels 3 wide with dilation 1 and stride SX (1 or 2) along x: P output
+// pixels of one row, SX apart in the input, by DV vectors of VW filters, looping over the
+// SX (P - 1) + 3 input pixels they read rather than over output pixels, so each broadcast input
+// value feeds every output pixel that reads it (three at stride 1, one or two at stride 2),
+// with the three taps' weight vectors held in registers: a third (stride 1) or two thirds
+// (stride 2) of the broadcasts of filters_tile per multiply-add, which is what limits that tile
+// for groups of 8 or 16 filters. rows[ky]: input row oy * sh + ky * dh - ph (pixel 0, channel
+// 0), null outside the input; ix0: the input column of the tile's first pixel's first tap.
+// Columns outside [0, W) count as zeros: SL >= 0 says which at compile time (the first SL and
+// the last SR of the tile's input columns: a row's first and last tiles), SL < 0 checks each.
+template <int VW, int P, int DV, int SX, int SL, int SR>
 void filters_row_tile(const float* const* rows, int64_t kh, int64_t C_in, int64_t ix0, int64_t W,
                       const int64_t* gi, int64_t nk, const float* w, int64_t d,
                       const float* bias, const int64_t* pos, bool contig, float* const* out,
                       const float* const* res, bool relu) {
   typedef typename FVec<VW>::t vf;
+  constexpr int NI = SX * (P - 1) + 3;  // input columns read
   vf acc[P][DV];
   filters_start<VW, P, DV>(acc, bias);
   for (int64_t ky = 0; ky < kh; ++ky) {
@@ -1312,13 +1319,13 @@ void filters_row_tile(const float* const* rows, int64_t kh, int64_t C_in, int64_
       for (int kx = 0; kx < 3; ++kx)
         for (int j = 0; j < DV; ++j) wv[kx][j] = fload<VW>(wk + (kx * nk + c) * d + j * VW);
 #pragma GCC unroll 32
-      for (int i = 0; i < P + 2; ++i) {
-        if (SL >= 0 ? i < SL || i >= P + 2 - SR : ix0 + i < 0 || ix0 + i >= W) continue;
+      for (int i = 0; i < NI; ++i) {
+        if (SL >= 0 ? i < SL || i >= NI - SR : ix0 + i < 0 || ix0 + i >= W) continue;
         const vf b = fsplat<VW>(xc[i * C_in]);
 #pragma GCC unroll 3
         for (int kx = 0; kx < 3; ++kx) {
-          const int p = i - kx;
-          if (p < 0 || p >= P) continue;
+          const int p = (i - kx) / SX;
+          if (i < kx || (i - kx) % SX || p >= P) continue;
           for (int j = 0; j < DV; ++j) acc[p][j] += b * wv[kx][j];
         }
       }
@@ -1331,14 +1338,24 @@ using FRowFn = void (*)(const float* const*, int64_t, int64_t, int64_t, int64_t,
                         int64_t, const float*, int64_t, const float*, const int64_t*, bool,
                         float* const*, const float* const*, bool);
 
-// A chunk's row tiles of P pixels: columns checked one by one, then with the first SL and the
-// last SR of the P + 2 columns outside the input for (SL, SR) = (0, 0), (1, 0), (0, 1), (1, 1).
-#define ROW_TILES(VW, P, DV)                                                       \
-  {                                                                                \
-    &filters_row_tile<VW, P, DV, -1, 0>, &filters_row_tile<VW, P, DV, 0, 0>,       \
-        &filters_row_tile<VW, P, DV, 1, 0>, &filters_row_tile<VW, P, DV, 0, 1>,    \
-        &filters_row_tile<VW, P, DV, 1, 1>                                         \
-  }
+// A chunk's row tiles of P pixels at stride sx along x (1 or 2): columns checked one by one,
+// then with the first SL and the last SR of the tile's input columns outside the input for
+// (SL, SR) = (0, 0), (1, 0), (0, 1), (1, 1).
+template <int VW, int P, int DV, int SX>
+void row_tiles_at(FRowFn (&row)[5]) {
+  row[0] = &filters_row_tile<VW, P, DV, SX, -1, 0>;
+  row[1] = &filters_row_tile<VW, P, DV, SX, 0, 0>;
+  row[2] = &filters_row_tile<VW, P, DV, SX, 1, 0>;
+  row[3] = &filters_row_tile<VW, P, DV, SX, 0, 1>;
+  row[4] = &filters_row_tile<VW, P, DV, SX, 1, 1>;
+}
+template <int VW, int P, int DV>
+void row_tiles(FRowFn (&row)[5], int64_t sx) {
+  if (sx == 1)
+    row_tiles_at<VW, P, DV, 1>(row);
+  else
+    row_tiles_at<VW, P, DV, 2>(row);
+}
 
 at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& packed_,
                                     const std::optional<at::Tensor>& bias_,
@@ -1376,15 +1393,16 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
       at::empty({N, C_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const at::Tensor residual = residual_like(residual_, y, at::MemoryFormat::ChannelsLast);
-  // The tiles of a group's filters, widest first; kernels 3 wide with unit stride and dilation
-  // along x take row tiles (filters_row_tile; GKP_FUSED_ROW_TILES=0 turns them off, for tuning
-  // and tests) where a chunk's vectors are at most 2, else filters_tile.
-  const bool row_ok = kw == 3 && sw == 1 && dw == 1 && env_count("GKP_FUSED_ROW_TILES", 0, 1);
+  // The tiles of a group's filters, widest first; kernels 3 wide with stride 1 or 2 and dilation
+  // 1 along x take row tiles (filters_row_tile; GKP_FUSED_ROW_TILES=0 turns them off, for
+  // tuning and tests) where a chunk's vectors are at most 2, else filters_tile.
+  const bool row_ok =
+      kw == 3 && (sw == 1 || sw == 2) && dw == 1 && env_count("GKP_FUSED_ROW_TILES", 0, 1);
   struct Chunk {
     int64_t f;      // first filter in the group
     int width;      // filters
     FTileFn fn;     // the pixel tile (FP pixels)
-    FRowFn row[5];  // the row tiles of rp pixels (ROW_TILES; null: none)
+    FRowFn row[5];  // the row tiles of rp pixels (row_tiles; null: none)
     int rp;
   };
   std::vector<Chunk> chunks;
@@ -1392,19 +1410,26 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
     const int64_t left = d - f;
     Chunk c{f, 8, &filters_tile<8, 1>, {}, 0};
 #if defined(__AVX512F__)
-    if (left >= 64)
+    if (left >= 64) {
       c = {f, 64, &filters_tile<16, 4>, {}, 0};
-    else if (left >= 32)
-      c = {f, 32, &filters_tile<16, 2>, ROW_TILES(16, 7, 2), 7};  // 14 sums + 6 weights
-    else if (left >= 16)
-      c = {f, 16, &filters_tile<16, 1>, ROW_TILES(16, 14, 1), 14};  // 14 sums + 3 weights
-    else
-      c = {f, 8, &filters_tile<8, 1>, ROW_TILES(8, 14, 1), 14};
+    } else if (left >= 32) {
+      c = {f, 32, &filters_tile<16, 2>, {}, 7};  // 14 sums + 6 weights
+      row_tiles<16, 7, 2>(c.row, sw);
+    } else if (left >= 16) {
+      c = {f, 16, &filters_tile<16, 1>, {}, 14};  // 14 sums + 3 weights
+      row_tiles<16, 14, 1>(c.row, sw);
+    } else {
+      c = {f, 8, &filters_tile<8, 1>, {}, 14};
+      row_tiles<8, 14, 1>(c.row, sw);
+    }
 #else
-    if (left >= 16)
-      c = {f, 16, &filters_tile<8, 2>, ROW_TILES(8, 4, 2), 4};  // 8 sums + 6 weights
-    else
-      c = {f, 8, &filters_tile<8, 1>, ROW_TILES(8, 8, 1), 8};
+    if (left >= 16) {
+      c = {f, 16, &filters_tile<8, 2>, {}, 4};  // 8 sums + 6 weights
+      row_tiles<8, 4, 2>(c.row, sw);
+    } else {
+      c = {f, 8, &filters_tile<8, 1>, {}, 8};
+      row_tiles<8, 8, 1>(c.row, sw);
+    }
 #endif
     if (!row_ok) std::fill(c.row, c.row + 5, nullptr);
     chunks.push_back(c);
@@ -1473,11 +1498,12 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
             // tiles of rp pixels from the row's start, the last one moved back to end at the
             // row's end (recomputing a few pixels of the one before it: the same values written
             // twice), each with the columns it reads outside the input known at compile time
-            // where ROW_TILES has that case
+            // where row_tiles has that case
             for (int64_t ox0 = 0; ox0 < Wo; ox0 += c.rp) {
-              const int64_t at = std::max<int64_t>(0, std::min(ox0, Wo - c.rp)), ix0 = at - pw;
+              const int64_t at = std::max<int64_t>(0, std::min(ox0, Wo - c.rp)),
+                            ix0 = at * sw - pw;
               const int64_t sl = std::max<int64_t>(0, -ix0),
-                            sr = std::max<int64_t>(0, ix0 + c.rp + 2 - W);
+                            sr = std::max<int64_t>(0, ix0 + sw * (c.rp - 1) + 3 - W);
               const FRowFn fn = c.row[Wo < c.rp || sl > 1 || sr > 1 ? 0 : 1 + sl + 2 * sr];
               pixels(at, c.rp);
               for (int64_t g = g0; g < g0 + per_task; ++g) {
@@ -1513,7 +1539,6 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
     at::parallel_for(0, ntask, 1, run);
   return y;
 }
-#undef ROW_TILES
 
 // How many distinct threads ran the tasks of one at::parallel_for over `tasks` items: the check
 // that this op was built with OpenMP (without it at::parallel_for silently runs serially).
