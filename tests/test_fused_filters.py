@@ -98,21 +98,23 @@ def test_every_split_over_threads_is_exact(op, batch, size, inner, monkeypatch):
 
 @pytest.mark.parametrize("d", [8, 16, 32, 64])
 @pytest.mark.parametrize("pad", [0, 1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("row_tiles", ["1", "0"])
-def test_row_tiles_at_every_width_and_padding(op, d, pad, row_tiles, monkeypatch):
-    """Kernels 3 wide with unit stride along x take row tiles: pixels whose columns lie inside
-    the input in tiles of 7 or 14 (the last one moved back over the one before), the rest one
-    at a time (edges, widths under a tile); every width from 1 to 33, each padding, every chunk
-    width, with the epilogue, equal to the pixel tiles (GKP_FUSED_ROW_TILES=0) and exact."""
+def test_row_tiles_at_every_width_and_padding(op, d, pad, stride, row_tiles, monkeypatch):
+    """Kernels 3 wide with stride 1 or 2 along x take row tiles: the output pixels in tiles of 7
+    or 14 (the last one moved back over the one before), the columns each reads outside the
+    input (padding) known at compile time at a row's ends; every width from 1 to 33, each
+    padding, both strides, every chunk width, with the epilogue, equal to the pixel tiles
+    (GKP_FUSED_ROW_TILES=0) and exact."""
     monkeypatch.setenv("GKP_FUSED_ROW_TILES", row_tiles)
-    rng = random.Random(d * 10 + pad)
+    rng = random.Random(d * 10 + pad + 100 * stride)
     for w in range(max(1, 3 - 2 * pad), 34):
         x = torch.randn(2, 11, 3, w).contiguous(memory_format=torch.channels_last)
         weight, gather = torch.randn(2 * d, 5, 3, 3), torch.tensor(rng.choices(range(11), k=10))
         out_idx, bias = torch.randperm(2 * d), torch.randn(2 * d)
-        want = F.conv2d(x[:, gather], weight, bias, 1, (1, pad), 1, 2)[:, out_idx]
+        want = F.conv2d(x[:, gather], weight, bias, (1, stride), (1, pad), 1, 2)[:, out_idx]
         residual = torch.randn_like(want)
-        args = (x, fused.pack_filters(weight, 2), bias, gather, out_idx, (1, 1), (1, pad),
+        args = (x, fused.pack_filters(weight, 2), bias, gather, out_idx, (1, stride), (1, pad),
                 (1, 1), residual, True)  # fmt: skip
         got = with_threads(1 + w % 2, lambda args=args: op(*args))
         assert torch.allclose(got, (want + residual).relu(), atol=1e-4, rtol=1e-4), w
