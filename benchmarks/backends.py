@@ -20,7 +20,10 @@ every speed-up is against the faster dense layout.
 
 Every backend first folds each BatchNorm into the conv before it (:func:`gkp.fold.fold_batchnorm`,
 for dense and pruned networks alike, as ONNX Runtime and OpenVINO do on load), so eager speed-ups
-compare the convolutions rather than BN passes both networks share.
+compare the convolutions rather than BN passes both networks share, and then each grouped
+layer's output permutation into the convs that read its output (:func:`gkp.fold.fold_permutations`:
+the layer writes its filters in group order, no scattered stores or un-permuting copy, and the
+readers take their input channels in that order).
 
 A grouped network has two exact forms on every backend: its grouped deploy form and the masked
 dense form (``gkp.nn.densify``: the removed kernels as zeros, i.e. dense cost). Every backend
@@ -47,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from gkp import fused, metrics
-from gkp.fold import fold_batchnorm
+from gkp.fold import fold_batchnorm, fold_permutations
 from gkp.memory import keep_freed_memory
 from gkp.nn import densify, grouped_plans, per_group_plans, set_backend
 
@@ -152,6 +155,7 @@ def _prepare(
 ) -> Prepared:
     same = dense_structure is not None and structure_digest(model) == dense_structure
     model = fold_batchnorm(model).to(example.device)  # an eval() copy; runtimes fold BN too
+    model = fold_permutations(model)  # grouped layers write group order where convs read it
     form = _form(model)
     if backend in ("eager", "fused", "autotune"):
         return _eager(
@@ -179,7 +183,7 @@ def _prepare(
 
 _CL = torch.channels_last
 # in the cache keys of network-form choices: choices made under an older rule are made again
-FORM_RULE = "margin3-untimed-first"
+FORM_RULE = "margin3-untimed-first-permfold"
 # and, for ``autotune``, since its networks run with fused conv epilogues (gkp.epilogue)
 EPILOGUE_RULE = "epilogues1"
 

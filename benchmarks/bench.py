@@ -9,6 +9,7 @@ The JSON that ``pytest benchmarks --benchmark-only --benchmark-json FILE`` write
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -144,15 +145,23 @@ def suite_config(model: str, method: str) -> RunConfig:
 
 
 def suite_autotune_pair(
-    model: str, method: str, batch: int, threads: int, cache: Path | None
+    model: str,
+    method: str,
+    batch: int,
+    threads: int,
+    cache: Path | None,
+    rate: float | None = None,
 ) -> tuple[Tensor, Any, Any, dict[str, Any]]:
     """``(x, dense, pruned, pruned_info)``: the suite's dense and ``method`` networks prepared on
     the ``autotune`` backend for a random batch ``x`` of ``batch``, as the suite prepares them
     (the structure and tuning choices from ``cache``, as ``GKP_BENCH_CACHE``; new choices saved
-    there), for the scripts that look into the suite's timings."""
+    there), for the scripts that look into the suite's timings. ``rate``: the method's native
+    pruning rate instead of the suite's MACs target (as ``gkp-bench bench --rate``)."""
     from benchmarks.backends import prepare, structure_digest
 
     cfg = suite_config(model, method)
+    if rate is not None:
+        cfg = dataclasses.replace(cfg, target=None, native={**cfg.native, "rate": rate})
     dense, pruned, x = cached_untrained(cfg, cache)
     x = torch.randn(batch, *x.shape[1:])
     run_dense, info = prepare("autotune", dense, x, threads)
@@ -171,6 +180,10 @@ def suite_pair_arguments(parser: Any, model: str, batch: int) -> None:
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="gkp-l2")
+    parser.add_argument(
+        "--rate", type=float, default=None,
+        help="the method's native pruning rate (default: the suite's MACs target)",
+    )  # fmt: skip
 
 
 def suite_cache() -> Path | None:
@@ -184,7 +197,9 @@ def suite_pair_from(args: Any) -> tuple[Tensor, Any, Any, dict[str, Any]]:
     """:func:`suite_autotune_pair` for parsed :func:`suite_pair_arguments`, on ``args.threads``
     threads, with :func:`suite_cache`."""
     torch.set_num_threads(args.threads)
-    return suite_autotune_pair(args.model, args.method, args.batch, args.threads, suite_cache())
+    return suite_autotune_pair(
+        args.model, args.method, args.batch, args.threads, suite_cache(), args.rate
+    )
 
 
 def bench_backends(cfg: RunConfig) -> list[dict[str, Any]]:

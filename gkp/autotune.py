@@ -150,8 +150,10 @@ _SHARED_MAX = 4096  # entries kept (a signature is one layer shape on one input 
 def layer_signature(layer: nn.Module, x: Tensor, threads: int, epilogue: tuple = ()) -> tuple:
     """What decides how fast each exact form of ``layer`` runs on ``x``: :func:`tune_key`
     (device, processor, dtype, input shape, threads, candidates, kernel build), the input's
-    strides (its layout), the layer's geometry and the epilogue it runs with (``(relu,
-    residual)`` inside a :class:`gkp.epilogue.ConvEpilogue`). Two layers with equal signatures
+    strides (its layout), the layer's geometry, whether it writes its grouped rows in order
+    (``ordered_output``: no scattered stores, no un-permuting copy) and the epilogue it runs
+    with (``(relu, residual)`` inside a :class:`gkp.epilogue.ConvEpilogue`). Two layers with
+    equal signatures
     differ only in which channels they keep and in their weights, which no candidate's speed
     depends on."""
     conv = layer.convs[0] if isinstance(layer, PerGroupConv2d) else layer.conv
@@ -161,7 +163,7 @@ def layer_signature(layer: nn.Module, x: Tensor, threads: int, epilogue: tuple =
     else:
         split = (layer.n_groups, layer.n_keep)
     return (type(layer).__name__, layer.in_channels, layer.out_channels, split, geometry,
-            tuple(x.stride()), tune_key(x, threads), epilogue)  # fmt: skip
+            layer.ordered_output, tuple(x.stride()), tune_key(x, threads), epilogue)  # fmt: skip
 
 
 def clear_shared_timings() -> None:

@@ -1,4 +1,5 @@
-"""Fold inference BatchNorm into the conv before it, for dense and deploy-form layers alike.
+"""Fold inference BatchNorm into the conv before it, for dense and deploy-form layers alike, and
+grouped layers' output permutations into the convs that read them.
 
 In eval mode ``bn(conv(x))`` is ``conv'(x)`` with ``w'[o] = w[o]·s[o]`` and
 ``b'[o] = (b[o] − mean[o])·s[o] + beta[o]``, ``s = gamma / sqrt(var + eps)``
@@ -12,10 +13,21 @@ output permutation), per-group layers per group; the folded network computes the
 Which BN follows which conv comes from a ``torch.fx`` trace (deploy-form layers as leaves): a
 conv whose output feeds exactly one BN, and nothing else, is folded into it. A network that
 cannot be traced is returned unchanged (a warning says so).
+
+A deploy-form layer computes its filters in group order and puts them back in the original
+channel order (``output_index``: final channel ``f`` is grouped row ``output_index[f]``), a
+scattered store on every output pixel. :func:`fold_permutations` drops that step where only
+convs read the layer's output (through ReLUs and identities, channel by channel): the layer
+then writes group order (``output_index`` the identity) and each reader takes its input
+channels in that order, a plain conv's weight columns ``W[:, argsort(output_index)]``, a
+grouped layer's gather index ``output_index[gather_index]``. The network computes the same
+function; a layer whose output reaches anything else (a residual add, pooling, the output) keeps
+its permutation.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
@@ -25,7 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from gkp.nn import DEPLOY_FORMS, GroupedKernelConv2d, set_module
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "fold_permutations"]
 
 
 class _Tracer(fx.Tracer):
@@ -102,4 +114,98 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         for conv_name, bn_name in pairs:
             _fold(out.get_submodule(conv_name), out.get_submodule(bn_name))
             set_module(out, bn_name, nn.Identity())
+    return out
+
+
+_CHANNELWISE_MODULES = (nn.ReLU, nn.Identity)
+_CHANNELWISE_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu)
+_CHANNELWISE_METHODS = ("relu", "relu_")
+
+
+def _channelwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` applies a channel-by-channel op to its first argument alone."""
+    if len(node.args) != 1:
+        return False
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _CHANNELWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in _CHANNELWISE_FUNCTIONS
+    return node.op == "call_method" and node.target in _CHANNELWISE_METHODS
+
+
+def _reads_in_any_order(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a conv taking ``source`` as its only input, whose input channel order
+    can be changed: a plain conv without groups, or a deploy-form layer (its gather index)."""
+    if node.op != "call_module" or node.args != (source,) or node.kwargs:
+        return False
+    m = modules.get(node.target)
+    return isinstance(m, DEPLOY_FORMS) or isinstance(m, nn.Conv2d) and m.groups == 1
+
+
+def _readers(node: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
+    """The convs that read ``node``'s output through channel-wise ops alone; none where anything
+    else reads it (or a channel-wise op on the way)."""
+    readers, todo = [], [node]
+    while todo:
+        source = todo.pop()
+        for user in source.users:
+            if _reads_in_any_order(user, source, modules):
+                readers.append(user.target)
+            elif _channelwise(user, modules) and user.args[0] is source:
+                todo.append(user)
+            else:
+                return []
+    return readers
+
+
+def _permute_input(reader: nn.Module, output_index: Tensor) -> None:
+    """Make ``reader`` take the grouped rows of a layer with ``output_index`` as its input."""
+    if isinstance(reader, nn.Conv2d):
+        reader.weight.copy_(reader.weight[:, torch.argsort(output_index)])
+        return
+    # each group's kept channels stay sorted (GroupPlan's rule: plan() and to_dense() read them
+    # so), the group's weight columns moving with them
+    if isinstance(reader, GroupedKernelConv2d):
+        counts, d = [reader.n_keep] * reader.n_groups, reader.out_channels // reader.n_groups
+        weights = [reader.conv.weight[g * d : (g + 1) * d] for g in range(reader.n_groups)]
+    else:
+        counts, weights = reader.keep_counts, [sub.weight for sub in reader.convs]
+    gathered = output_index[reader.gather_index].split(counts)
+    for g, (kept, w) in enumerate(zip(gathered, weights, strict=True)):
+        kept, order = kept.sort()
+        w.copy_(w[:, order])
+        reader.gather_index[sum(counts[:g]) : sum(counts[: g + 1])] = kept
+    reader.drop_built()
+
+
+def fold_permutations(model: nn.Module) -> nn.Module:
+    """A copy of eval-mode ``model`` in which each deploy-form layer whose output only convs read
+    (through ReLUs and identities) writes its grouped rows in order and its readers take their
+    input channels in that order (the module docstring); the same function, fewer scattered
+    stores. Fold BatchNorm first (:func:`fold_batchnorm`): a BN between them stops the fold."""
+    out = copy.deepcopy(model).eval()
+    graph = trace_or_warn(out, "fold_permutations", "output permutations left in place")
+    if graph is None:
+        return out
+    modules = dict(out.named_modules())
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    folds = []
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, DEPLOY_FORMS) or calls[node.target] > 1:
+            continue  # a layer called more than once: its other outputs' readers keep the order
+        readers = _readers(node, modules)
+        if readers and all(calls[r] == 1 for r in readers):
+            folds.append((layer, [modules[r] for r in readers]))
+    with torch.no_grad():
+        for layer, readers in folds:
+            index = layer.output_index.clone()
+            if torch.equal(index, torch.arange(len(index), device=index.device)):
+                layer.ordered_output = True
+                continue
+            for reader in readers:
+                _permute_input(reader, index)
+            layer.output_index.copy_(torch.arange(len(index), device=index.device))
+            layer.ordered_output = True
+            layer.drop_built()
     return out

@@ -257,9 +257,17 @@ class _DeployForm(nn.Module):
     the exact masked dense conv built on demand for the ``"dense"`` backend."""
 
     backend: str = "torch"
+    # True where gkp.fold.fold_permutations made output_index the identity: the PyTorch ops
+    # then skip the un-permuting copy (a class default; not in the state dict, so a loaded
+    # checkpoint copies again, correctly; whoever edits output_index after the fold clears it)
+    ordered_output: bool = False
 
     def to_dense(self) -> nn.Conv2d:
         raise NotImplementedError
+
+    def _unpermute(self, y: Tensor) -> Tensor:
+        """The grouped rows ``y`` in final channel order (``output_index``)."""
+        return y if self.ordered_output else y.index_select(1, self.output_index)
 
     def _dense_copy(self, x: Tensor) -> nn.Module:
         """The masked dense conv, built on first use and kept outside the module's state."""
@@ -380,9 +388,8 @@ class GroupedKernelConv2d(_DeployForm):
                 return self._copy("_per_group", self._per_group_form, x)(x)
             if self.backend == "channels_last":
                 g = x.index_select(1, self.gather_index).contiguous(memory_format=_CL)
-                return self.conv(g).index_select(1, self.output_index).contiguous()
-        y = self.conv(x.index_select(1, self.gather_index))
-        return y.index_select(1, self.output_index)
+                return self._unpermute(self.conv(g)).contiguous()
+        return self._unpermute(self.conv(x.index_select(1, self.gather_index)))
 
     @property
     def filters_per_group(self) -> int:
@@ -533,7 +540,7 @@ class PerGroupConv2d(_DeployForm):
             return self._dense_copy(x)(x)
         parts = x.index_select(1, self.gather_index).split(self.keep_counts, dim=1)
         y = torch.cat([conv(p) for conv, p in zip(self.convs, parts, strict=True)], dim=1)
-        return y.index_select(1, self.output_index)
+        return self._unpermute(y)
 
     def plan(self) -> GroupPlan:
         """Recover the GroupPlan this module implements."""
