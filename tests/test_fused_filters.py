@@ -120,7 +120,9 @@ def test_row_tiles_at_every_width_and_padding(op, d, pad, stride, row_tiles, mon
         assert torch.allclose(got, (want + residual).relu(), atol=1e-4, rtol=1e-4), w
 
 
-@pytest.mark.parametrize("name", ["GKP_FUSED_ROW_TILES", "GKP_FUSED_GROUPS_INNER"])
+@pytest.mark.parametrize(
+    "name", ["GKP_FUSED_ROW_TILES", "GKP_FUSED_GROUPS_INNER", "GKP_FUSED_PREFETCH"]
+)
 @pytest.mark.parametrize("value", ["-1", "yes", "1x"])
 def test_a_bad_override_is_refused(op, name, value, monkeypatch):
     monkeypatch.setenv(name, value)
