@@ -166,15 +166,15 @@ def _permute_input(reader: nn.Module, output_index: Tensor) -> None:
     # each group's kept channels stay sorted (GroupPlan's rule: plan() and to_dense() read them
     # so), the group's weight columns moving with them
     if isinstance(reader, GroupedKernelConv2d):
-        counts, d = [reader.n_keep] * reader.n_groups, reader.out_channels // reader.n_groups
-        weights = [reader.conv.weight[g * d : (g + 1) * d] for g in range(reader.n_groups)]
+        counts = [reader.n_keep] * reader.n_groups
+        weights = reader.conv.weight.split(reader.filters_per_group)
     else:
         counts, weights = reader.keep_counts, [sub.weight for sub in reader.convs]
-    gathered = output_index[reader.gather_index].split(counts)
-    for g, (kept, w) in enumerate(zip(gathered, weights, strict=True)):
-        kept, order = kept.sort()
+    gathers = reader.gather_index.split(counts)  # views: written in place
+    for gather, w in zip(gathers, weights, strict=True):
+        kept, order = output_index[gather].sort()
         w.copy_(w[:, order])
-        reader.gather_index[sum(counts[:g]) : sum(counts[: g + 1])] = kept
+        gather.copy_(kept)
     reader.drop_built()
 
 

@@ -1501,23 +1501,25 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
             // row's end (recomputing a few pixels of the one before it: the same values written
             // twice), each with the columns it reads outside the input known at compile time
             // where row_tiles has that case
-            for (int64_t ox0 = 0; ox0 < Wo; ox0 += c.rp) {
-              const int64_t at = std::max<int64_t>(0, std::min(ox0, Wo - c.rp)),
-                            ix0 = at * sw - pw;
+            // tile u's first output pixel, and the input columns [ix, ix + span) it reads
+            const int64_t per_row = (Wo + c.rp - 1) / c.rp, span = sw * (c.rp - 1) + 3;
+            auto first = [&](int64_t u) {
+              return std::max<int64_t>(0, std::min(u * c.rp, Wo - c.rp));
+            };
+            for (int64_t u = 0; u < per_row; ++u) {
+              const int64_t at = first(u), ix0 = at * sw - pw;
               const int64_t sl = std::max<int64_t>(0, -ix0),
-                            sr = std::max<int64_t>(0, ix0 + sw * (c.rp - 1) + 3 - W);
+                            sr = std::max<int64_t>(0, ix0 + span - W);
               const FRowFn fn = c.row[Wo < c.rp || sl > 1 || sr > 1 ? 0 : 1 + sl + 2 * sr];
               pixels(at, c.rp);
               if (ahead) {
                 // into L2, the input pixels of the tile position `ahead` on from this one (on
                 // into the next rows), read while the tiles before it run (ResNet-50's first
                 // stages at batch 16 otherwise wait on these reads: 5-10% of their time)
-                const int64_t per_row = (Wo + c.rp - 1) / c.rp, u = ox0 / c.rp + ahead;
-                const int64_t oy2 = oy + u / per_row;
-                const int64_t ix2 =
-                    std::max<int64_t>(0, std::min(u % per_row * c.rp, Wo - c.rp)) * sw - pw;
+                const int64_t oy2 = oy + (u + ahead) / per_row;
+                const int64_t ix2 = first((u + ahead) % per_row) * sw - pw;
                 const int64_t a0 = std::max<int64_t>(0, ix2) * C_in,
-                              a1 = std::min<int64_t>(W, ix2 + sw * (c.rp - 1) + 3) * C_in;
+                              a1 = std::min<int64_t>(W, ix2 + span) * C_in;
                 for (int64_t ky = 0; ky < kh && oy2 < Ho; ++ky) {
                   const int64_t iy = oy2 * sh + ky * dh - ph;
                   if (iy < 0 || iy >= H) continue;
