@@ -120,8 +120,40 @@ def test_row_tiles_at_every_width_and_padding(op, d, pad, stride, row_tiles, mon
         assert torch.allclose(got, (want + residual).relu(), atol=1e-4, rtol=1e-4), w
 
 
+@pytest.mark.parametrize("c_in", [64, 128, 256, 512])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_assembly_row_tiles_equal_the_compiled_ones(op, c_in, stride, monkeypatch):
+    """The row tiles of 14 pixels in assembly (filters_row_tile_asm: 8 or 16 filters, inputs of
+    64-512 channels, with AVX-512) give bit for bit what the compiled tiles give
+    (GKP_FUSED_ASM=0; both add each sum's terms in the same order), and the exact result: every
+    width that takes them, each padding, filters permuted or in order, with the epilogue. Groups
+    of 8, 16 and 24 filters (a chunk of 16 and one of 8)."""
+    rng = random.Random(c_in + stride)
+    for d, pad in [(8, 1), (16, 0), (24, 2), (16, 1), (8, 0)]:
+        for w in range(12 * stride, 33 * stride, 1 + (stride == 2)):
+            x = torch.randn(2, c_in, 3, w + (w % 3 == 0)).contiguous(
+                memory_format=torch.channels_last
+            )
+            n_keep = rng.choice([3, 16, 33])
+            weight = torch.randn(2 * d, n_keep, 3, 3)
+            gather = torch.tensor(rng.choices(range(c_in), k=2 * n_keep))
+            out_idx = torch.randperm(2 * d) if w % 2 else torch.arange(2 * d)
+            bias = torch.randn(2 * d)
+            want = F.conv2d(x[:, gather], weight, bias, (1, stride), (1, pad), 1, 2)[:, out_idx]
+            residual = torch.randn_like(want)
+            args = (x, fused.pack_filters(weight, 2), bias, gather, out_idx, (1, stride),
+                    (1, pad), (1, 1), residual, True)  # fmt: skip
+            got = with_threads(1 + w % 2, lambda args=args: op(*args))
+            monkeypatch.setenv("GKP_FUSED_ASM", "0")
+            compiled = with_threads(1 + w % 2, lambda args=args: op(*args))
+            monkeypatch.delenv("GKP_FUSED_ASM")
+            assert torch.equal(got, compiled), (d, pad, w)
+            assert torch.allclose(got, (want + residual).relu(), atol=1e-4, rtol=1e-4), (d, w)
+
+
 @pytest.mark.parametrize(
-    "name", ["GKP_FUSED_ROW_TILES", "GKP_FUSED_GROUPS_INNER", "GKP_FUSED_PREFETCH"]
+    "name",
+    ["GKP_FUSED_ROW_TILES", "GKP_FUSED_GROUPS_INNER", "GKP_FUSED_PREFETCH", "GKP_FUSED_ASM"],
 )
 @pytest.mark.parametrize("value", ["-1", "yes", "1x"])
 def test_a_bad_override_is_refused(op, name, value, monkeypatch):

@@ -1338,6 +1338,196 @@ using FRowFn = void (*)(const float* const*, int64_t, int64_t, int64_t, int64_t,
                         int64_t, const float*, int64_t, const float*, const int64_t*, bool,
                         float* const*, const float* const*, bool);
 
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__GNUC__) && !defined(__clang__)
+#define GKP_ASM_TILES 1
+// The row tile of VW filters (8 or 16) x 14 pixels at stride SX along x (1 or 2) in assembly,
+// for inputs of CB / 4 channels (64 to 512), a constant, so each input column the tile reads is
+// a constant offset from the kept channel's pointer. Same arguments, results and order of
+// additions as filters_row_tile<VW, 14, 1, SX, SL, SR> (the tests compare the two bit for bit).
+// Each multiply-add takes its input value as a broadcast memory operand (vfmadd231ps
+// m32{1toVW}); with 8 filters at stride 1, the columns in the bit mask RM are broadcast into a
+// register once for their three multiply-adds instead. Why: GCC compiles filters_row_tile with
+// every input value broadcast into a register, and on the AMD EPYC (Zen 4) a 256-bit broadcast
+// takes a slot of the FMA pipes (12 FMAs with 6 broadcasts ran at 83% of the FMA rate, with 4
+// at 98%, 12 FMAs with broadcast operands at 100%; 512-bit FMAs at half the rate lose nothing
+// to 6 broadcasts, but the stride-2 tile's 29 to 42 FMAs still ran 6% faster in assembly). With
+// 8 filters (2 FMAs a cycle) operands from memory alone need more loads than the core issues
+// (10% slower than compiled), so 6 of the 16 columns stay in registers (3-4% faster).
+// Multiply-adds run kernel column by kernel column: one sum's updates are 7 instructions apart.
+#define GKP_MEM(i, kx, p) \
+  "vfmadd231ps " #i "*%c[cb](%[x])%{1to%c[vw]%}, %[w" #kx "], %[a" #p "]\n\t"
+#define GKP_FMA(i, kx, p) \
+  ".if " #i " >= %c[sl] && " #i " < %c[ni] - %c[sr]\n\t" GKP_MEM(i, kx, p) ".endif\n\t"
+#define GKP_FMA_R(i, kx, r, p)                                         \
+  ".if " #i " >= %c[sl] && " #i " < %c[ni] - %c[sr]\n\t"               \
+  ".if (%c[rm] >> " #i ") & 1\n\t"                                     \
+  "vfmadd231ps %%ymm" #r ", %[w" #kx "], %[a" #p "]\n\t"               \
+  ".else\n\t" GKP_MEM(i, kx, p) ".endif\n\t.endif\n\t"
+// The operands: 7 sums, the three kernel columns' weights, the kept channel's input pointer
+// and the tile's constants; the registers broadcast columns go to (stride 1).
+#define GKP_SUMS(a, b, c, d, e, f, g)                                                   \
+  [a0] "+v"(a), [a1] "+v"(b), [a2] "+v"(c), [a3] "+v"(d), [a4] "+v"(e), [a5] "+v"(f), \
+      [a6] "+v"(g)
+#define GKP_INPUTS                                                                      \
+  [w0] "v"(w0), [w1] "v"(w1), [w2] "v"(w2), [x] "r"(x), [cb] "n"(CB), [sl] "n"(SL),    \
+      [sr] "n"(SR), [rm] "n"(RM), [ni] "n"(NI), [vw] "n"(VW),                           \
+      "m"(*(const float(*)[NI * CB / 4])x)
+#define GKP_COLUMN_REGS                                                                 \
+  "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", \
+      "xmm29", "xmm30"
+#define GKP_BCAST(i, r)                                                \
+  ".if (%c[rm] >> " #i ") & 1 && " #i " >= %c[sl] && " #i " < %c[ni] - %c[sr]\n\t" \
+  "vbroadcastss " #i "*%c[cb](%[x]), %%ymm" #r "\n\t.endif\n\t"
+template <int VW, int SX, int CB, int SL, int SR, int RM>
+void filters_row_tile_asm(const float* const* rows, int64_t kh, int64_t C_in, int64_t ix0,
+                          int64_t W, const int64_t* gi, int64_t nk, const float* w, int64_t d,
+                          const float* bias, const int64_t* pos, bool contig, float* const* out,
+                          const float* const* res, bool relu) {
+  typedef typename FVec<VW>::t vf;
+  constexpr int NI = SX * 13 + 3;  // input columns read
+  static_assert(RM == 0 || (SX == 1 && VW == 8), "register columns: 8 filters, stride 1 only");
+  const vf b0 = bias ? fload<VW>(bias) : vf{};
+  vf a0 = b0, a1 = b0, a2 = b0, a3 = b0, a4 = b0, a5 = b0, a6 = b0, a7 = b0, a8 = b0, a9 = b0,
+     a10 = b0, a11 = b0, a12 = b0, a13 = b0;
+  for (int64_t ky = 0; ky < kh; ++ky) {
+    if (!rows[ky]) continue;
+    const float* wk = w + ky * 3 * nk * d;
+    const float* row = rows[ky] + ix0 * C_in;
+    for (int64_t c = 0; c < nk; ++c) {
+      const float* x = row + gi[c];
+      const vf w0 = fload<VW>(wk + c * d), w1 = fload<VW>(wk + (nk + c) * d),
+               w2 = fload<VW>(wk + (2 * nk + c) * d);
+      // two blocks of 7 sums (an asm statement takes at most 30 operands)
+      if constexpr (SX == 1) {
+        asm(
+            GKP_BCAST(2, 19)
+            GKP_BCAST(3, 20)
+            GKP_BCAST(4, 21)
+            GKP_BCAST(5, 22)
+            GKP_BCAST(6, 23)
+            GKP_BCAST(7, 24)
+            GKP_BCAST(8, 25)
+            GKP_FMA(0, 0, 0)
+            GKP_FMA(1, 0, 1)
+            GKP_FMA_R(2, 0, 19, 2)
+            GKP_FMA_R(3, 0, 20, 3)
+            GKP_FMA_R(4, 0, 21, 4)
+            GKP_FMA_R(5, 0, 22, 5)
+            GKP_FMA_R(6, 0, 23, 6)
+            GKP_FMA(1, 1, 0)
+            GKP_FMA_R(2, 1, 19, 1)
+            GKP_FMA_R(3, 1, 20, 2)
+            GKP_FMA_R(4, 1, 21, 3)
+            GKP_FMA_R(5, 1, 22, 4)
+            GKP_FMA_R(6, 1, 23, 5)
+            GKP_FMA_R(7, 1, 24, 6)
+            GKP_FMA_R(2, 2, 19, 0)
+            GKP_FMA_R(3, 2, 20, 1)
+            GKP_FMA_R(4, 2, 21, 2)
+            GKP_FMA_R(5, 2, 22, 3)
+            GKP_FMA_R(6, 2, 23, 4)
+            GKP_FMA_R(7, 2, 24, 5)
+            GKP_FMA_R(8, 2, 25, 6)
+            : GKP_SUMS(a0, a1, a2, a3, a4, a5, a6)
+            : GKP_INPUTS
+            : GKP_COLUMN_REGS);
+        asm(
+            GKP_BCAST(7, 24)
+            GKP_BCAST(8, 25)
+            GKP_BCAST(9, 26)
+            GKP_BCAST(10, 27)
+            GKP_BCAST(11, 28)
+            GKP_BCAST(12, 29)
+            GKP_BCAST(13, 30)
+            GKP_FMA_R(7, 0, 24, 0)
+            GKP_FMA_R(8, 0, 25, 1)
+            GKP_FMA_R(9, 0, 26, 2)
+            GKP_FMA_R(10, 0, 27, 3)
+            GKP_FMA_R(11, 0, 28, 4)
+            GKP_FMA_R(12, 0, 29, 5)
+            GKP_FMA_R(13, 0, 30, 6)
+            GKP_FMA_R(8, 1, 25, 0)
+            GKP_FMA_R(9, 1, 26, 1)
+            GKP_FMA_R(10, 1, 27, 2)
+            GKP_FMA_R(11, 1, 28, 3)
+            GKP_FMA_R(12, 1, 29, 4)
+            GKP_FMA_R(13, 1, 30, 5)
+            GKP_FMA(14, 1, 6)
+            GKP_FMA_R(9, 2, 26, 0)
+            GKP_FMA_R(10, 2, 27, 1)
+            GKP_FMA_R(11, 2, 28, 2)
+            GKP_FMA_R(12, 2, 29, 3)
+            GKP_FMA_R(13, 2, 30, 4)
+            GKP_FMA(14, 2, 5)
+            GKP_FMA(15, 2, 6)
+            : GKP_SUMS(a7, a8, a9, a10, a11, a12, a13)
+            : GKP_INPUTS
+            : GKP_COLUMN_REGS);
+      } else {
+        asm(
+            GKP_FMA(0, 0, 0)
+            GKP_FMA(2, 0, 1)
+            GKP_FMA(4, 0, 2)
+            GKP_FMA(6, 0, 3)
+            GKP_FMA(8, 0, 4)
+            GKP_FMA(10, 0, 5)
+            GKP_FMA(12, 0, 6)
+            GKP_FMA(1, 1, 0)
+            GKP_FMA(3, 1, 1)
+            GKP_FMA(5, 1, 2)
+            GKP_FMA(7, 1, 3)
+            GKP_FMA(9, 1, 4)
+            GKP_FMA(11, 1, 5)
+            GKP_FMA(13, 1, 6)
+            GKP_FMA(2, 2, 0)
+            GKP_FMA(4, 2, 1)
+            GKP_FMA(6, 2, 2)
+            GKP_FMA(8, 2, 3)
+            GKP_FMA(10, 2, 4)
+            GKP_FMA(12, 2, 5)
+            GKP_FMA(14, 2, 6)
+            : GKP_SUMS(a0, a1, a2, a3, a4, a5, a6)
+            : GKP_INPUTS);
+        asm(
+            GKP_FMA(14, 0, 0)
+            GKP_FMA(16, 0, 1)
+            GKP_FMA(18, 0, 2)
+            GKP_FMA(20, 0, 3)
+            GKP_FMA(22, 0, 4)
+            GKP_FMA(24, 0, 5)
+            GKP_FMA(26, 0, 6)
+            GKP_FMA(15, 1, 0)
+            GKP_FMA(17, 1, 1)
+            GKP_FMA(19, 1, 2)
+            GKP_FMA(21, 1, 3)
+            GKP_FMA(23, 1, 4)
+            GKP_FMA(25, 1, 5)
+            GKP_FMA(27, 1, 6)
+            GKP_FMA(16, 2, 0)
+            GKP_FMA(18, 2, 1)
+            GKP_FMA(20, 2, 2)
+            GKP_FMA(22, 2, 3)
+            GKP_FMA(24, 2, 4)
+            GKP_FMA(26, 2, 5)
+            GKP_FMA(28, 2, 6)
+            : GKP_SUMS(a7, a8, a9, a10, a11, a12, a13)
+            : GKP_INPUTS);
+      }
+    }
+  }
+  vf acc[14][1] = {{a0}, {a1}, {a2}, {a3}, {a4}, {a5}, {a6}, {a7}, {a8}, {a9}, {a10}, {a11},
+                   {a12}, {a13}};
+  filters_store<VW, 14, 1>(acc, pos, contig, out, res, relu);
+}
+#undef GKP_MEM
+#undef GKP_FMA
+#undef GKP_FMA_R
+#undef GKP_BCAST
+#undef GKP_SUMS
+#undef GKP_INPUTS
+#undef GKP_COLUMN_REGS
+#endif
+
 // A chunk's row tiles of P pixels at stride sx along x (1 or 2): columns checked one by one,
 // then with the first SL and the last SR of the tile's input columns outside the input for
 // (SL, SR) = (0, 0), (1, 0), (0, 1), (1, 1).
@@ -1355,6 +1545,37 @@ void row_tiles(FRowFn (&row)[5], int64_t sx) {
     row_tiles_at<VW, P, DV, 1>(row);
   else
     row_tiles_at<VW, P, DV, 2>(row);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+template <int VW, int SX, int CB, int RM>
+void row_tiles_asm(FRowFn (&row)[5]) {
+  row[1] = &filters_row_tile_asm<VW, SX, CB, 0, 0, RM>;
+  row[2] = &filters_row_tile_asm<VW, SX, CB, 1, 0, RM>;
+  row[3] = &filters_row_tile_asm<VW, SX, CB, 0, 1, RM>;
+  row[4] = &filters_row_tile_asm<VW, SX, CB, 1, 1, RM>;
+}
+#endif
+
+// A chunk's row tiles of 14 pixels and VW filters at stride SX in assembly, where they are built
+// for the input's channels (64 to 512, powers of two; the tiles that skip no column or the first
+// or last; the chunk's other tiles stay compiled): whether it has them.
+template <int VW, int SX>
+bool asm_row_tiles(FRowFn (&row)[5], int64_t C_in) {
+#if GKP_ASM_TILES
+  // 8 filters at stride 1: 6 of the 16 columns held in registers (above)
+  constexpr int RM = VW == 8 && SX == 1 ? (1 << 2) | (1 << 4) | (1 << 6) | (1 << 9) | (1 << 11) |
+                                              (1 << 13)
+                                        : 0;
+  switch (C_in) {
+    case 64: row_tiles_asm<VW, SX, 256, RM>(row); return true;
+    case 128: row_tiles_asm<VW, SX, 512, RM>(row); return true;
+    case 256: row_tiles_asm<VW, SX, 1024, RM>(row); return true;
+    case 512: row_tiles_asm<VW, SX, 2048, RM>(row); return true;
+  }
+#endif
+  static_cast<void>(row), static_cast<void>(C_in);
+  return false;
 }
 
 at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& packed_,
@@ -1398,6 +1619,9 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
   // tuning and tests) where a chunk's vectors are at most 2, else filters_tile.
   const bool row_ok =
       kw == 3 && (sw == 1 || sw == 2) && dw == 1 && env_count("GKP_FUSED_ROW_TILES", 0, 1);
+  // the assembly row tiles where they apply (filters_row_tile_asm; GKP_FUSED_ASM=0: the
+  // compiled ones everywhere, for tests, which compare the two, and tuning)
+  const bool use_asm = env_count("GKP_FUSED_ASM", 0, 1) > 0;
   struct Chunk {
     int64_t f;      // first filter in the group
     int width;      // filters
@@ -1418,9 +1642,12 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
     } else if (left >= 16) {
       c = {f, 16, &filters_tile<16, 1>, {}, 14};  // 14 sums + 3 weights
       row_tiles<16, 14, 1>(c.row, sw);
+      if (use_asm && sw == 1) asm_row_tiles<16, 1>(c.row, C_in);
+      if (use_asm && sw == 2) asm_row_tiles<16, 2>(c.row, C_in);
     } else {
       c = {f, 8, &filters_tile<8, 1>, {}, 14};
       row_tiles<8, 14, 1>(c.row, sw);
+      if (use_asm && sw == 1) asm_row_tiles<8, 1>(c.row, C_in);
     }
 #else
     if (left >= 16) {
@@ -1472,7 +1699,8 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
   const bool inner = env_count("GKP_FUSED_GROUPS_INNER", 0, rows >= 4 * threads ? 1 : 0) > 0;
   const int64_t per_task = inner ? groups : 1;  // groups per task
   const int64_t ntask = nchunk * groups / per_task;
-  // row tiles prefetch the input of the tile position this many on (GKP_FUSED_PREFETCH; 0: none)
+  // row tiles prefetch the input and output of the tile position this many on
+  // (GKP_FUSED_PREFETCH; 0: none)
   const int64_t ahead = env_count("GKP_FUSED_PREFETCH", 0, 2);
   auto run = [&](int64_t begin, int64_t end) {
     std::vector<const float*> px(T * FP), inrows(kh);
@@ -1525,6 +1753,13 @@ at::Tensor grouped_conv_filters_cpu(const at::Tensor& x_, const at::Tensor& pack
                   if (iy < 0 || iy >= H) continue;
                   const float* row = xp + (n * H + iy) * W * C_in;
                   for (int64_t a = a0; a < a1; a += 16) __builtin_prefetch(row + a, 0, 1);
+                }
+                // and the output pixels it writes (a read prefetch: with prefetchw the network's
+                // first stages ran 5% slower; with this one 2-3% faster)
+                if (oy2 < Ho) {
+                  const float* ob =
+                      yp + ((n * Ho + oy2) * Wo + first((u + ahead) % per_row)) * C_out;
+                  for (int64_t a = 0; a < c.rp * C_out; a += 16) __builtin_prefetch(ob + a, 0, 1);
                 }
               }
               for (int64_t g = g0; g < g0 + per_task; ++g) {
