@@ -127,22 +127,23 @@ def test_assembly_row_tiles_equal_the_compiled_ones(op, c_in, stride, monkeypatc
     64-512 channels, with AVX-512) give bit for bit what the compiled tiles give
     (GKP_FUSED_ASM=0; both add each sum's terms in the same order), and the exact result: every
     width that takes them, each padding, filters permuted or in order, with the epilogue. Groups
-    of 8, 16 and 24 filters (a chunk of 16 and one of 8)."""
+    of 8, 16 and 24 filters (a chunk of 16 and one of 8); kernels 3 wide and 1, 3 or 5 high."""
     rng = random.Random(c_in + stride)
-    for d, pad in [(8, 1), (16, 0), (24, 2), (16, 1), (8, 0)]:
+    for d, pad, kh in [(8, 1, 3), (16, 0, 3), (24, 2, 1), (16, 1, 5), (8, 0, 5)]:
         for w in range(12 * stride, 33 * stride, 1 + (stride == 2)):
-            x = torch.randn(2, c_in, 3, w + (w % 3 == 0)).contiguous(
+            x = torch.randn(2, c_in, 4, w + (w % 3 == 0)).contiguous(
                 memory_format=torch.channels_last
             )
             n_keep = rng.choice([3, 16, 33])
-            weight = torch.randn(2 * d, n_keep, 3, 3)
+            weight = torch.randn(2 * d, n_keep, kh, 3)
             gather = torch.tensor(rng.choices(range(c_in), k=2 * n_keep))
             out_idx = torch.randperm(2 * d) if w % 2 else torch.arange(2 * d)
             bias = torch.randn(2 * d)
-            want = F.conv2d(x[:, gather], weight, bias, (1, stride), (1, pad), 1, 2)[:, out_idx]
+            padding = (kh // 2, pad)
+            want = F.conv2d(x[:, gather], weight, bias, (1, stride), padding, 1, 2)[:, out_idx]
             residual = torch.randn_like(want)
             args = (x, fused.pack_filters(weight, 2), bias, gather, out_idx, (1, stride),
-                    (1, pad), (1, 1), residual, True)  # fmt: skip
+                    padding, (1, 1), residual, True)  # fmt: skip
             got = with_threads(1 + w % 2, lambda args=args: op(*args))
             monkeypatch.setenv("GKP_FUSED_ASM", "0")
             compiled = with_threads(1 + w % 2, lambda args=args: op(*args))
