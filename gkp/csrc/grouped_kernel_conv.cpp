@@ -1349,10 +1349,11 @@ using FRowFn = void (*)(const float* const*, int64_t, int64_t, int64_t, int64_t,
 // register once for their three multiply-adds instead. Why: GCC compiles filters_row_tile with
 // every input value broadcast into a register, and on the AMD EPYC (Zen 4) a 256-bit broadcast
 // takes a slot of the FMA pipes (12 FMAs with 6 broadcasts ran at 83% of the FMA rate, with 4
-// at 98%, 12 FMAs with broadcast operands at 100%; 512-bit FMAs at half the rate lose nothing
-// to 6 broadcasts, but the stride-2 tile's 29 to 42 FMAs still ran 6% faster in assembly). With
-// 8 filters (2 FMAs a cycle) operands from memory alone need more loads than the core issues
-// (10% slower than compiled), so 6 of the 16 columns stay in registers (3-4% faster).
+// at 98%, 12 FMAs with broadcast operands at 100%; 512-bit FMAs, at half the rate, lose
+// nothing to 6 broadcasts, yet the stride-2 tile, 29 broadcasts to 42 FMAs, runs 6% faster in
+// assembly, and the stride-1 tile of 16 filters 1-4%). With 8 filters (2 FMAs a cycle)
+// operands from memory alone need more loads than the core issues (10% slower than compiled),
+// so 6 of the 16 columns stay in registers (3-4% faster).
 // Multiply-adds run kernel column by kernel column: one sum's updates are 7 instructions apart.
 #define GKP_MEM(i, kx, p) \
   "vfmadd231ps " #i "*%c[cb](%[x])%{1to%c[vw]%}, %[w" #kx "], %[a" #p "]\n\t"
@@ -1397,7 +1398,10 @@ void filters_row_tile_asm(const float* const* rows, int64_t kh, int64_t C_in, in
       const float* x = row + gi[c];
       const vf w0 = fload<VW>(wk + c * d), w1 = fload<VW>(wk + (nk + c) * d),
                w2 = fload<VW>(wk + (2 * nk + c) * d);
-      // two blocks of 7 sums (an asm statement takes at most 30 operands)
+      // two blocks of 7 sums (an asm statement takes at most 30 operands): for base = 0 and 7,
+      // the broadcasts of the block's columns 2-13 into ymm(17 + i), then for kx = 0..2 and
+      // q = 0..6 the multiply-add of sum base + q with column i = SX * (base + q) + kx (a
+      // register column's from its register)
       if constexpr (SX == 1) {
         asm(
             GKP_BCAST(2, 19)
@@ -1519,6 +1523,14 @@ void filters_row_tile_asm(const float* const* rows, int64_t kh, int64_t C_in, in
                    {a12}, {a13}};
   filters_store<VW, 14, 1>(acc, pos, contig, out, res, relu);
 }
+
+template <int VW, int SX, int CB, int RM>
+void row_tiles_asm(FRowFn (&row)[5]) {
+  row[1] = &filters_row_tile_asm<VW, SX, CB, 0, 0, RM>;
+  row[2] = &filters_row_tile_asm<VW, SX, CB, 1, 0, RM>;
+  row[3] = &filters_row_tile_asm<VW, SX, CB, 0, 1, RM>;
+  row[4] = &filters_row_tile_asm<VW, SX, CB, 1, 1, RM>;
+}
 #undef GKP_MEM
 #undef GKP_FMA
 #undef GKP_FMA_R
@@ -1546,16 +1558,6 @@ void row_tiles(FRowFn (&row)[5], int64_t sx) {
   else
     row_tiles_at<VW, P, DV, 2>(row);
 }
-
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-template <int VW, int SX, int CB, int RM>
-void row_tiles_asm(FRowFn (&row)[5]) {
-  row[1] = &filters_row_tile_asm<VW, SX, CB, 0, 0, RM>;
-  row[2] = &filters_row_tile_asm<VW, SX, CB, 1, 0, RM>;
-  row[3] = &filters_row_tile_asm<VW, SX, CB, 0, 1, RM>;
-  row[4] = &filters_row_tile_asm<VW, SX, CB, 1, 1, RM>;
-}
-#endif
 
 // A chunk's row tiles of 14 pixels and VW filters at stride SX in assembly, where they are built
 // for the input's channels (64 to 512, powers of two; the tiles that skip no column or the first
