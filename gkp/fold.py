@@ -200,12 +200,11 @@ def fold_permutations(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for layer, readers in folds:
             index = layer.output_index.clone()
-            if torch.equal(index, torch.arange(len(index), device=index.device)):
-                layer.ordered_output = True
-                continue
-            for reader in readers:
-                _permute_input(reader, index)
-            layer.output_index.copy_(torch.arange(len(index), device=index.device))
+            identity = torch.arange(len(index), device=index.device)
+            if not torch.equal(index, identity):
+                for reader in readers:
+                    _permute_input(reader, index)
+                layer.output_index.copy_(identity)
+                layer.drop_built()
             layer.ordered_output = True
-            layer.drop_built()
     return out
